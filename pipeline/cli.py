@@ -1,0 +1,90 @@
+"""`modrm`: the command line. Each command maps its flags onto the config and calls one pipeline function."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline.config import Config, load_config
+from pipeline.errors import ModrmError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train module-level reward models for multi-module LLM agents, and score trajectories.")  # fmt: skip
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with any of the settings")]
+DataOpt = Annotated[list[Path], typer.Option("--data", help="pairs file (JSON array, JSONL or seed flat format)")]
+EncoderOpt = Annotated[str | None, typer.Option("--encoder", help="Hugging Face id or local folder")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda")]
+SeedOpt = Annotated[int | None, typer.Option("--seed")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+
+
+def _config(path: Path | None, **sections: dict) -> Config:
+    return load_config(path, sections)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="pairs file to write (.jsonl or .json)")],
+    pairs_per_module: Annotated[int, typer.Option("--pairs-per-module", min=1)] = 100,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Write synthetic preference pairs: varied multi-round trajectories, negatives differing in one module."""
+    from pipeline.synth import generate_pairs, write_pairs
+
+    cfg = _config(config)
+    pairs = generate_pairs(pairs_per_module, seed, cfg.data.modules)
+    write_pairs(out, pairs)
+    typer.echo(f"wrote {len(pairs)} pairs to {out}")
+
+
+@app.command()
+def validate(data: DataOpt, config: ConfigOpt = None) -> None:
+    """Check pairs files and report every problem at once."""
+    from pipeline.data import check_file
+
+    cfg = _config(config)
+    problems = []
+    for path in data:
+        pairs, found = check_file(path, cfg.data.modules)
+        problems += found
+        typer.echo(f"{path}: {len(pairs)} valid pairs, {len(found)} problems")
+    for problem in problems:
+        typer.echo(str(problem), err=True)
+    if problems:
+        raise typer.Exit(2)
+
+
+@app.command()
+def embed(
+    data: DataOpt,
+    cache: Annotated[Path, typer.Option("--cache", help="cache folder")],
+    encoder: EncoderOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Precompute context and module embeddings into the cache (only texts it lacks)."""
+    from pipeline.embed import embed_files
+
+    cfg = _config(config, encoder={"name": encoder, "device": device})
+    summary = embed_files(data, cache, cfg, progress=not quiet)
+    typer.echo(f"cache {cache}:")
+    for line in summary.lines():
+        typer.echo("  " + line)
+
+
+def main() -> None:
+    """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
+    try:
+        app()
+    except ModrmError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

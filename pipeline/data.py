@@ -1,0 +1,285 @@
+"""Preference pairs: the schema, the three readers (JSON array, JSONL, seed flat format) and validation.
+
+A pair says: for `target_module`, the `positive` trajectory is better than the `negative` one. Each side
+carries the full trajectory context and the target module's own text (the seed's `module_k_all_rounds`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import ModrmError
+
+DEFAULT_MODULES = ("reflection", "planner", "executor", "memory")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True, slots=True)
+class Side:
+    context: str  # the whole trajectory (seed: trajectory_full_context)
+    module_text: str  # the target module's output over all rounds (seed: module_k_all_rounds)
+    outcome: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pair:
+    pair_id: str
+    target_module: str
+    task: str
+    positive: Side
+    negative: Side
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    file: str
+    record: str  # "record 3" or "pair_id 'planner_7'"
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        field = f", field '{self.field}'" if self.field else ""
+        return f"{self.file}: {self.record}{field}: {self.message}"
+
+
+class DataError(ModrmError):
+    def __init__(self, problems: Sequence[Problem]):
+        self.problems = list(problems)
+        more = len(problems) - 1
+        tail = f" (+{more} more problems; `modrm validate --data {problems[0].file}` lists them all)" if more else ""
+        super().__init__(f"{problems[0]}{tail}")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _read_records(path: Path) -> tuple[list[object], list[Problem]]:
+    """Raw records from a JSON array or JSONL file; malformed JSON is reported with its line."""
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return [], [Problem(name, "file", "", "no such file")]
+    except (OSError, UnicodeDecodeError) as err:
+        return [], [Problem(name, "file", "", f"cannot be read ({err})")]
+    stripped = text.lstrip()
+    if not stripped:
+        return [], [Problem(name, "file", "", "is empty")]
+    if stripped[0] == "[":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            return [], [Problem(name, f"line {err.lineno}", "", f"malformed JSON ({err.msg})")]
+        return records, []
+    records, problems = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            problems.append(Problem(name, f"line {lineno}", "", f"malformed JSON ({err.msg})"))
+    return records, problems
+
+
+def _record_name(record: object, index: int) -> str:
+    pair_id = record.get("pair_id") if isinstance(record, dict) else None
+    return f"pair_id {pair_id!r}" if isinstance(pair_id, str) and pair_id else f"record {index}"
+
+
+class _Checker:
+    """Collects every problem of one record instead of stopping at the first."""
+
+    def __init__(self, file: str, record: str):
+        self.file, self.record, self.problems = file, record, []
+
+    def fail(self, field: str, message: str) -> None:
+        self.problems.append(Problem(self.file, self.record, field, message))
+
+    def text(self, obj: dict, key: str, prefix: str = "") -> str | None:
+        value = obj.get(key)
+        if key not in obj:
+            self.fail(prefix + key, "missing")
+        elif not isinstance(value, str):
+            self.fail(prefix + key, f"must be a string, got {type(value).__name__}")
+        elif not value.strip():
+            self.fail(prefix + key, "is empty")
+        else:
+            return value
+        return None
+
+    def outcome(self, obj: dict, prefix: str = "") -> float | None:
+        value = obj.get("outcome")
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            self.fail(prefix + "outcome", f"must be a finite number, got {value!r}")
+            return None
+        return float(value)
+
+    def side(self, obj: dict, prefix: str) -> Side | None:
+        context = self.text(obj, "trajectory_full_context", prefix)
+        module_text = self.text(obj, "module_k_all_rounds", prefix)
+        outcome = self.outcome(obj, prefix)
+        if context is None or module_text is None:
+            return None
+        return Side(context, module_text, outcome)
+
+
+def _pair_header(check: _Checker, record: dict, modules: Sequence[str]) -> tuple[str, str, str] | None:
+    pair_id = check.text(record, "pair_id")
+    module = check.text(record, "target_module")
+    task = check.text(record, "task")
+    if module is not None and modules and module not in modules:
+        check.fail("target_module", f"unknown module {module!r} (configured modules: {', '.join(modules)})")
+        module = None
+    if pair_id is None or module is None or task is None:
+        return None
+    return pair_id, module, task
+
+
+def _parse_pair(check: _Checker, record: dict, modules: Sequence[str]) -> Pair | None:
+    header = _pair_header(check, record, modules)
+    sides = []
+    for key in ("positive", "negative"):
+        value = record.get(key)
+        if not isinstance(value, dict):
+            check.fail(key, "missing" if value is None else "must be an object")
+            sides.append(None)
+        else:
+            sides.append(check.side(value, prefix=f"{key}."))
+    if header is None or None in sides:
+        return None
+    return Pair(*header, *sides)
+
+
+def _join_flat(file: str, flat: list[tuple[int, dict]], modules: Sequence[str]) -> tuple[list[Pair], list[Problem]]:
+    """The seed's flat format: one record per side, joined by pair_id (`is_positive` says which)."""
+    by_id: dict[str, dict[bool, tuple[int, dict]]] = {}
+    problems: list[Problem] = []
+    for index, record in flat:
+        check = _Checker(file, _record_name(record, index))
+        pair_id = check.text(record, "pair_id")
+        is_positive = record.get("is_positive")
+        if not isinstance(is_positive, bool):
+            check.fail("is_positive", "must be true or false")
+        elif pair_id is not None:
+            slot = by_id.setdefault(pair_id, {})
+            if is_positive in slot:
+                check.fail("is_positive", f"a second {'positive' if is_positive else 'negative'} side for this pair")
+            slot[is_positive] = (index, record)
+        problems += check.problems
+    pairs = []
+    for pair_id, slot in by_id.items():
+        check = _Checker(file, f"pair_id {pair_id!r}")
+        if len(slot) < 2:
+            missing = "negative" if True in slot else "positive"
+            check.fail("is_positive", f"flat record without its partner (no {missing} side)")
+        else:
+            pos, neg = slot[True][1], slot[False][1]
+            header = _pair_header(check, pos, modules)
+            for key in ("task", "target_module"):
+                if pos.get(key) != neg.get(key):
+                    check.fail(key, "differs between the positive and negative records")
+            sides = [check.side(pos, "positive."), check.side(neg, "negative.")]
+            if header is not None and None not in sides and not check.problems:
+                pairs.append(Pair(*header, *sides))
+        problems += check.problems
+    return pairs, problems
+
+
+def check_file(path: str | Path, modules: Sequence[str] = DEFAULT_MODULES) -> tuple[list[Pair], list[Problem]]:
+    """Every pair that parses and every problem found, so `validate` can report them all at once."""
+    path = Path(path)
+    file = str(path)
+    records, problems = _read_records(path)
+    if problems and not records:
+        return [], problems
+    if not isinstance(records, list):
+        return [], [Problem(file, "file", "", "must hold a JSON array or JSON lines of records")]
+    pairs: list[Pair] = []
+    flat: list[tuple[int, dict]] = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            problems.append(Problem(file, f"record {index}", "", "must be a JSON object"))
+        elif "is_positive" in record:
+            flat.append((index, record))
+        else:
+            check = _Checker(file, _record_name(record, index))
+            pair = _parse_pair(check, record, modules)
+            problems += check.problems
+            if pair is not None:
+                pairs.append(pair)
+    if flat:
+        joined, flat_problems = _join_flat(file, flat, modules)
+        pairs += joined
+        problems += flat_problems
+    problems += _pair_problems(file, pairs)
+    return pairs, problems
+
+
+def _pair_problems(file: str, pairs: Iterable[Pair]) -> list[Problem]:
+    problems, seen = [], set()
+    for pair in pairs:
+        where = f"pair_id {pair.pair_id!r}"
+        if pair.pair_id in seen:
+            problems.append(Problem(file, where, "pair_id", "duplicate pair_id"))
+        seen.add(pair.pair_id)
+        if pair.positive.context == pair.negative.context and pair.positive.module_text == pair.negative.module_text:
+            problems.append(Problem(file, where, "negative", "identical to the positive side"))
+    return problems
+
+
+def load_pairs(paths: Sequence[str | Path], modules: Sequence[str] = DEFAULT_MODULES) -> list[Pair]:
+    """All pairs of all files, or a DataError naming the first problem (pair_ids must be unique overall)."""
+    pairs: list[Pair] = []
+    owner: dict[str, str] = {}
+    problems: list[Problem] = []
+    for path in paths:
+        file_pairs, file_problems = check_file(path, modules)
+        problems += file_problems
+        for pair in file_pairs:
+            if pair.pair_id in owner and owner[pair.pair_id] != str(path):
+                problems.append(
+                    Problem(str(path), f"pair_id {pair.pair_id!r}", "pair_id", f"also in {owner[pair.pair_id]}")
+                )
+            owner.setdefault(pair.pair_id, str(path))
+        pairs += file_pairs
+    if problems:
+        raise DataError(problems)
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def pair_to_record(pair: Pair) -> dict:
+    """The seed's pair format, so files written here load in the seed project too."""
+
+    def side(s: Side) -> dict:
+        return {"trajectory_full_context": s.context, "module_k_all_rounds": s.module_text, "outcome": s.outcome}
+
+    return {
+        "pair_id": pair.pair_id,
+        "target_module": pair.target_module,
+        "task": pair.task,
+        "positive": side(pair.positive),
+        "negative": side(pair.negative),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- splits
+
+
+def task_split(task: str, train_fraction: float, val_fraction: float, seed: int = 0) -> str:
+    """A pure function of the task, so one task never lands in two splits, in any file or run."""
+    digest = hashlib.sha256(f"{seed}\x00{task}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < train_fraction:
+        return "train"
+    return "val" if u < train_fraction + val_fraction else "test"

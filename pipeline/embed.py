@@ -1,0 +1,163 @@
+"""Stage 0, part one: every unique text of the pairs, encoded once, into the cache.
+
+Texts are deduplicated by content across all files and roles (a context seen in ten pairs is encoded once),
+only texts the cache lacks are encoded, and work is written in shards so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.atomic import write_json
+from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard
+from pipeline.config import Config
+from pipeline.data import Pair, load_pairs, task_split
+from pipeline.encoder import Encoder, ModelInfo, describe
+
+SHARD_TEXTS = 4096  # texts per resumable shard: a kill loses at most this much work
+
+
+@dataclass
+class EmbedSummary:
+    n_pairs: int = 0
+    unique_texts: int = 0
+    cached: int = 0
+    encoded: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    fp32_fallbacks: int = 0
+    seconds: float = 0.0
+    splits: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        encoded = "nothing to encode: every text was already in the cache"
+        if self.encoded:
+            seconds = max(self.seconds, 1e-9)
+            encoded = (f"encoded {self.encoded} texts in {self.seconds:.1f}s ({self.encoded / seconds:,.1f} texts/s, "
+                       f"{self.tokens / seconds:,.0f} tokens/s)")
+        return [
+            f"pairs: {self.n_pairs}  unique texts: {self.unique_texts}  already cached: {self.cached}",
+            encoded,
+            f"truncated: {self.truncated}  fp32 re-encodes: {self.fp32_fallbacks}",
+            "splits: " + "  ".join(f"{k} {v}" for k, v in self.splits.items()),
+        ]
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def pair_texts(pairs: Sequence[Pair], template: str) -> dict[str, list[str]]:
+    """The four texts of every pair; the context the encoder sees starts with the task."""
+    return {
+        "pos_ctx_row": [template.format(task=p.task, context=p.positive.context) for p in pairs],
+        "pos_mod_row": [p.positive.module_text for p in pairs],
+        "neg_ctx_row": [template.format(task=p.task, context=p.negative.context) for p in pairs],
+        "neg_mod_row": [p.negative.module_text for p in pairs],
+    }
+
+
+def ensure_embedded(
+    pairs: Sequence[Pair], cache: Cache, config: Config, info: ModelInfo, summary: EmbedSummary, progress: bool = True
+) -> dict[str, np.ndarray]:
+    """Cache rows of the four texts of every pair, encoding (and caching) only what the cache lacks."""
+    columns = pair_texts(pairs, config.encoder.context_template)
+    unique: dict[Key, str] = {}  # first appearance order, so rows are the same however the run was split
+    column_keys: dict[str, list[Key]] = {}
+    for column, texts in columns.items():
+        role = "context" if column.endswith("ctx_row") else "module"
+        hashes = {t: text_hash(t) for t in dict.fromkeys(texts)}
+        column_keys[column] = keys = [(role, hashes[t]) for t in texts]
+        for key, text in zip(keys, texts, strict=True):
+            unique.setdefault(key, text)
+    shards = cache.pending_shards()
+    done = set(cache.index) | {k for shard in shards for k in shard.keys}
+    missing = [k for k in unique if k not in done]
+    summary.unique_texts, summary.cached = len(unique), len(unique) - len(missing)
+    if missing:
+        encoder = Encoder.load(config.encoder, info)
+        start = time.perf_counter()
+        for role in ("context", "module"):
+            todo = [k for k in missing if k[0] == role]
+            for lo in range(0, len(todo), SHARD_TEXTS):
+                shard = _encode_shard(encoder, todo[lo : lo + SHARD_TEXTS], unique, role, progress)
+                cache.add_shard(shard)
+                shards.append(shard)
+                summary.tokens += int(shard.n_tokens.sum())
+        summary.seconds = time.perf_counter() - start
+        summary.encoded = len(missing)
+        summary.fp32_fallbacks = encoder.fallback_runs
+    if shards:
+        cache.merge(list(unique), shards)
+    summary.truncated = int(cache.texts["truncated"][cache.rows(list(unique))].sum())
+    return {column: cache.rows(keys) for column, keys in column_keys.items()}
+
+
+def _encode_shard(encoder: Encoder, keys: list[Key], texts: dict[Key, str], role: str, progress: bool) -> Shard:
+    tokens = encoder.tokenize([texts[k] for k in keys], role)
+    embeddings = np.empty((len(keys), encoder.dim), dtype=np.float16)
+    for index, emb in encoder.encode_tokenized(tokens, desc=f"embed {role}s", progress=progress):
+        embeddings[index] = emb
+    return Shard(keys, tokens.lengths, tokens.truncated, embeddings)
+
+
+def pairs_table(pairs: Sequence[Pair], rows: dict[str, np.ndarray], config: Config) -> pa.Table:
+    d = config.data
+    return pa.table({
+        "pair_id": [p.pair_id for p in pairs],
+        "target_module": [p.target_module for p in pairs],
+        "task": [p.task for p in pairs],
+        "split": [task_split(p.task, d.train_fraction, d.val_fraction, d.split_seed) for p in pairs],
+        **{column: rows[column] for column in ROW_COLUMNS},
+        "pos_outcome": pa.array([p.positive.outcome for p in pairs], type=pa.float64()),
+        "neg_outcome": pa.array([p.negative.outcome for p in pairs], type=pa.float64()),
+    })  # fmt: skip
+
+
+def versions() -> dict[str, str]:
+    names = ("modrm", "torch", "transformers", "tokenizers", "h5py", "pyarrow")
+    return {name: md.version(name) for name in names}
+
+
+def embed_files(
+    paths: Sequence[str | Path], cache_dir: str | Path, config: Config, progress: bool = True
+) -> EmbedSummary:
+    """`modrm embed`: load and validate the pairs, encode what the cache lacks, write the pairs index."""
+    pairs = load_pairs(paths, config.data.modules)
+    info = describe(config.encoder)
+    cache = Cache.open(cache_dir, info.fingerprint)
+    summary = EmbedSummary(n_pairs=len(pairs))
+    rows = ensure_embedded(pairs, cache, config, info, summary, progress)
+    table = pairs_table(pairs, rows, config)
+    cache.write_pairs(table)
+    splits = table.column("split").to_pylist()
+    summary.splits = {s: splits.count(s) for s in ("train", "val", "test")}
+    write_manifest(cache, config, paths, summary)
+    return summary
+
+
+def write_manifest(cache: Cache, config: Config, paths: Sequence[str | Path], summary: EmbedSummary) -> None:
+    import torch
+
+    from pipeline.encoder import pick_device, pick_dtype
+
+    device = pick_device(config.encoder.device)
+    write_json(cache.folder / "manifest.json", {
+        "encoder": cache.fingerprint.to_dict(),
+        "compute_dtype": str(pick_dtype(config.encoder.dtype, device)).removeprefix("torch."),
+        "storage_dtype": "float16",
+        "n_texts": cache.n_rows,
+        "n_pairs": summary.n_pairs,
+        "splits": summary.splits,
+        "data_files": [str(p) for p in paths],
+        "config": config.to_dict(),
+        "versions": versions() | {"cuda": torch.version.cuda or "none"},
+    })  # fmt: skip

