@@ -78,6 +78,29 @@ def embed(
         typer.echo("  " + line)
 
 
+@app.command("train-heads")
+def train_heads_cmd(
+    cache: Annotated[Path, typer.Option("--cache", help="cache folder written by `modrm embed`")],
+    out: Annotated[Path, typer.Option("--out", help="checkpoint folder")],
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Stage 0: train one reward head per module from the cached embeddings."""
+    from pipeline.train_heads import train_heads
+
+    cfg = _config(config, train={"epochs": epochs, "seed": seed, "device": device})
+    summary = train_heads(cache, out, cfg, progress=not quiet)
+    val = summary["val"]
+    typer.echo(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: val loss {val['val_loss']:.4f}, "
+               f"val accuracy {val['val_accuracy']:.3f} ({summary['n_train']} train / {summary['n_val']} val pairs)")
+    for name, m in val["val_modules"].items():
+        typer.echo(f"  {name:<12} val accuracy {m['accuracy']:.3f}  ({m['n_pairs']} pairs)")
+    typer.echo(f"checkpoint: {out}")
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     try:

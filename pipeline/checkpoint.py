@@ -1,0 +1,79 @@
+"""Checkpoint folders: heads.safetensors + config.json (+ metrics.json; + encoder/ after stage 1).
+
+Weights are safetensors and metadata JSON, so a checkpoint from anywhere is safe to open.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.atomic import atomic_write, write_json
+from pipeline.config import Config, config_from_dict
+from pipeline.encoder import Fingerprint
+from pipeline.errors import ModrmError
+from pipeline.heads import RewardHeads
+
+HEADS_FILE, CONFIG_FILE, METRICS_FILE, ENCODER_DIR = "heads.safetensors", "config.json", "metrics.json", "encoder"
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    model: RewardHeads
+    config: Config  # the resolved config that trained it
+    fingerprint: Fingerprint  # of the encoder whose embeddings the heads read
+    stage: int
+    cache: str | None  # the cache stage 0 trained from
+
+    @property
+    def encoder_folder(self) -> Path | None:
+        """A fine-tuned encoder saved with the checkpoint (stage 1), else None: load by config.encoder.name."""
+        folder = self.folder / ENCODER_DIR
+        return folder if folder.is_dir() else None
+
+
+def save_heads(folder: str | Path, model: RewardHeads, config: Config, fingerprint: Fingerprint, stage: int,
+               cache: str | None, metrics: dict) -> None:  # fmt: skip
+    """Write the three files atomically; config.json last, so a folder with it is complete."""
+    folder = Path(folder)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(folder / HEADS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+    write_json(folder / METRICS_FILE, metrics)
+    write_json(folder / CONFIG_FILE, {
+        "stage": stage,
+        "modules": model.module_names,
+        "dim": model.dim,
+        "heads": config.to_dict()["heads"],
+        "encoder": fingerprint.to_dict(),
+        "cache": cache,
+        "config": config.to_dict(),
+    })  # fmt: skip
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint, refusing one whose files are missing or whose weights do not match its config."""
+    folder = Path(folder)
+    for name in (CONFIG_FILE, HEADS_FILE):
+        if not (folder / name).is_file():
+            raise ModrmError(f"checkpoint {folder}: missing {name} (train one with `modrm train-heads`)")
+    try:
+        meta = json.loads((folder / CONFIG_FILE).read_text())
+        config = config_from_dict(meta["config"])
+        fingerprint = Fingerprint(**meta["encoder"])
+        model = RewardHeads(meta["modules"], meta["dim"], config.heads)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModrmError(f"checkpoint {folder}: {CONFIG_FILE} is malformed ({err})") from None
+    state = load_file(str(folder / HEADS_FILE))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != found:
+        diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
+        raise ModrmError(f"checkpoint {folder}: {HEADS_FILE} does not match modules {meta['modules']} and dim "
+                         f"{meta['dim']} in {CONFIG_FILE} (first differences: {diff})")  # fmt: skip
+    model.load_state_dict(state)
+    return Checkpoint(folder, model.to(device).eval(), config, fingerprint, meta.get("stage", 0), meta.get("cache"))

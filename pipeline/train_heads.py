@@ -1,0 +1,208 @@
+"""Stage 0: train every module's head from the embedding cache, in seconds, without touching the encoder.
+
+The train split's embeddings are gathered into tensors once (memory-mapped when larger than the budget);
+each step scores a batch of pairs of mixed modules with one forward pass per module present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.atomic import atomic_write
+from pipeline.cache import ROW_COLUMNS, Cache, open_existing
+from pipeline.checkpoint import save_heads
+from pipeline.config import Config
+from pipeline.encoder import pick_device
+from pipeline.errors import ModrmError
+from pipeline.heads import RewardHeads, preference_loss
+
+
+@dataclass
+class PairSet:
+    """One split as tensors: the four embedding rows of each pair and its module index."""
+
+    rows: torch.Tensor  # int64 [n, 4] in ROW_COLUMNS order
+    module_idx: torch.Tensor  # int64 [n]
+
+    def __len__(self) -> int:
+        return len(self.module_idx)
+
+
+def module_order(found: set[str], configured: list[str]) -> list[str]:
+    """Configured modules first (in their order), then any other module the data has, sorted."""
+    return [m for m in configured if m in found] + sorted(found - set(configured))
+
+
+def split_sets(table: pa.Table, modules: list[str], cache_dir: Path) -> dict[str, PairSet]:
+    split = np.asarray(table.column("split").to_pylist())
+    target = np.asarray(table.column("target_module").to_pylist())
+    rows = np.stack([table.column(c).to_numpy() for c in ROW_COLUMNS], axis=1)
+    lookup = {m: i for i, m in enumerate(modules)}
+    module_idx = np.array([lookup[m] for m in target], dtype=np.int64)
+    sets = {}
+    for name in ("train", "val"):
+        mask = split == name
+        if not mask.any():
+            raise ModrmError(f"{cache_dir}/pairs.parquet: the {name} split is empty (all tasks fell elsewhere); "
+                             "add tasks, or change data.train_fraction / data.val_fraction / data.split_seed")  # fmt: skip
+        sets[name] = PairSet(torch.from_numpy(rows[mask]), torch.from_numpy(module_idx[mask]))
+    lacking = [m for i, m in enumerate(modules) if not (sets["train"].module_idx == i).any()]
+    if lacking:
+        raise ModrmError(f"{cache_dir}/pairs.parquet: module(s) {', '.join(lacking)} have no train pairs; "
+                         "add pairs for them or change the split fractions")  # fmt: skip
+    return sets
+
+
+class EmbeddingTable:
+    """Cache rows as a float16 tensor: in memory when it fits the budget, else gathered from a memmap."""
+
+    def __init__(self, cache: Cache, needed: np.ndarray, budget_bytes: float, device: torch.device):
+        self.device = device
+        data = cache.embeddings(budget_bytes)
+        if isinstance(data, np.memmap):
+            self.memmap, self.tensor = data, None
+            for lo in range(0, len(needed), 1 << 16):
+                self._check(np.asarray(data[np.sort(needed[lo : lo + (1 << 16)])]), cache)
+        else:
+            self.memmap, self.tensor = None, torch.from_numpy(np.ascontiguousarray(data)).to(device)
+            self._check(data[needed], cache)
+
+    @staticmethod
+    def _check(block: np.ndarray, cache: Cache) -> None:
+        if not np.isfinite(block).all():
+            raise ModrmError(f"{cache.folder}/embeddings.h5: non-finite values in the cache; rebuild it with "
+                             "`modrm embed` into a fresh --cache folder")  # fmt: skip
+
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.tensor is not None:
+            return self.tensor[rows.to(self.device)].float()
+        return torch.from_numpy(np.asarray(self.memmap[rows.numpy()])).to(self.device).float()
+
+
+def pair_rewards(model: RewardHeads, table: EmbeddingTable, pairs: PairSet, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(r_pos, r_neg, module_idx) for the pairs at `idx`: both sides in one forward pass."""
+    rows = pairs.rows[idx]
+    ctx = table[torch.cat([rows[:, 0], rows[:, 2]])]
+    mod = table[torch.cat([rows[:, 1], rows[:, 3]])]
+    module_idx = pairs.module_idx[idx].to(ctx.device)
+    rewards = model(ctx, mod, torch.cat([module_idx, module_idx]))
+    return rewards[: len(idx)], rewards[len(idx) :], module_idx
+
+
+@torch.inference_mode()
+def validate(model: RewardHeads, table: EmbeddingTable, pairs: PairSet, cfg: Config, batch: int = 4096) -> dict:
+    """Val loss (the training objective) and pairwise accuracy, overall and per module."""
+    model.eval()
+    r_pos, r_neg = [], []
+    for lo in range(0, len(pairs), batch):
+        p, n, _ = pair_rewards(model, table, pairs, torch.arange(lo, min(lo + batch, len(pairs))))
+        r_pos.append(p.cpu())
+        r_neg.append(n.cpu())
+    r_pos, r_neg, module_idx = torch.cat(r_pos), torch.cat(r_neg), pairs.module_idx
+    n_modules = len(model.module_names)
+    loss = preference_loss(r_pos, r_neg, module_idx, n_modules, cfg.heads.alpha, cfg.heads.margin).item()
+    per_module = {}
+    for i, name in enumerate(model.module_names):
+        sel = module_idx == i
+        if sel.any():
+            m_loss = preference_loss(r_pos[sel], r_neg[sel], module_idx[sel], n_modules, cfg.heads.alpha, cfg.heads.margin)
+            per_module[name] = {"n_pairs": int(sel.sum()), "loss": m_loss.item(),
+                                "accuracy": (r_pos[sel] > r_neg[sel]).float().mean().item()}  # fmt: skip
+    return {"loss": loss, "accuracy": (r_pos > r_neg).float().mean().item(), "modules": per_module}
+
+
+def warmup_then_linear(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    return factor
+
+
+def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision on CUDA only: bf16 where the GPU has it, else fp16 (with a grad scaler)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, progress: bool = True) -> dict:
+    """`modrm train-heads`: returns the best epoch's validation metrics; writes the checkpoint to out_dir."""
+    cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+    tc = config.train
+    cache, manifest = open_existing(cache_dir)
+    table = cache.read_pairs()
+    modules = module_order(set(table.column("target_module").to_pylist()), config.data.modules)
+    sets = split_sets(table, modules, cache_dir)
+    device = pick_device(tc.device)
+    needed = np.unique(torch.cat([sets["train"].rows, sets["val"].rows]).numpy())
+    emb = EmbeddingTable(cache, needed, tc.memory_budget_gb * 2**30, device)
+
+    torch.manual_seed(tc.seed)
+    model = RewardHeads(modules, cache.fingerprint.dim, config.heads).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(sets["train"]) / tc.batch_size) / tc.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(steps_per_epoch * tc.epochs, tc.warmup_ratio))
+    autocast = amp_dtype(device)
+    scaler = torch.amp.GradScaler(enabled=autocast == torch.float16)
+    generator = torch.Generator().manual_seed(tc.seed)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "metrics.jsonl"
+    atomic_write(log_path, lambda tmp: tmp.write_text(""))
+    best, best_state, since_best = None, None, 0
+    n_train = len(sets["train"])
+    bar = tqdm(total=tc.epochs * n_train, desc="train-heads", unit="pair", disable=not progress, dynamic_ncols=True)
+    for epoch in range(1, tc.epochs + 1):
+        model.train()
+        start, loss_sum, correct = time.perf_counter(), 0.0, 0
+        order = torch.randperm(n_train, generator=generator)
+        batches = order.split(tc.batch_size)
+        for step, idx in enumerate(batches):
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                r_pos, r_neg, module_idx = pair_rewards(model, emb, sets["train"], idx)
+                loss = preference_loss(r_pos, r_neg, module_idx, len(modules), config.heads.alpha, config.heads.margin)
+            scaler.scale(loss / tc.grad_accum).backward()
+            if (step + 1) % tc.grad_accum == 0 or step + 1 == len(batches):
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((r_pos > r_neg).sum())
+            bar.update(len(idx))
+        seconds = time.perf_counter() - start
+        val = validate(model, emb, sets["val"], config)
+        record = {"epoch": epoch, "train_loss": loss_sum / n_train, "train_accuracy": correct / n_train,
+                  "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_modules": val["modules"],
+                  "lr": scheduler.get_last_lr()[0], "seconds": seconds, "pairs_per_s": n_train / seconds}  # fmt: skip
+        with log_path.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        bar.set_postfix(val_loss=f"{val['loss']:.4f}", val_acc=f"{val['accuracy']:.3f}")
+        if best is None or val["loss"] < best["val_loss"]:
+            best, since_best = record, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since_best += 1
+            if since_best >= tc.patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state)
+    summary = {"best_epoch": best["epoch"], "epochs_run": epoch, "val": {k: best[k] for k in ("val_loss", "val_accuracy", "val_modules")},
+               "n_train": n_train, "n_val": len(sets["val"])}  # fmt: skip
+    save_heads(out_dir, model, config, cache.fingerprint, stage=0, cache=str(cache_dir.resolve()), metrics=summary)
+    return summary
