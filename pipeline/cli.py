@@ -101,12 +101,41 @@ def train_heads_cmd(
     typer.echo(f"checkpoint: {out}")
 
 
+@app.command("finetune")
+def finetune_cmd(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="stage-0 checkpoint folder")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", help="stage-1 checkpoint folder")],
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
+    token_budget: Annotated[int | None, typer.Option("--token-budget", help="padded tokens per step")] = None,
+    train_layers: Annotated[int | None, typer.Option("--train-layers", help="train only the top K layers")] = None,
+    lora: Annotated[int | None, typer.Option("--lora", help="LoRA rank (needs peft)")] = None,
+    gradient_checkpointing: Annotated[str | None, typer.Option("--gradient-checkpointing", help="auto|on|off")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    config: ConfigOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Stage 1: reload the encoder and fine-tune encoder and heads end to end."""
+    from pipeline.finetune import finetune
+
+    flags = {"epochs": epochs, "token_budget": token_budget, "train_layers": train_layers, "lora_r": lora,
+             "gradient_checkpointing": gradient_checkpointing, "device": device, "seed": seed}
+    overrides = vars(_config(config, finetune=flags).finetune) if config else {k: v for k, v in flags.items() if v is not None}
+    result = finetune(checkpoint, data, out, overrides, resume=resume, progress=not quiet)
+    best = result["best"]
+    typer.echo(f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.3f} "
+               f"({result['n_train']} train / {result['n_val']} val pairs)")
+    typer.echo(f"checkpoint: {out}")
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     try:
         app()
     except ModrmError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo("error: " + " ".join(str(err).split()), err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

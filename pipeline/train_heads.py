@@ -6,6 +6,7 @@ each step scores a batch of pairs of mixed modules with one forward pass per mod
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_write
 from pipeline.cache import ROW_COLUMNS, Cache, open_existing
 from pipeline.checkpoint import save_heads
-from pipeline.config import Config
+from pipeline.config import Config, config_from_dict
 from pipeline.encoder import pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads, preference_loss
@@ -143,6 +144,8 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
     tc = config.train
     cache, manifest = open_existing(cache_dir)
+    built = config_from_dict(manifest["config"])  # the encoder and split the cache was made with
+    config = dataclasses.replace(config, encoder=built.encoder, data=built.data)
     table = cache.read_pairs()
     modules = module_order(set(table.column("target_module").to_pylist()), config.data.modules)
     sets = split_sets(table, modules, cache_dir)
