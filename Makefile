@@ -19,7 +19,10 @@ MODRM := $(BIN)/modrm
 DEMO_ENCODER := sentence-transformers/all-MiniLM-L6-v2
 DEMO_DATA := data/generated/demo.jsonl
 
-.PHONY: install embed train-heads finetune eval demo test bench lint clean
+STAGE1 ?= artifacts/stage1
+DEMO_DIR := artifacts/demo
+
+.PHONY: install synth embed train-heads finetune eval demo test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -30,8 +33,34 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,lora]"
 	touch $@
 
+synth: install
+	$(MODRM) synth --out $(DATA) --pairs-per-module 1000 $(CONFIG_FLAG)
+
 embed: install
 	$(MODRM) embed --data $(DATA) --cache $(CACHE) --encoder $(ENCODER) --device $(DEVICE) $(CONFIG_FLAG)
+
+train-heads: install
+	$(MODRM) train-heads --cache $(CACHE) --out $(CHECKPOINT) --device $(DEVICE) $(CONFIG_FLAG)
+
+finetune: install
+	$(MODRM) finetune --checkpoint $(CHECKPOINT) --data $(DATA) --out $(STAGE1) --device $(DEVICE) $(CONFIG_FLAG)
+
+eval: install
+	$(MODRM) eval --checkpoint $(CHECKPOINT) --data $(DATA) --out $(OUT) --split $(SPLIT)
+
+# The whole chain on the offline MiniLM, CPU: synth -> embed -> train-heads -> finetune -> eval.
+demo: install
+	$(MODRM) synth --out $(DEMO_DATA) --pairs-per-module 150 --seed 0
+	$(MODRM) embed --data $(DEMO_DATA) --cache cache/demo --encoder $(DEMO_ENCODER) --device cpu
+	$(MODRM) train-heads --cache cache/demo --out $(DEMO_DIR)/stage0 --device cpu
+	$(MODRM) finetune --checkpoint $(DEMO_DIR)/stage0 --data $(DEMO_DATA) --out $(DEMO_DIR)/stage1 --config configs/demo.toml
+	$(MODRM) eval --checkpoint $(DEMO_DIR)/stage0 --checkpoint $(DEMO_DIR)/stage1 --data $(DEMO_DATA) \
+		--out $(DEMO_DIR)/eval --split test
+
+bench: install
+	$(BIN)/python bench/bench_embed.py
+	$(BIN)/python bench/bench_heads.py
+	$(BIN)/python bench/bench_finetune.py
 
 test: install
 	$(BIN)/pytest

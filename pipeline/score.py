@@ -1,0 +1,71 @@
+"""`modrm score`: per-module rewards for raw agent trajectories (the RL side of modrm).
+
+Input: JSON lines (or a JSON array) of {"id": ..., "task": ..., "trajectory": "Round 1: <reflection>..."}.
+Each trajectory is split into module views by the tag parser, every unique text is encoded once, and each
+module's head scores (task + trajectory, that module's view). Output: one JSON line per input record,
+{"id": ..., "rewards": {"planner": 0.73, ...}}; a module absent from a trajectory gets null.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.atomic import atomic_write
+from pipeline.checkpoint import load_checkpoint
+from pipeline.encoder import Encoder, describe
+from pipeline.errors import ModrmError
+from pipeline.trajectory import module_view
+
+
+def read_trajectories(path: Path) -> list[dict]:
+    text = path.read_text(encoding="utf-8") if path.is_file() else None
+    if text is None:
+        raise ModrmError(f"{path}: no such file")
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]  # fmt: skip
+    except json.JSONDecodeError as err:
+        raise ModrmError(f"{path}: malformed JSON ({err})") from None
+    for i, record in enumerate(records):
+        for field in ("task", "trajectory"):
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise ModrmError(f"{path}: record {i}, field '{field}': missing or not a string")
+    return records
+
+
+def score_file(checkpoint: Path, input_path: Path, out_path: Path, device: str = "auto", progress: bool = True) -> int:
+    """Score every trajectory under every head; returns the number of records written."""
+    ckpt = load_checkpoint(checkpoint)
+    records = read_trajectories(input_path)
+    config = ckpt.config
+    enc_cfg = config.encoder if device == "auto" else type(config.encoder)(**{**vars(config.encoder), "device": device})
+    info = describe(enc_cfg, folder=ckpt.encoder_folder)
+    if info.fingerprint.differences(ckpt.fingerprint):
+        raise ModrmError(f"checkpoint {checkpoint}: encoder {enc_cfg.name!r} is not the one its heads were trained on")
+    encoder = Encoder.load(enc_cfg, info)
+    modules = ckpt.model.module_names
+    contexts = [config.encoder.context_template.format(task=r["task"], context=r["trajectory"]) for r in records]
+    views = [[module_view(r["trajectory"], m) for m in modules] for r in records]
+    ctx_unique = list(dict.fromkeys(contexts))
+    mod_unique = list(dict.fromkeys(v for row in views for v in row if v))
+    ctx_emb = encoder.encode(ctx_unique, "context", progress=progress)
+    mod_emb = encoder.encode(mod_unique, "module", progress=progress) if mod_unique else np.zeros((0, encoder.dim))
+    ctx_row = {t: i for i, t in enumerate(ctx_unique)}
+    mod_row = {t: i for i, t in enumerate(mod_unique)}
+    slots = [(r, m) for r in range(len(records)) for m in range(len(modules)) if views[r][m]]
+    rewards = np.full((len(records), len(modules)), np.nan)
+    if slots:
+        r_idx, m_idx = map(np.array, zip(*slots, strict=True))
+        c = torch.from_numpy(ctx_emb[[ctx_row[contexts[r]] for r in r_idx]])
+        v = torch.from_numpy(mod_emb[[mod_row[views[r][m]] for r, m in slots]])
+        with torch.inference_mode():
+            rewards[r_idx, m_idx] = ckpt.model(c, v, torch.from_numpy(m_idx)).numpy()
+    lines = [json.dumps({"id": rec.get("id", i), "rewards": {m: (None if np.isnan(x) else float(x))
+                                                             for m, x in zip(modules, rewards[i], strict=True)}})
+             for i, rec in enumerate(records)]  # fmt: skip
+    atomic_write(out_path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    return len(records)

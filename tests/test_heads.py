@@ -1,0 +1,163 @@
+"""Stage 0: the loss against a hand computation, training from a synthetic cache, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.atomic import write_json
+from pipeline.cache import Cache, Shard
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import Config, HeadConfig
+from pipeline.encoder import Fingerprint
+from pipeline.errors import ModrmError
+from pipeline.heads import RewardHeads, preference_loss
+from pipeline.train_heads import train_heads
+
+MODULES = ["reflection", "planner", "executor", "memory"]
+
+
+def test_loss_equals_hand_computation():
+    r_pos = torch.tensor([2.0, 0.05, -1.0, 0.5])
+    r_neg = torch.tensor([0.0, 0.0, 1.0, 0.5])
+    module_idx = torch.tensor([0, 0, 1, 3])
+    alpha, margin = 0.1, 0.1
+
+    def per_pair(d: float) -> float:
+        return math.log1p(math.exp(-d)) + alpha * max(0.0, margin - d)
+
+    module0 = (per_pair(2.0) + per_pair(0.05)) / 2
+    expected = (module0 + per_pair(-2.0) + per_pair(0.0)) / 3  # module 2 has no pairs: not in the mean
+    got = preference_loss(r_pos, r_neg, module_idx, 4, alpha, margin)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_gradients_reach_only_the_heads_of_modules_in_the_batch():
+    torch.manual_seed(0)
+    model = RewardHeads(MODULES, 8, HeadConfig(hidden=16, hidden2=8))
+    ctx, mod = torch.randn(6, 8), torch.randn(6, 8)
+    module_idx = torch.tensor([0, 0, 1, 0, 0, 1])
+    r = model(ctx, mod, module_idx)
+    preference_loss(r[:3], r[3:], module_idx[:3], 4, 0.1, 0.1).backward()
+    assert ctx.grad is None and mod.grad is None
+    for name, p in model.named_parameters():
+        touched = p.grad is not None and p.grad.abs().sum() > 0
+        in_batch = name.startswith(("norm.", "heads.0.", "heads.1."))
+        assert touched == in_batch or name.endswith(".bias") and not touched, name
+    assert all(p.grad is None for p in model.heads[2].parameters())
+
+
+# ---------------------------------------------------------------------------------------------- a synthetic cache
+
+
+def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, modules=MODULES):
+    """Embeddings where a positive module text lies along its module's direction, a negative against it."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(len(modules), dim))
+    fp = Fingerprint("synthetic", None, "0" * 64, "mean", True, "", 64, 64, dim)
+    cache = Cache(folder, fp)
+    keys, embs, records = [], [], []
+    for t in range(n_tasks):
+        for j in range(pairs_per_task):
+            m = (t * pairs_per_task + j) % len(modules)
+            ctx = rng.normal(size=dim)
+            for side, sign in (("pos", 1.0), ("neg", -1.0)):
+                keys += [("context", f"{t}-{j}-{side}-c"), ("module", f"{t}-{j}-{side}-m")]
+                embs += [ctx + 0.1 * rng.normal(size=dim), sign * directions[m] + 0.5 * rng.normal(size=dim)]
+            records.append((f"p{t}-{j}", modules[m], f"task {t}", len(keys) - 4))
+    emb = np.array(embs, dtype=np.float16)
+    if nan:
+        emb[1, 0] = np.nan
+    shard = Shard(keys, np.full(len(keys), 10), np.zeros(len(keys), dtype=bool), np.nan_to_num(emb))
+    cache.merge(keys, [shard])
+    if nan:  # corrupt the stored file the way a bad writer would
+        import h5py
+
+        with h5py.File(folder / "embeddings.h5", "r+") as f:
+            f["embeddings"][1, 0] = np.nan
+    config = Config()
+    d = config.data
+    from pipeline.data import task_split
+
+    cache.write_pairs(pa.table({
+        "pair_id": [r[0] for r in records], "target_module": [r[1] for r in records], "task": [r[2] for r in records],
+        "split": [task_split(r[2], d.train_fraction, d.val_fraction, d.split_seed) for r in records],
+        "pos_ctx_row": [r[3] for r in records], "pos_mod_row": [r[3] + 1 for r in records],
+        "neg_ctx_row": [r[3] + 2 for r in records], "neg_mod_row": [r[3] + 3 for r in records],
+        "pos_outcome": [1.0] * len(records), "neg_outcome": [0.0] * len(records),
+    }))  # fmt: skip
+    write_json(folder / "manifest.json", {"encoder": fp.to_dict(), "config": config.to_dict()})
+    return folder
+
+
+def small_config(epochs=15) -> Config:
+    config = Config()
+    config.heads = HeadConfig(hidden=64, hidden2=32)
+    config.train.epochs, config.train.batch_size, config.train.patience = epochs, 32, epochs
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = make_cache(tmp_path_factory.mktemp("cache"))
+    out = tmp_path_factory.mktemp("ckpt")
+    summary = train_heads(folder, out, small_config(), progress=False)
+    return folder, out, summary
+
+
+def test_training_fits_train_and_generalises(trained):
+    folder, out, summary = trained
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == summary["epochs_run"]
+    assert summary["val"]["val_accuracy"] >= 0.9
+    ckpt = load_checkpoint(out)
+    cache = Cache(folder, ckpt.fingerprint)
+    table = cache.read_pairs().to_pydict()
+    emb = torch.from_numpy(cache.embeddings().astype(np.float32))
+    train = np.array(table["split"]) == "train"
+    col = {k: torch.tensor(np.array(v)[train]) for k, v in table.items() if k.endswith("_row")}
+    idx = torch.tensor([MODULES.index(m) for m in np.array(table["target_module"])[train]])
+    with torch.inference_mode():
+        r_pos = ckpt.model(emb[col["pos_ctx_row"]], emb[col["pos_mod_row"]], idx)
+        r_neg = ckpt.model(emb[col["neg_ctx_row"]], emb[col["neg_mod_row"]], idx)
+    assert (r_pos > r_neg).float().mean().item() == 1.0
+
+
+def test_checkpoint_round_trip_and_determinism(trained, tmp_path):
+    folder, out, _ = trained
+    again = train_heads(folder, tmp_path, small_config(), progress=False)
+    assert again["val"] == trained[2]["val"]
+    a, b = load_checkpoint(out), load_checkpoint(tmp_path)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_checkpoint_mismatch_and_missing_files(trained, tmp_path):
+    _, out, _ = trained
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    meta = json.loads((broken / "config.json").read_text())
+    meta["modules"] = ["planner", "memory"]
+    (broken / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ModrmError, match="does not match modules"):
+        load_checkpoint(broken)
+    (broken / "heads.safetensors").unlink()
+    with pytest.raises(ModrmError, match="missing heads.safetensors"):
+        load_checkpoint(broken)
+
+
+def test_bad_caches_are_refused_without_writing(tmp_path):
+    nan_cache = make_cache(tmp_path / "nan", nan=True)
+    with pytest.raises(ModrmError, match="non-finite"):
+        train_heads(nan_cache, tmp_path / "out1", small_config(1), progress=False)
+    one_task = make_cache(tmp_path / "one", n_tasks=1)
+    with pytest.raises(ModrmError, match="split is empty"):
+        train_heads(one_task, tmp_path / "out2", small_config(1), progress=False)
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
