@@ -130,6 +130,15 @@ def freeze_layers(model: nn.Module, train_layers: int) -> None:
         p.requires_grad = id(p) in trainable or (id(p) not in in_layers and id(p) not in embeddings)
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward: memory per layer instead of per token (transformers 4 and 5 names)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def add_lora(encoder: Encoder, rank: int) -> None:
     try:
         from peft import LoraConfig, get_peft_model
@@ -252,7 +261,7 @@ def finetune(checkpoint: str | Path, data: list[Path], out: str | Path, override
     checkpointing = fc.gradient_checkpointing == "on" or (
         fc.gradient_checkpointing == "auto" and encoder.fingerprint.max_context_tokens > 512)
     if checkpointing:
-        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(encoder.model)
     model = EndToEnd(encoder, ckpt.model.to(device))
     torch.manual_seed(fc.seed)
     groups = [{"params": [p for p in encoder.parameters() if p.requires_grad], "lr": fc.encoder_lr},
