@@ -130,6 +130,40 @@ def finetune_cmd(
     typer.echo(f"checkpoint: {out}")
 
 
+@app.command("eval")
+def eval_cmd(
+    checkpoint: Annotated[list[Path], typer.Option("--checkpoint", help="checkpoint folder; give two to compare")],
+    data: Annotated[Path, typer.Option("--data", help="pairs file to score")],
+    out: Annotated[Path, typer.Option("--out", help="folder for metrics.json, report.md and plots")],
+    cache: Annotated[Path | None, typer.Option("--cache", help="embedding cache (default: the checkpoint's)")] = None,
+    split: Annotated[str, typer.Option("--split", help="all | train | val | test (split by task)")] = "all",
+    quiet: QuietOpt = False,
+) -> None:
+    """Score pairs with trained heads: accuracy, AUC, separation per module, report and plots."""
+    from pipeline.evaluate import evaluate, format_table
+
+    if split not in ("all", "train", "val", "test"):
+        raise ModrmError(f"--split {split!r}: use all, train, val or test")
+    results = evaluate(checkpoint, data, out, cache=cache, split=split, progress=not quiet)
+    typer.echo(format_table(results))
+    typer.echo(f"report: {out / 'report.md'}  plots: {out}")
+
+
+@app.command("score")
+def score_cmd(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="checkpoint folder")],
+    input: Annotated[Path, typer.Option("--input", help="JSONL of {id, task, trajectory}")],
+    out: Annotated[Path, typer.Option("--out", help="JSONL of {id, rewards: {module: reward}}")],
+    device: DeviceOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Per-module rewards for raw tagged trajectories."""
+    from pipeline.score import score_file
+
+    n = score_file(checkpoint, input, out, device=device or "auto", progress=not quiet)
+    typer.echo(f"scored {n} trajectories -> {out}")
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     try:
