@@ -73,9 +73,13 @@ class Cache:
     def _read_texts(self) -> dict[str, np.ndarray]:
         path = self.folder / "texts.parquet"
         if not path.exists():
-            return {"text_hash": np.array([], dtype=object), "row": np.array([], dtype=np.int64),
-                    "role": np.array([], dtype=object), "n_tokens": np.array([], dtype=np.int64),
-                    "truncated": np.array([], dtype=bool)}  # fmt: skip
+            return {
+                "text_hash": np.array([], dtype=object),
+                "row": np.array([], dtype=np.int64),
+                "role": np.array([], dtype=object),
+                "n_tokens": np.array([], dtype=np.int64),
+                "truncated": np.array([], dtype=bool),
+            }
         table = pq.read_table(path)
         return {name: table.column(name).to_numpy(zero_copy_only=False) for name in TEXT_COLUMNS}
 
@@ -88,8 +92,9 @@ class Cache:
             table = pq.read_table(index_path)
             embeddings = np.load(index_path.with_suffix(".npy"), allow_pickle=False)
             keys = list(zip(table.column("role").to_pylist(), table.column("text_hash").to_pylist(), strict=True))
-            shards.append(Shard(keys, table.column("n_tokens").to_numpy(), table.column("truncated").to_numpy(),
-                                embeddings))  # fmt: skip
+            shards.append(
+                Shard(keys, table.column("n_tokens").to_numpy(), table.column("truncated").to_numpy(), embeddings)
+            )
         return shards
 
     def add_shard(self, shard: Shard) -> None:
@@ -101,8 +106,9 @@ class Cache:
         stem = pending / f"shard-{number:06d}"
         atomic_write(stem.with_suffix(".npy"), lambda tmp: np.save(tmp.open("wb"), shard.embeddings))
         roles, hashes = zip(*shard.keys, strict=True)
-        table = pa.table({"text_hash": list(hashes), "role": list(roles), "n_tokens": shard.n_tokens,
-                          "truncated": shard.truncated})  # fmt: skip
+        table = pa.table(
+            {"text_hash": list(hashes), "role": list(roles), "n_tokens": shard.n_tokens, "truncated": shard.truncated}
+        )
         atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(table, tmp))
 
     # -------------------------------------------------------------------------------------- merge
@@ -154,8 +160,9 @@ class Cache:
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as out:
-                ds = out.create_dataset("embeddings", shape=(committed + len(new_emb), new_emb.shape[1]),
-                                        dtype=np.float16)  # fmt: skip
+                ds = out.create_dataset(
+                    "embeddings", shape=(committed + len(new_emb), new_emb.shape[1]), dtype=np.float16
+                )
                 if committed:
                     with h5py.File(old_path, "r") as old:
                         for lo in range(0, committed, _COPY_ROWS):
@@ -211,8 +218,10 @@ def check_fingerprint(folder: Path, manifest: dict, fingerprint: Fingerprint) ->
     built = Fingerprint(**manifest["encoder"])
     diffs = built.differences(fingerprint)
     if diffs:
-        raise ModrmError(f"{folder}: cache was built with a different encoder setting ({'; '.join(diffs)}); "
-                         "use the same encoder settings or another --cache folder")  # fmt: skip
+        raise ModrmError(
+            f"{folder}: cache was built with a different encoder setting ({'; '.join(diffs)}); "
+            "use the same encoder settings or another --cache folder"
+        )
 
 
 def open_existing(folder: str | Path) -> tuple[Cache, dict]:

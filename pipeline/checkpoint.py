@@ -37,22 +37,32 @@ class Checkpoint:
         return folder if folder.is_dir() else None
 
 
-def save_heads(folder: str | Path, model: RewardHeads, config: Config, fingerprint: Fingerprint, stage: int,
-               cache: str | None, metrics: dict) -> None:  # fmt: skip
+def save_heads(
+    folder: str | Path,
+    model: RewardHeads,
+    config: Config,
+    fingerprint: Fingerprint,
+    stage: int,
+    cache: str | None,
+    metrics: dict,
+) -> None:
     """Write the three files atomically; config.json last, so a folder with it is complete."""
     folder = Path(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write(folder / HEADS_FILE, lambda tmp: save_file(tensors, str(tmp)))
     write_json(folder / METRICS_FILE, metrics)
-    write_json(folder / CONFIG_FILE, {
-        "stage": stage,
-        "modules": model.module_names,
-        "dim": model.dim,
-        "heads": config.to_dict()["heads"],
-        "encoder": fingerprint.to_dict(),
-        "cache": cache,
-        "config": config.to_dict(),
-    })  # fmt: skip
+    write_json(
+        folder / CONFIG_FILE,
+        {
+            "stage": stage,
+            "modules": model.module_names,
+            "dim": model.dim,
+            "heads": config.to_dict()["heads"],
+            "encoder": fingerprint.to_dict(),
+            "cache": cache,
+            "config": config.to_dict(),
+        },
+    )
 
 
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
@@ -73,7 +83,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> C
     found = {k: tuple(v.shape) for k, v in state.items()}
     if expected != found:
         diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
-        raise ModrmError(f"checkpoint {folder}: {HEADS_FILE} does not match modules {meta['modules']} and dim "
-                         f"{meta['dim']} in {CONFIG_FILE} (first differences: {diff})")  # fmt: skip
+        raise ModrmError(
+            f"checkpoint {folder}: {HEADS_FILE} does not match modules {meta['modules']} and dim "
+            f"{meta['dim']} in {CONFIG_FILE} (first differences: {diff})"
+        )
     model.load_state_dict(state)
     return Checkpoint(folder, model.to(device).eval(), config, fingerprint, meta.get("stage", 0), meta.get("cache"))

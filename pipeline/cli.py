@@ -11,8 +11,12 @@ import typer
 from pipeline.config import Config, load_config
 from pipeline.errors import ModrmError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Train module-level reward models for multi-module LLM agents, and score trajectories.")  # fmt: skip
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train module-level reward models for multi-module LLM agents, and score trajectories.",
+)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with any of the settings")]
 DataOpt = Annotated[list[Path], typer.Option("--data", help="pairs file (JSON array, JSONL or seed flat format)")]
@@ -94,8 +98,10 @@ def train_heads_cmd(
     cfg = _config(config, train={"epochs": epochs, "seed": seed, "device": device})
     summary = train_heads(cache, out, cfg, progress=not quiet)
     val = summary["val"]
-    typer.echo(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: val loss {val['val_loss']:.4f}, "
-               f"val accuracy {val['val_accuracy']:.3f} ({summary['n_train']} train / {summary['n_val']} val pairs)")
+    typer.echo(
+        f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: val loss {val['val_loss']:.4f}, "
+        f"val accuracy {val['val_accuracy']:.3f} ({summary['n_train']} train / {summary['n_val']} val pairs)"
+    )
     for name, m in val["val_modules"].items():
         typer.echo(f"  {name:<12} val accuracy {m['accuracy']:.3f}  ({m['n_pairs']} pairs)")
     typer.echo(f"checkpoint: {out}")
@@ -120,13 +126,24 @@ def finetune_cmd(
     """Stage 1: reload the encoder and fine-tune encoder and heads end to end."""
     from pipeline.finetune import finetune
 
-    flags = {"epochs": epochs, "token_budget": token_budget, "train_layers": train_layers, "lora_r": lora,
-             "gradient_checkpointing": gradient_checkpointing, "device": device, "seed": seed}
-    overrides = vars(_config(config, finetune=flags).finetune) if config else {k: v for k, v in flags.items() if v is not None}
+    flags = {
+        "epochs": epochs,
+        "token_budget": token_budget,
+        "train_layers": train_layers,
+        "lora_r": lora,
+        "gradient_checkpointing": gradient_checkpointing,
+        "device": device,
+        "seed": seed,
+    }
+    overrides = (
+        vars(_config(config, finetune=flags).finetune) if config else {k: v for k, v in flags.items() if v is not None}
+    )
     result = finetune(checkpoint, data, out, overrides, resume=resume, progress=not quiet)
     best = result["best"]
-    typer.echo(f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.3f} "
-               f"({result['n_train']} train / {result['n_val']} val pairs)")
+    typer.echo(
+        f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.3f} "
+        f"({result['n_train']} train / {result['n_val']} val pairs)"
+    )
     typer.echo(f"checkpoint: {out}")
 
 

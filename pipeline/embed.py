@@ -41,8 +41,10 @@ class EmbedSummary:
         encoded = "nothing to encode: every text was already in the cache"
         if self.encoded:
             seconds = max(self.seconds, 1e-9)
-            encoded = (f"encoded {self.encoded} texts in {self.seconds:.1f}s ({self.encoded / seconds:,.1f} texts/s, "
-                       f"{self.tokens / seconds:,.0f} tokens/s)")
+            encoded = (
+                f"encoded {self.encoded} texts in {self.seconds:.1f}s ({self.encoded / seconds:,.1f} texts/s, "
+                f"{self.tokens / seconds:,.0f} tokens/s)"
+            )
         return [
             f"pairs: {self.n_pairs}  unique texts: {self.unique_texts}  already cached: {self.cached}",
             encoded,
@@ -111,15 +113,17 @@ def _encode_shard(encoder: Encoder, keys: list[Key], texts: dict[Key, str], role
 
 def pairs_table(pairs: Sequence[Pair], rows: dict[str, np.ndarray], config: Config) -> pa.Table:
     d = config.data
-    return pa.table({
-        "pair_id": [p.pair_id for p in pairs],
-        "target_module": [p.target_module for p in pairs],
-        "task": [p.task for p in pairs],
-        "split": [task_split(p.task, d.train_fraction, d.val_fraction, d.split_seed) for p in pairs],
-        **{column: rows[column] for column in ROW_COLUMNS},
-        "pos_outcome": pa.array([p.positive.outcome for p in pairs], type=pa.float64()),
-        "neg_outcome": pa.array([p.negative.outcome for p in pairs], type=pa.float64()),
-    })  # fmt: skip
+    return pa.table(
+        {
+            "pair_id": [p.pair_id for p in pairs],
+            "target_module": [p.target_module for p in pairs],
+            "task": [p.task for p in pairs],
+            "split": [task_split(p.task, d.train_fraction, d.val_fraction, d.split_seed) for p in pairs],
+            **{column: rows[column] for column in ROW_COLUMNS},
+            "pos_outcome": pa.array([p.positive.outcome for p in pairs], type=pa.float64()),
+            "neg_outcome": pa.array([p.negative.outcome for p in pairs], type=pa.float64()),
+        }
+    )
 
 
 def versions() -> dict[str, str]:
@@ -150,14 +154,17 @@ def write_manifest(cache: Cache, config: Config, paths: Sequence[str | Path], su
     from pipeline.encoder import pick_device, pick_dtype
 
     device = pick_device(config.encoder.device)
-    write_json(cache.folder / "manifest.json", {
-        "encoder": cache.fingerprint.to_dict(),
-        "compute_dtype": str(pick_dtype(config.encoder.dtype, device)).removeprefix("torch."),
-        "storage_dtype": "float16",
-        "n_texts": cache.n_rows,
-        "n_pairs": summary.n_pairs,
-        "splits": summary.splits,
-        "data_files": [str(p) for p in paths],
-        "config": config.to_dict(),
-        "versions": versions() | {"cuda": torch.version.cuda or "none"},
-    })  # fmt: skip
+    write_json(
+        cache.folder / "manifest.json",
+        {
+            "encoder": cache.fingerprint.to_dict(),
+            "compute_dtype": str(pick_dtype(config.encoder.dtype, device)).removeprefix("torch."),
+            "storage_dtype": "float16",
+            "n_texts": cache.n_rows,
+            "n_pairs": summary.n_pairs,
+            "splits": summary.splits,
+            "data_files": [str(p) for p in paths],
+            "config": config.to_dict(),
+            "versions": versions() | {"cuda": torch.version.cuda or "none"},
+        },
+    )

@@ -45,8 +45,11 @@ class Fingerprint:
     IDENTITY = ("weights_sha256", "pooling", "normalize", "prompt", "max_context_tokens", "max_module_tokens", "dim")
 
     def differences(self, other: Fingerprint) -> list[str]:
-        return [f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}" for k in self.IDENTITY
-                if getattr(self, k) != getattr(other, k)]  # fmt: skip
+        return [
+            f"{k}: {getattr(self, k)!r} vs {getattr(other, k)!r}"
+            for k in self.IDENTITY
+            if getattr(self, k) != getattr(other, k)
+        ]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,10 +72,15 @@ def resolve_model_path(name: str, revision: str | None = None) -> tuple[Path, st
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(name, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt",
-                                                                                 "*.model", "1_Pooling/*"]))  # fmt: skip
+        folder = Path(
+            snapshot_download(
+                name, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "1_Pooling/*"]
+            )
+        )
     except Exception as err:  # the hub raises many types; all mean the same to the user
-        raise ModrmError(f"encoder {name!r}: not a local folder and could not be fetched from the hub ({err})") from None
+        raise ModrmError(
+            f"encoder {name!r}: not a local folder and could not be fetched from the hub ({err})"
+        ) from None
     return folder, folder.name
 
 
@@ -93,8 +101,12 @@ def read_pooling(folder: Path, model_type: str) -> tuple[str, bool, dict[str, st
     pooling = "mean"
     if "Pooling" in types:
         pool_cfg = _read_json(folder / types["Pooling"]["path"] / "config.json") or {}
-        modes = {"lasttoken": "pooling_mode_lasttoken", "cls": "pooling_mode_cls_token",
-                 "max": "pooling_mode_max_tokens", "mean": "pooling_mode_mean_tokens"}  # fmt: skip
+        modes = {
+            "lasttoken": "pooling_mode_lasttoken",
+            "cls": "pooling_mode_cls_token",
+            "max": "pooling_mode_max_tokens",
+            "mean": "pooling_mode_mean_tokens",
+        }
         pooling = next((mode for mode, key in modes.items() if pool_cfg.get(key)), "mean")
     return pooling, "Normalize" in types, prompts, default_prompt
 
@@ -159,15 +171,22 @@ def describe(config: EncoderConfig, folder: Path | None = None) -> ModelInfo:
         raise ModrmError(f"encoder {config.name!r}: no prompt named {prompt_name!r} (has: {', '.join(prompts)})")
     for role, limit in (("context", config.max_context_tokens), ("module", config.max_module_tokens)):
         if limit > config.token_budget:
-            raise ModrmError(f"encoder.token_budget {config.token_budget} is below max_{role}_tokens {limit}: "
-                             "raise the budget or lower the limit")  # fmt: skip
+            raise ModrmError(
+                f"encoder.token_budget {config.token_budget} is below max_{role}_tokens {limit}: "
+                "raise the budget or lower the limit"
+            )
     model_limit = _model_max_tokens(folder, hf_config)
     fingerprint = Fingerprint(
-        name=config.name, revision=revision, weights_sha256=hash_weights(folder), pooling=pooling,
-        normalize=normalize, prompt=prompts.get(prompt_name, "") if prompt_name else "",
+        name=config.name,
+        revision=revision,
+        weights_sha256=hash_weights(folder),
+        pooling=pooling,
+        normalize=normalize,
+        prompt=prompts.get(prompt_name, "") if prompt_name else "",
         max_context_tokens=min(config.max_context_tokens, model_limit),
-        max_module_tokens=min(config.max_module_tokens, model_limit), dim=hf_config.hidden_size,
-    )  # fmt: skip
+        max_module_tokens=min(config.max_module_tokens, model_limit),
+        dim=hf_config.hidden_size,
+    )
     return ModelInfo(Path(folder), fingerprint)
 
 
@@ -209,7 +228,12 @@ class Encoder(nn.Module):
     def __init__(self, model: nn.Module, tokenizer, config: EncoderConfig, fingerprint: Fingerprint, folder: Path):
         super().__init__()
         self.model, self.tokenizer, self.config, self.fingerprint, self.folder = (
-            model, tokenizer, config, fingerprint, folder)  # fmt: skip
+            model,
+            tokenizer,
+            config,
+            fingerprint,
+            folder,
+        )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.left_padding = tokenizer.padding_side == "left"
         self.prefix, self.suffix = self._special_tokens()
@@ -228,8 +252,9 @@ class Encoder(nn.Module):
         dtype = pick_dtype(config.dtype, device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(info.folder, trust_remote_code=config.trust_remote_code)
-            model = AutoModel.from_pretrained(info.folder, dtype=dtype, attn_implementation="sdpa",
-                                              trust_remote_code=config.trust_remote_code)  # fmt: skip
+            model = AutoModel.from_pretrained(
+                info.folder, dtype=dtype, attn_implementation="sdpa", trust_remote_code=config.trust_remote_code
+            )
         except (OSError, ValueError) as err:
             raise ModrmError(f"encoder {config.name!r} at {info.folder}: cannot be loaded ({err})") from None
         if info.fingerprint.pooling == "lasttoken":
@@ -264,8 +289,9 @@ class Encoder(nn.Module):
     def tokenize(self, texts: Sequence[str], role: str) -> Tokenized:
         """Contexts keep their most recent tokens (left truncation); module texts keep their first ones."""
         prompt = self.fingerprint.prompt
-        body = self.tokenizer([prompt + t for t in texts] if prompt else list(texts),
-                              add_special_tokens=False)["input_ids"]  # fmt: skip
+        body = self.tokenizer([prompt + t for t in texts] if prompt else list(texts), add_special_tokens=False)[
+            "input_ids"
+        ]
         room = self.max_tokens(role) - len(self.prefix) - len(self.suffix)
         lengths = np.fromiter((len(ids) for ids in body), dtype=np.int64, count=len(body))
         truncated = lengths > room
@@ -307,8 +333,9 @@ class Encoder(nn.Module):
         return F.normalize(pooled.float(), dim=-1) if self.fingerprint.normalize else pooled.float()
 
     @torch.inference_mode()
-    def encode_tokenized(self, tokens: Tokenized, desc: str = "embed", progress: bool = True) -> Iterator[
-            tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    def encode_tokenized(
+        self, tokens: Tokenized, desc: str = "embed", progress: bool = True
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (indices, float32 embeddings) batch by batch, longest texts first."""
         budget = self.config.token_budget
         total_tokens = int(tokens.lengths.sum())
@@ -321,8 +348,10 @@ class Encoder(nn.Module):
                 emb = self._encode_fp32(batch)
             done_tokens += int(tokens.lengths[index].sum())
             bar.update(len(index))
-            bar.set_postfix(tok_s=f"{done_tokens / max(time.perf_counter() - start, 1e-9):,.0f}",
-                            tokens=f"{done_tokens}/{total_tokens}")  # fmt: skip
+            bar.set_postfix(
+                tok_s=f"{done_tokens / max(time.perf_counter() - start, 1e-9):,.0f}",
+                tokens=f"{done_tokens}/{total_tokens}",
+            )
             yield index, emb.cpu().numpy()
         bar.close()
 

@@ -83,8 +83,10 @@ def plan_steps(data: TokenizedPairs, budget: int, seed: int, epoch: int) -> list
 def check_budget(data: TokenizedPairs, budget: int) -> None:
     worst = max(data.cost(np.array([i])) for i in range(len(data.module_idx)))
     if worst > budget:
-        raise ModrmError(f"finetune.token_budget {budget} is below the longest pair ({worst} padded tokens for its "
-                         "4 texts): raise --token-budget or lower encoder.max_context_tokens")  # fmt: skip
+        raise ModrmError(
+            f"finetune.token_budget {budget} is below the longest pair ({worst} padded tokens for its "
+            "4 texts): raise --token-budget or lower encoder.max_context_tokens"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -162,9 +164,16 @@ def save_snapshot(folder: Path, model: EndToEnd, optimizer, scheduler, scaler, p
     if torch.cuda.is_available():
         tensors["cuda_rng"] = torch.cuda.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({
-        "param_groups": opt["param_groups"], "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "progress": progress}))  # fmt: skip
+    (tmp / "state.json").write_text(
+        json.dumps(
+            {
+                "param_groups": opt["param_groups"],
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "progress": progress,
+            }
+        )
+    )
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -218,8 +227,10 @@ def load_split(paths: list[Path], ckpt: Checkpoint) -> dict[str, list[Pair]]:
     known = set(ckpt.model.module_names)
     for pair in pairs:
         if pair.target_module not in known:
-            raise ModrmError(f"{paths[0]}: pair_id {pair.pair_id!r}, field 'target_module': the checkpoint has no head "
-                             f"for {pair.target_module!r} (it has {', '.join(ckpt.model.module_names)})")  # fmt: skip
+            raise ModrmError(
+                f"{paths[0]}: pair_id {pair.pair_id!r}, field 'target_module': the checkpoint has no head "
+                f"for {pair.target_module!r} (it has {', '.join(ckpt.model.module_names)})"
+            )
     d = ckpt.config.data
     split = {"train": [], "val": []}
     for pair in pairs:
@@ -230,8 +241,14 @@ def load_split(paths: list[Path], ckpt: Checkpoint) -> dict[str, list[Pair]]:
     return split
 
 
-def finetune(checkpoint: str | Path, data: list[Path], out: str | Path, overrides: dict | None = None,
-             resume: bool = False, progress: bool = True) -> dict:  # fmt: skip
+def finetune(
+    checkpoint: str | Path,
+    data: list[Path],
+    out: str | Path,
+    overrides: dict | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
     """`modrm finetune`: returns the best epoch's validation metrics; writes a stage-1 checkpoint to `out`."""
     ckpt = load_checkpoint(checkpoint)
     config = dataclasses.replace(ckpt.config, finetune=dataclasses.replace(ckpt.config.finetune, **(overrides or {})))
@@ -246,8 +263,10 @@ def finetune(checkpoint: str | Path, data: list[Path], out: str | Path, override
     info = describe(enc_cfg, folder=ckpt.encoder_folder)
     diffs = info.fingerprint.differences(ckpt.fingerprint)
     if diffs:
-        raise ModrmError(f"checkpoint {ckpt.folder}: its heads were trained on another encoder than "
-                         f"{config.encoder.name!r} ({'; '.join(diffs)}); fine-tune from a checkpoint of this encoder")  # fmt: skip
+        raise ModrmError(
+            f"checkpoint {ckpt.folder}: its heads were trained on another encoder than "
+            f"{config.encoder.name!r} ({'; '.join(diffs)}); fine-tune from a checkpoint of this encoder"
+        )
     encoder = Encoder.load(enc_cfg, info)
     modules = ckpt.model.module_names
     train = tokenize_pairs(encoder, splits["train"], modules, config.encoder.context_template)
@@ -259,27 +278,39 @@ def finetune(checkpoint: str | Path, data: list[Path], out: str | Path, override
     elif fc.train_layers is not None:
         freeze_layers(encoder.model, fc.train_layers)
     checkpointing = fc.gradient_checkpointing == "on" or (
-        fc.gradient_checkpointing == "auto" and encoder.fingerprint.max_context_tokens > 512)
+        fc.gradient_checkpointing == "auto" and encoder.fingerprint.max_context_tokens > 512
+    )
     if checkpointing:
         enable_checkpointing(encoder.model)
     model = EndToEnd(encoder, ckpt.model.to(device))
     torch.manual_seed(fc.seed)
-    groups = [{"params": [p for p in encoder.parameters() if p.requires_grad], "lr": fc.encoder_lr},
-              {"params": list(model.heads.parameters()), "lr": fc.heads_lr}]  # fmt: skip
+    groups = [
+        {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": fc.encoder_lr},
+        {"params": list(model.heads.parameters()), "lr": fc.heads_lr},
+    ]
     optimizer = torch.optim.AdamW(groups, weight_decay=fc.weight_decay)
     plans = [plan_steps(train, fc.token_budget, fc.seed, epoch) for epoch in range(fc.epochs)]
     total = sum(math.ceil(len(p) / fc.grad_accum) for p in plans)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total, fc.warmup_ratio))
-    autocast = amp_dtype(device) if fc.dtype == "auto" else {"float32": None, "bfloat16": torch.bfloat16,
-                                                              "float16": torch.float16}[fc.dtype]  # fmt: skip
+    autocast = (
+        amp_dtype(device)
+        if fc.dtype == "auto"
+        else {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[fc.dtype]
+    )
     scaler = torch.amp.GradScaler(enabled=autocast == torch.float16)
 
     state = {"epoch": 0, "step": 0, "optimizer_steps": 0, "best": None, "history": []}
     if resume:
         state = load_snapshot(snapshot, model, optimizer, scheduler, scaler)
     out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=sum(len(p) for p in plans), initial=sum(len(p) for p in plans[: state["epoch"]]) + state["step"],
-               desc="finetune", unit="step", disable=not progress, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=sum(len(p) for p in plans),
+        initial=sum(len(p) for p in plans[: state["epoch"]]) + state["step"],
+        desc="finetune",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     try:
         for epoch in range(state["epoch"], fc.epochs):
             model.train()
@@ -288,7 +319,9 @@ def finetune(checkpoint: str | Path, data: list[Path], out: str | Path, override
             for step in range(state["step"], len(steps)):
                 with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                     r_pos, r_neg, module_idx = model(train, steps[step])
-                    loss = preference_loss(r_pos, r_neg, module_idx, len(modules), config.heads.alpha, config.heads.margin)
+                    loss = preference_loss(
+                        r_pos, r_neg, module_idx, len(modules), config.heads.alpha, config.heads.margin
+                    )
                 scaler.scale(loss / fc.grad_accum).backward()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -305,8 +338,13 @@ def finetune(checkpoint: str | Path, data: list[Path], out: str | Path, override
                 if state["optimizer_steps"] % fc.save_every == 0 and step + 1 < len(steps):
                     save_snapshot(snapshot, model, optimizer, scheduler, scaler, state)
             val_metrics = validate_end_to_end(model, val, config)
-            record = {"epoch": epoch + 1, "seconds": time.perf_counter() - start, "val_loss": val_metrics["loss"],
-                      "val_accuracy": val_metrics["accuracy"], "val_modules": val_metrics["modules"]}  # fmt: skip
+            record = {
+                "epoch": epoch + 1,
+                "seconds": time.perf_counter() - start,
+                "val_loss": val_metrics["loss"],
+                "val_accuracy": val_metrics["accuracy"],
+                "val_modules": val_metrics["modules"],
+            }
             state["history"].append(record)
             state["epoch"], state["step"] = epoch + 1, 0
             if state["best"] is None or record["val_loss"] < state["best"]["val_loss"]:
@@ -314,12 +352,18 @@ def finetune(checkpoint: str | Path, data: list[Path], out: str | Path, override
                 save_stage1(out, model, ckpt, config, info.folder, {"best": record, "history": state["history"]})
             save_snapshot(snapshot, model, optimizer, scheduler, scaler, state)
     except torch.cuda.OutOfMemoryError:
-        raise ModrmError(f"out of GPU memory at token_budget {fc.token_budget}: lower --token-budget, turn on "
-                         "gradient checkpointing, or train fewer layers (--train-layers K)") from None
+        raise ModrmError(
+            f"out of GPU memory at token_budget {fc.token_budget}: lower --token-budget, turn on "
+            "gradient checkpointing, or train fewer layers (--train-layers K)"
+        ) from None
     bar.close()
     write_json(out / "finetune_history.json", state["history"])
-    return {"best": state["best"], "history": state["history"], "n_train": len(train.module_idx),
-            "n_val": len(val.module_idx)}  # fmt: skip
+    return {
+        "best": state["best"],
+        "history": state["history"],
+        "n_train": len(train.module_idx),
+        "n_val": len(val.module_idx),
+    }
 
 
 @torch.inference_mode()

@@ -17,10 +17,16 @@ from pipeline.config import HeadConfig
 
 def make_head(dim: int, cfg: HeadConfig) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(3 * dim, cfg.hidden), nn.GELU(), nn.LayerNorm(cfg.hidden), nn.Dropout(cfg.dropout),
-        nn.Linear(cfg.hidden, cfg.hidden2), nn.GELU(), nn.LayerNorm(cfg.hidden2), nn.Dropout(cfg.dropout),
+        nn.Linear(3 * dim, cfg.hidden),
+        nn.GELU(),
+        nn.LayerNorm(cfg.hidden),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(cfg.hidden, cfg.hidden2),
+        nn.GELU(),
+        nn.LayerNorm(cfg.hidden2),
+        nn.Dropout(cfg.dropout),
         nn.Linear(cfg.hidden2, 1),
-    )  # fmt: skip
+    )
 
 
 class RewardHeads(nn.Module):

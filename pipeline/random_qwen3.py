@@ -15,11 +15,23 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
 
 END_TOKEN = "<|endoftext|>"
 SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16),
-    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
-                 num_key_value_heads=8, head_dim=128),
-}  # fmt: skip
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+    "0.6b": dict(
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+    ),
+}
 _CORPUS = [
     "Round 1: <reflection> the plan looks incomplete </reflection> <plan> Step 1: read the logs </plan>",
     "<action> Using tool: code_analyzer </action> <tool results> Tool execution successful </tool results>",
@@ -57,9 +69,16 @@ def build_random_qwen3(path: str | Path, size: str = "tiny", append_end_token: b
     end_id = tokenizer.convert_tokens_to_ids(END_TOKEN)
     vocab = len(tokenizer) if size == "tiny" else 151669
     config = Qwen3Config(
-        vocab_size=vocab, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, bos_token_id=end_id, eos_token_id=end_id, pad_token_id=end_id, **SIZES[size],
-    )  # fmt: skip
+        vocab_size=vocab,
+        max_position_embeddings=32768,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        bos_token_id=end_id,
+        eos_token_id=end_id,
+        pad_token_id=end_id,
+        **SIZES[size],
+    )
     torch.manual_seed(seed)
     Qwen3Model(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
@@ -72,7 +91,10 @@ def build_random_qwen3(path: str | Path, size: str = "tiny", append_end_token: b
         ],
         "1_Pooling/config.json": {"word_embedding_dimension": config.hidden_size, "pooling_mode_lasttoken": True},
         "config_sentence_transformers.json": {
-            "prompts": {"query": "Instruct: Given a web search query, retrieve relevant passages\nQuery:", "document": ""},
+            "prompts": {
+                "query": "Instruct: Given a web search query, retrieve relevant passages\nQuery:",
+                "document": "",
+            },
             "default_prompt_name": None,
         },
         "sentence_bert_config.json": {"max_seq_length": 32768, "do_lower_case": False},

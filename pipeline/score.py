@@ -26,8 +26,11 @@ def read_trajectories(path: Path) -> list[dict]:
     if text is None:
         raise ModrmError(f"{path}: no such file")
     try:
-        records = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]  # fmt: skip
+        records = (
+            json.loads(text)
+            if text.lstrip().startswith("[")
+            else [json.loads(line) for line in text.splitlines() if line.strip()]
+        )
     except json.JSONDecodeError as err:
         raise ModrmError(f"{path}: malformed JSON ({err})") from None
     for i, record in enumerate(records):
@@ -64,8 +67,14 @@ def score_file(checkpoint: Path, input_path: Path, out_path: Path, device: str =
         v = torch.from_numpy(mod_emb[[mod_row[views[r][m]] for r, m in slots]])
         with torch.inference_mode():
             rewards[r_idx, m_idx] = ckpt.model(c, v, torch.from_numpy(m_idx)).numpy()
-    lines = [json.dumps({"id": rec.get("id", i), "rewards": {m: (None if np.isnan(x) else float(x))
-                                                             for m, x in zip(modules, rewards[i], strict=True)}})
-             for i, rec in enumerate(records)]  # fmt: skip
+    lines = [
+        json.dumps(
+            {
+                "id": rec.get("id", i),
+                "rewards": {m: (None if np.isnan(x) else float(x)) for m, x in zip(modules, rewards[i], strict=True)},
+            }
+        )
+        for i, rec in enumerate(records)
+    ]
     atomic_write(out_path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return len(records)

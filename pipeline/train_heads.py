@@ -53,13 +53,17 @@ def split_sets(table: pa.Table, modules: list[str], cache_dir: Path) -> dict[str
     for name in ("train", "val"):
         mask = split == name
         if not mask.any():
-            raise ModrmError(f"{cache_dir}/pairs.parquet: the {name} split is empty (all tasks fell elsewhere); "
-                             "add tasks, or change data.train_fraction / data.val_fraction / data.split_seed")  # fmt: skip
+            raise ModrmError(
+                f"{cache_dir}/pairs.parquet: the {name} split is empty (all tasks fell elsewhere); "
+                "add tasks, or change data.train_fraction / data.val_fraction / data.split_seed"
+            )
         sets[name] = PairSet(torch.from_numpy(rows[mask]), torch.from_numpy(module_idx[mask]))
     lacking = [m for i, m in enumerate(modules) if not (sets["train"].module_idx == i).any()]
     if lacking:
-        raise ModrmError(f"{cache_dir}/pairs.parquet: module(s) {', '.join(lacking)} have no train pairs; "
-                         "add pairs for them or change the split fractions")  # fmt: skip
+        raise ModrmError(
+            f"{cache_dir}/pairs.parquet: module(s) {', '.join(lacking)} have no train pairs; "
+            "add pairs for them or change the split fractions"
+        )
     return sets
 
 
@@ -80,8 +84,10 @@ class EmbeddingTable:
     @staticmethod
     def _check(block: np.ndarray, cache: Cache) -> None:
         if not np.isfinite(block).all():
-            raise ModrmError(f"{cache.folder}/embeddings.h5: non-finite values in the cache; rebuild it with "
-                             "`modrm embed` into a fresh --cache folder")  # fmt: skip
+            raise ModrmError(
+                f"{cache.folder}/embeddings.h5: non-finite values in the cache; rebuild it with "
+                "`modrm embed` into a fresh --cache folder"
+            )
 
     def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
         if self.tensor is not None:
@@ -89,7 +95,9 @@ class EmbeddingTable:
         return torch.from_numpy(np.asarray(self.memmap[rows.numpy()])).to(self.device).float()
 
 
-def pair_rewards(model: RewardHeads, table: EmbeddingTable, pairs: PairSet, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+def pair_rewards(
+    model: RewardHeads, table: EmbeddingTable, pairs: PairSet, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(r_pos, r_neg, module_idx) for the pairs at `idx`: both sides in one forward pass."""
     rows = pairs.rows[idx]
     ctx = table[torch.cat([rows[:, 0], rows[:, 2]])]
@@ -115,9 +123,14 @@ def validate(model: RewardHeads, table: EmbeddingTable, pairs: PairSet, cfg: Con
     for i, name in enumerate(model.module_names):
         sel = module_idx == i
         if sel.any():
-            m_loss = preference_loss(r_pos[sel], r_neg[sel], module_idx[sel], n_modules, cfg.heads.alpha, cfg.heads.margin)
-            per_module[name] = {"n_pairs": int(sel.sum()), "loss": m_loss.item(),
-                                "accuracy": (r_pos[sel] > r_neg[sel]).float().mean().item()}  # fmt: skip
+            m_loss = preference_loss(
+                r_pos[sel], r_neg[sel], module_idx[sel], n_modules, cfg.heads.alpha, cfg.heads.margin
+            )
+            per_module[name] = {
+                "n_pairs": int(sel.sum()),
+                "loss": m_loss.item(),
+                "accuracy": (r_pos[sel] > r_neg[sel]).float().mean().item(),
+            }
     return {"loss": loss, "accuracy": (r_pos > r_neg).float().mean().item(), "modules": per_module}
 
 
@@ -157,7 +170,9 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
     model = RewardHeads(modules, cache.fingerprint.dim, config.heads).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(sets["train"]) / tc.batch_size) / tc.grad_accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(steps_per_epoch * tc.epochs, tc.warmup_ratio))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then_linear(steps_per_epoch * tc.epochs, tc.warmup_ratio)
+    )
     autocast = amp_dtype(device)
     scaler = torch.amp.GradScaler(enabled=autocast == torch.float16)
     generator = torch.Generator().manual_seed(tc.seed)
@@ -190,9 +205,17 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
             bar.update(len(idx))
         seconds = time.perf_counter() - start
         val = validate(model, emb, sets["val"], config)
-        record = {"epoch": epoch, "train_loss": loss_sum / n_train, "train_accuracy": correct / n_train,
-                  "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_modules": val["modules"],
-                  "lr": scheduler.get_last_lr()[0], "seconds": seconds, "pairs_per_s": n_train / seconds}  # fmt: skip
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / n_train,
+            "train_accuracy": correct / n_train,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_modules": val["modules"],
+            "lr": scheduler.get_last_lr()[0],
+            "seconds": seconds,
+            "pairs_per_s": n_train / seconds,
+        }
         with log_path.open("a") as log:
             log.write(json.dumps(record) + "\n")
         bar.set_postfix(val_loss=f"{val['loss']:.4f}", val_acc=f"{val['accuracy']:.3f}")
@@ -205,7 +228,12 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
                 break
     bar.close()
     model.load_state_dict(best_state)
-    summary = {"best_epoch": best["epoch"], "epochs_run": epoch, "val": {k: best[k] for k in ("val_loss", "val_accuracy", "val_modules")},
-               "n_train": n_train, "n_val": len(sets["val"])}  # fmt: skip
+    summary = {
+        "best_epoch": best["epoch"],
+        "epochs_run": epoch,
+        "val": {k: best[k] for k in ("val_loss", "val_accuracy", "val_modules")},
+        "n_train": n_train,
+        "n_val": len(sets["val"]),
+    }
     save_heads(out_dir, model, config, cache.fingerprint, stage=0, cache=str(cache_dir.resolve()), metrics=summary)
     return summary

@@ -50,7 +50,8 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_one_run_moves_encoder_and_heads(stage0, tmp_path):
     run(stage0, tmp_path)
     before = load_file(str(next((stage0.parent / "qwen").glob("*.safetensors")))) | load_file(
-        str(stage0 / "heads.safetensors"))  # fmt: skip
+        str(stage0 / "heads.safetensors")
+    )
     after = weights(tmp_path)
     changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
     assert any(k.startswith("layers.") for k in changed)
@@ -122,8 +123,14 @@ def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run(stage0, tmp_path / "resumed", epochs=2)
     monkeypatch.setattr(ft, "save_snapshot", real_save)
-    ft.finetune(stage0, [SEED_PAIRS], tmp_path / "resumed", {"epochs": 2, "token_budget": 4096, "save_every": 1,
-                "encoder_lr": 1e-3, "heads_lr": 1e-3}, resume=True, progress=False)  # fmt: skip
+    ft.finetune(
+        stage0,
+        [SEED_PAIRS],
+        tmp_path / "resumed",
+        {"epochs": 2, "token_budget": 4096, "save_every": 1, "encoder_lr": 1e-3, "heads_lr": 1e-3},
+        resume=True,
+        progress=False,
+    )
     full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
     assert full.keys() == resumed.keys()
     for k in full:

@@ -48,7 +48,7 @@ def test_gradients_reach_only_the_heads_of_modules_in_the_batch():
     for name, p in model.named_parameters():
         touched = p.grad is not None and p.grad.abs().sum() > 0
         in_batch = name.startswith(("norm.", "heads.0.", "heads.1."))
-        assert touched == in_batch or name.endswith(".bias") and not touched, name
+        assert touched == in_batch or (name.endswith(".bias") and not touched), name
     assert all(p.grad is None for p in model.heads[2].parameters())
 
 
@@ -84,13 +84,22 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
     d = config.data
     from pipeline.data import task_split
 
-    cache.write_pairs(pa.table({
-        "pair_id": [r[0] for r in records], "target_module": [r[1] for r in records], "task": [r[2] for r in records],
-        "split": [task_split(r[2], d.train_fraction, d.val_fraction, d.split_seed) for r in records],
-        "pos_ctx_row": [r[3] for r in records], "pos_mod_row": [r[3] + 1 for r in records],
-        "neg_ctx_row": [r[3] + 2 for r in records], "neg_mod_row": [r[3] + 3 for r in records],
-        "pos_outcome": [1.0] * len(records), "neg_outcome": [0.0] * len(records),
-    }))  # fmt: skip
+    cache.write_pairs(
+        pa.table(
+            {
+                "pair_id": [r[0] for r in records],
+                "target_module": [r[1] for r in records],
+                "task": [r[2] for r in records],
+                "split": [task_split(r[2], d.train_fraction, d.val_fraction, d.split_seed) for r in records],
+                "pos_ctx_row": [r[3] for r in records],
+                "pos_mod_row": [r[3] + 1 for r in records],
+                "neg_ctx_row": [r[3] + 2 for r in records],
+                "neg_mod_row": [r[3] + 3 for r in records],
+                "pos_outcome": [1.0] * len(records),
+                "neg_outcome": [0.0] * len(records),
+            }
+        )
+    )
     write_json(folder / "manifest.json", {"encoder": fp.to_dict(), "config": config.to_dict()})
     return folder
 
@@ -149,7 +158,7 @@ def test_checkpoint_mismatch_and_missing_files(trained, tmp_path):
     with pytest.raises(ModrmError, match="does not match modules"):
         load_checkpoint(broken)
     (broken / "heads.safetensors").unlink()
-    with pytest.raises(ModrmError, match="missing heads.safetensors"):
+    with pytest.raises(ModrmError, match=r"missing heads\.safetensors"):
         load_checkpoint(broken)
 
 
