@@ -1,0 +1,464 @@
+"""Synthetic preference pairs: varied multi-round trajectories whose two sides differ in one module only.
+
+Each pair draws a task (verb x component x stack: 1,152 distinct tasks), 1-6 rounds and one phrasing per round
+and module. Both sides share every round and every other module's text; the negative side replaces the target
+module's text in some or all rounds with a worse one: subtle (a misdiagnosis, a skipped or misordered step, a
+wrong tool, a failed call, a memory lookup that finds nothing, a wrong stored fact, a plausible text about another
+task) or blatant ("Looks fine. No issues."). Many subtle negatives are as long as their positives, so length
+alone does not separate the sides.
+
+Only the modules in MODULE_KEYS have phrasing; other module names raise a ModrmError rather than get generic
+filler text, which would teach a reward model nothing about that module (pipeline.trajectory.MODULE_TAGS is where
+a new module's tags go; its phrasing would go here).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.atomic import atomic_write
+from pipeline.data import DEFAULT_MODULES, Pair, Side, pair_to_record
+from pipeline.errors import ModrmError
+from pipeline.trajectory import module_view
+
+# ---------------------------------------------------------------------------------------------- task bank
+
+# (task template, goal, probe tool, verify tool, symptom, cause, fix, check, edge case)
+_GOALS: tuple[tuple[str, ...], ...] = (
+    ("Debug a memory leak in {c}", "the memory leak", "memory_profiler", "load_tester",
+     "heap usage grows by about 40 MB per 1,000 requests",
+     "request objects cached in a module-level dict that is never evicted",
+     "bound the cache with an LRU policy of 1,024 entries",
+     "heap usage stays flat during a 10-minute load test", "cache eviction under concurrent requests"),
+    ("Reduce the p95 latency of {c}", "the latency regression", "profiler", "load_tester",
+     "p95 latency rose from 120 ms to 480 ms after the last release",
+     "an N+1 query pattern that issues one database call per item",
+     "batch the lookups into a single query with an IN clause",
+     "p95 latency is back under 150 ms", "requests with an empty item list"),
+    ("Add input validation to {c}", "the missing input validation", "static_analyzer", "test_runner",
+     "malformed payloads reach the storage layer and raise a 500 error",
+     "a handler that trusts the request body without a schema check",
+     "validate the payload against a schema and return 400 with field errors",
+     "malformed payloads get a 400 response and valid ones still pass", "unicode and oversized fields"),
+    ("Fix a race condition in {c}", "the race condition", "thread_sanitizer", "stress_tester",
+     "about 1 in 200 concurrent updates is lost",
+     "a read-modify-write on shared state without a lock",
+     "wrap the update in a transaction with row-level locking",
+     "no updates are lost across 10,000 concurrent writes", "lock timeouts under heavy contention"),
+    ("Write unit tests for {c}", "the missing test coverage", "coverage_report", "test_runner",
+     "line coverage is 31% and the error paths are untested",
+     "a test suite that only covers the happy path",
+     "add parametrised tests for the error paths and boundary values",
+     "coverage is above 85% and all new tests pass", "timeouts and retries"),
+    ("Refactor {c} for readability", "the tangled control flow", "complexity_analyzer", "test_runner",
+     "one 400-line function has a cyclomatic complexity of 57",
+     "parsing, validation and persistence mixed in a single function",
+     "split the function into parse, validate and save steps without changing behaviour",
+     "the existing tests pass unchanged and no function has a complexity above 10",
+     "behaviour on partial failures"),
+    ("Fix flaky tests around {c}", "the flaky tests", "test_runner", "test_runner",
+     "3 tests fail in about 1 of 15 runs",
+     "tests that depend on wall-clock time and on execution order",
+     "inject a fake clock and reset shared fixtures between tests",
+     "the suite passes 200 consecutive runs", "tests that run in parallel"),
+    ("Add caching to {c}", "the repeated expensive lookups", "profiler", "benchmark_runner",
+     "70% of request time is spent recomputing the same lookups",
+     "results that are recomputed for identical inputs on every request",
+     "add a read-through cache with a 5-minute TTL and invalidate it on writes",
+     "the hit rate is above 80% and responses stay correct after writes", "stale entries after concurrent writes"),
+    ("Harden {c} against SQL injection", "the SQL injection risk", "security_scanner", "security_scanner",
+     "user input is concatenated into two SQL queries",
+     "string formatting used to build queries",
+     "switch both queries to parameterised statements",
+     "the scanner reports no injection findings and the tests pass", "queries with a dynamic ORDER BY column"),
+    ("Add structured logging to {c}", "the unstructured logs", "log_search", "log_search",
+     "errors are logged as free text without request ids",
+     "print-style logging scattered through the code",
+     "emit JSON log lines with request id, level and duration",
+     "every error line carries a request id and parses as JSON", "log volume under high traffic"),
+    ("Migrate {c} to async I/O", "the blocking I/O", "profiler", "load_tester",
+     "worker threads spend 80% of their time blocked on network calls",
+     "synchronous HTTP calls inside the request path",
+     "replace the blocking client with an async client and await the calls concurrently",
+     "throughput doubles with the same number of workers", "cancellation and timeouts"),
+    ("Fix the crash on empty input in {c}", "the crash on empty input", "debugger", "test_runner",
+     "an IndexError is raised when the input list is empty",
+     "code that reads the first element without checking the length",
+     "return early with an empty result when the input is empty",
+     "empty input returns an empty result and the regression test passes", "inputs with a single element"),
+)  # fmt: skip
+_GOAL_KEYS = ("task", "goal", "probe", "verify", "symptom", "cause", "fix", "check", "edge")
+_COMPONENTS = (
+    ("the login handler", "login_handler"), ("the payment service", "payment_service"),
+    ("the CSV importer", "csv_importer"), ("the search indexer", "search_indexer"),
+    ("the session store", "session_store"), ("the image resizer", "image_resizer"),
+    ("the rate limiter", "rate_limiter"), ("the notification worker", "notification_worker"),
+    ("the report generator", "report_generator"), ("the config loader", "config_loader"),
+    ("the websocket gateway", "websocket_gateway"), ("the order API", "order_api"),
+)  # fmt: skip
+_STACKS = (
+    ("of a Django web application", ".py"), ("of a Flask dashboard", ".py"), ("in a Go microservice", ".go"),
+    ("of a Node.js backend", ".ts"), ("in a Rust CLI tool", ".rs"), ("of a Java Spring service", ".java"),
+    ("in a Python data pipeline", ".py"), ("of a Kotlin mobile backend", ".kt"),
+)  # fmt: skip
+_WRONG_TOOLS = ("spell_checker", "image_optimizer", "calendar_api", "translation_api", "font_renderer")
+
+# ---------------------------------------------------------------------------------------------- phrase bank
+
+# Per phase (see _phase), slots that make a round's good text fit where the work stands.
+_PHASES: dict[str, dict[str, str]] = {
+    "investigate": {
+        "status": "the symptom is reproduced: {symptom}",
+        "next": "trace {goal} to the code in {file} that causes it",
+        "tool": "{probe}",
+        "params": '{{"target": "{file}", "mode": "reproduce"}}',
+        "result": "Tool execution successful: {symptom}",
+        "recall": "a similar report for {c} was traced to {cause}",
+        "store": "{c}: {symptom}",
+    },
+    "fix": {
+        "status": "the cause is {cause}",
+        "next": "{fix}",
+        "tool": "code_editor",
+        "params": '{{"file": "{file}", "change": "{fix}"}}',
+        "result": "Patch applied to {file}; the new regression test passes",
+        "recall": "the team prefers small patches to {file} with a regression test",
+        "store": "{c}: the cause was {cause}; fixed in {file}",
+    },
+    "test": {
+        "status": "the fix is applied and the targeted test passes",
+        "next": "run the existing suite to rule out regressions around {edge}",
+        "tool": "test_runner",
+        "params": '{{"target": "{file}", "suite": "regression"}}',
+        "result": "Regression suite finished: 0 failures, including the new test for {goal}",
+        "recall": "earlier changes to {c} broke {edge}",
+        "store": "{c}: regression suite green after the fix for {goal}",
+    },
+    "verify": {
+        "status": "the fix is in place and the regression suite passes",
+        "next": "confirm that {check}",
+        "tool": "{verify}",
+        "params": '{{"target": "{file}", "suite": "full"}}',
+        "result": "All checks passed: {check}",
+        "recall": "the last release of {c} was checked with {verify}",
+        "store": "{c}: verified that {check}",
+    },
+}
+# Good plans per phase, as step lists rendered in every plan style below.
+_GOOD_STEPS: dict[str, tuple[str, ...]] = {
+    "investigate": (
+        "Reproduce {goal} in {c} with {probe}",
+        "Locate the code in {file} that causes it",
+        "Write a failing test that captures the symptom",
+        "Record the findings in memory",
+    ),
+    "fix": (
+        "Apply the fix: {fix}",
+        "Keep the change limited to {file}",
+        "Run the new test and the existing suite",
+        "Note any side effects for review",
+    ),
+    "test": (
+        "Run the regression suite for {c}",
+        "Add a test for the edge case: {edge}",
+        "Compare the results with the baseline from the first round",
+    ),
+    "verify": (
+        "Run {verify} to confirm that {check}",
+        "Check the edge case by hand: {edge}",
+        "Summarise the change and the evidence for review",
+    ),
+}
+_BAD_STEPS: dict[str, tuple[str, ...]] = {
+    "skipped_checks": ("Apply the fix: {fix}", "Deploy {c} to production right away", "Close the ticket"),
+    "wrong_order": ("Deploy the current code to production", "Apply the fix: {fix}", "Reproduce {goal} in {c}"),
+    "overkill": ("Rewrite {c} from scratch in a new framework", "Migrate every service to it", "Update the README"),
+    "misdiagnosis": (
+        "Assume the cause is {wrong_cause}",
+        "Change {file} to {wrong_fix}",
+        "Skip the tests to save time",
+    ),
+}
+
+
+def _plan_styles(steps: Sequence[str]) -> list[str]:
+    """One plan in several surface styles; a negative plan uses the positive's style so only the content differs."""
+    lower = [s[0].lower() + s[1:] for s in steps]
+    then = ". Then ".join(lower[1:-1])
+    prose = f"First, {lower[0]}. " + (f"Then {then}. " if then else "") + f"Finally, {lower[-1]}."
+    return [
+        "Round {r}: " + " ".join(f"Step {i}: {s}." for i, s in enumerate(steps, start=1)),
+        "Round {r}: Plan: " + "; ".join(f"({i}) {s}" for i, s in enumerate(lower, start=1)) + ".",
+        "Round {r}: " + prose,
+    ]
+
+
+# Every module's text lives under these keys of a round (see _ROUND); a variant fills all keys of its module.
+MODULE_KEYS: dict[str, tuple[str, ...]] = {
+    "reflection": ("reflection",),
+    "planner": ("plan",),
+    "executor": ("action", "results"),
+    "memory": ("query", "recall", "store"),
+}
+_GOOD: dict[str, list[dict[str, str]]] = {
+    "reflection": [
+        {"reflection": "Round {r}: So far {status}. Given that, the next step is to {next}. "
+                       "I still need a test for {edge}."},
+        {"reflection": "Round {r}: Checking my reasoning against the last output: {status}. "
+                       "I have not yet shown that {check}, so I will {next} before claiming success."},
+        {"reflection": "Round {r}: The previous step did what it should and {status}. "
+                       "The main remaining risk for {c} is {edge}; I will {next}."},
+    ],
+    "executor": [
+        {"action": "Round {r}: Using tool: {tool} with params: {params}", "results": "{result}"},
+        {"action": "Round {r}: Calling {tool} with {params}", "results": "Exit code 0. {result}"},
+    ],
+    "memory": [
+        {"query": "Looking up earlier notes on {goal} in {c}", "recall": "Found {k} relevant entries: {recall}",
+         "store": "Storing: {store}"},
+        {"query": "Searching memory for past work on {c} related to {goal}",
+         "recall": "Found {k} relevant entries; the closest says {recall}", "store": "Saved note: {store}"},
+    ],
+}  # fmt: skip
+# Negative kinds per module: variant lists (variant i pairs with the positive's variant i, same surface style).
+_BAD: dict[str, dict[str, list[dict[str, str]]]] = {
+    "reflection": {
+        "vague": [
+            {"reflection": "Round {r}: Things seem to be going reasonably well overall. There may be a problem "
+                           "somewhere in the code, but it is hard to tell, so I will keep going and see what happens."},
+            {"reflection": "Round {r}: The work on {c} is progressing. Some parts could be better and some are fine; "
+                           "I will continue roughly as before and adjust things later if needed."},
+        ],
+        "overclaim": [
+            {"reflection": "Round {r}: {Goal} is resolved and {check}, so there is nothing left to verify; "
+                           "I will stop here and report success."},
+            {"reflection": "Round {r}: The last output looks good, which means {check}. No further tests "
+                           "are needed for {c}, so the task is complete."},
+        ],
+        "misdiagnosis": [
+            {"reflection": "Round {r}: So far {status}. Given that, the real cause must be {wrong_cause}, "
+                           "so I will {wrong_fix} and skip the tests for now."},
+            {"reflection": "Round {r}: Checking my reasoning: the output points to {wrong_cause} rather than "
+                           "anything in {file}, so the next step is to {wrong_fix}."},
+        ],
+        "ignores_evidence": [
+            {"reflection": "Round {r}: The output mentions that {symptom}, but that is probably noise; "
+                           "I will move on without changing anything in {c}."},
+            {"reflection": "Round {r}: The tool reported that {symptom}. That was expected, so I will "
+                           "keep the current code of {c} as it is and continue with the plan."},
+        ],
+        "blatant": [{"reflection": "Round {r}: Looks fine. No issues. Continue."}, {"reflection": "Round {r}: OK."},
+                    {"reflection": "Round {r}: Nothing to add."}],
+    },
+    "planner": {
+        **{kind: [{"plan": plan} for plan in _plan_styles(steps)] for kind, steps in _BAD_STEPS.items()},
+        "blatant": [{"plan": "Round {r}: Just implement it. Write code. Test. Done."}, {"plan": "Round {r}: Fix it."},
+                    {"plan": "Round {r}: Step 1: Do the task."}],
+    },
+    "executor": {
+        "wrong_tool": [
+            {"action": "Round {r}: Using tool: {wrong_tool} with params: {{\"text\": \"{file}\"}}",
+             "results": "Tool execution successful: no issues found"},
+            {"action": "Round {r}: Calling {wrong_tool} with {{\"text\": \"{file}\"}}",
+             "results": "Exit code 0. Tool execution successful: no issues found"},
+        ],
+        "wrong_file": [
+            {"action": "Round {r}: Using tool: {tool} with params: {{\"target\": \"{wrong_file}\"}}",
+             "results": "Error: FileNotFoundError: {wrong_file} does not exist"},
+            {"action": "Round {r}: Calling {tool} with {{\"target\": \"{wrong_file}\"}}",
+             "results": "Exit code 1. Error: FileNotFoundError: {wrong_file} does not exist"},
+        ],
+        "timeout": [
+            {"action": "Round {r}: Using tool: {tool} with params: {params}",
+             "results": "Error: {tool} timed out after 30 s without output; the step was not retried"},
+            {"action": "Round {r}: Calling {tool} with {params}",
+             "results": "Exit code 124. Error: {tool} timed out after 30 s without output"},
+        ],
+        "destructive": [
+            {"action": "Round {r}: Using tool: shell with params: {{\"cmd\": \"git push --force origin main\"}}",
+             "results": "Command finished with exit code 0"},
+            {"action": "Round {r}: Calling shell with {{\"cmd\": \"rm -rf build tests && git push --force\"}}",
+             "results": "Exit code 0. Command finished"},
+        ],
+        "blatant": [{"action": "Round {r}: Run code. Error occurred. Try again.", "results": "Error."},
+                    {"action": "Round {r}: Doing something.", "results": "No output."}],
+    },
+    "memory": {
+        "nothing_found": [
+            {"query": "Looking up earlier notes on misc", "recall": "Found 0 relevant entries",
+             "store": "Storing: {store}"},
+            {"query": "Searching memory for anything about the project", "recall": "Found 0 relevant entries",
+             "store": "Saved note: {store}"},
+        ],
+        "off_topic_recall": [
+            {"query": "Looking up earlier notes on {other_c}", "recall": "Found {k} relevant entries: "
+             "an old report for {other_c} was traced to {wrong_cause}", "store": "Storing: {store}"},
+            {"query": "Searching memory for past work on {other_c}", "recall": "Found {k} relevant entries; "
+             "the closest says {other_c} once suffered from {wrong_cause}", "store": "Saved note: {store}"},
+        ],
+        "wrong_store": [
+            {"query": "Looking up earlier notes on {goal} in {c}", "recall": "Found {k} relevant entries: {recall}",
+             "store": "Storing: {c}: the cause was {wrong_cause}; no further checks needed"},
+            {"query": "Searching memory for past work on {c} related to {goal}",
+             "recall": "Found {k} relevant entries; the closest says {recall}",
+             "store": "Saved note: {c}: the cause was {wrong_cause}; no further checks needed"},
+        ],
+        "blatant": [{"query": "stuff", "recall": "None", "store": "N/A"},
+                    {"query": "Searching", "recall": "Nothing", "store": "Storing results"}],
+    },
+}  # fmt: skip
+_BLATANT = "blatant"
+_OFF_TASK = "off_task"  # the good text of another task: fluent, plausible, and wrong here
+_BLATANT_SHARE = 0.25
+
+_GOOD_PLANS = {phase: _plan_styles(steps) for phase, steps in _GOOD_STEPS.items()}
+_STYLES = len(_GOOD_PLANS["fix"])  # surface styles drawn per round and module; variant lists wrap around
+_SUBTLE = {module: [kind for kind in kinds if kind != _BLATANT] + [_OFF_TASK] for module, kinds in _BAD.items()}
+
+_ROUND = (
+    "Round {n}:\n<think>\n<reflection>\n{reflection}\n</reflection>\n<memory query>\n{query}\n</memory query>\n"
+    "<memory result>\n{recall}\n</memory result>\n</think>\n<plan>\n{plan}\n</plan>\n<action>\n{action}\n</action>\n"
+    "<tool results>\n{results}\n</tool results>\n<memory store>\n{store}\n</memory store>\n"
+)
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def _capital(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _task_slots(goal_i: int, comp_i: int, ext: str) -> dict[str, str]:
+    (component, stem), goal = _COMPONENTS[comp_i], dict(zip(_GOAL_KEYS, _GOALS[goal_i], strict=True))
+    return goal | {"c": component, "file": f"src/{stem}{ext}", "Goal": _capital(goal["goal"])}
+
+
+def _draw_task(rng: random.Random) -> tuple[str, dict[str, str], dict[str, str]]:
+    """A task, its slots, and the slots of another goal and component (for off-task and misdiagnosed texts)."""
+    goal_i, other_goal_i = rng.sample(range(len(_GOALS)), 2)
+    comp_i, other_comp_i = rng.sample(range(len(_COMPONENTS)), 2)
+    stack, ext = rng.choice(_STACKS)
+    slots, other = _task_slots(goal_i, comp_i, ext), _task_slots(other_goal_i, other_comp_i, ext)
+    slots |= {
+        "other_c": other["c"],
+        "wrong_file": slots["file"].removesuffix(ext) + f"_old{ext}",
+        "wrong_cause": other["cause"],
+        "wrong_fix": other["fix"],
+        "wrong_tool": rng.choice(_WRONG_TOOLS),
+    }
+    return f"{slots['task'].format(c=slots['c'])} {stack}", slots, other
+
+
+def _phase(r: int, n: int) -> str:
+    """Rounds follow the work: investigate, fix, test (any middle rounds), verify; short runs drop the ends."""
+    if r == n and n > 1:
+        return "verify"
+    if n >= 3:
+        return "investigate" if r == 1 else "fix" if r == 2 else "test"
+    return "fix"
+
+
+def _round_slots(slots: dict[str, str], phase: str, r: int, k: int) -> dict[str, str]:
+    filled = {key: template.format_map(slots) for key, template in _PHASES[phase].items()}
+    return slots | filled | {"r": str(r), "k": str(k)}
+
+
+def _fill(variant: dict[str, str], slots: dict[str, str]) -> dict[str, str]:
+    return {key: template.format_map(slots) for key, template in variant.items()}
+
+
+def _good(module: str, phase: str, style: int, slots: dict[str, str]) -> dict[str, str]:
+    if module == "planner":
+        return {"plan": _GOOD_PLANS[phase][style].format_map(slots)}
+    variants = _GOOD[module]
+    return _fill(variants[style % len(variants)], slots)
+
+
+def _draw_kind(rng: random.Random, module: str) -> str:
+    if rng.random() < _BLATANT_SHARE:
+        return _BLATANT
+    return rng.choice(_SUBTLE[module])
+
+
+def _bad_rounds(rng: random.Random, n: int, kind: str) -> set[int]:
+    """All rounds, or for subtle kinds often only some of them: a single bad round is the hardest case."""
+    if kind == _BLATANT or n == 1 or rng.random() < 0.5:
+        return set(range(1, n + 1))
+    return set(rng.sample(range(1, n + 1), rng.randint(1, n - 1)))
+
+
+def _pair(module: str, index: int, rng: random.Random) -> Pair:
+    task, slots, other = _draw_task(rng)
+    n = rng.randint(1, 6)
+    kind = _draw_kind(rng, module)
+    bad_rounds = _bad_rounds(rng, n, kind)
+    positive, negative = [], []
+    for r in range(1, n + 1):
+        phase, k = _phase(r, n), rng.randint(1, 4)
+        round_slots = _round_slots(slots, phase, r, k)
+        styles = {m: rng.randrange(_STYLES) for m in MODULE_KEYS}
+        texts: dict[str, str] = {}
+        for m in MODULE_KEYS:
+            texts |= _good(m, phase, styles[m], round_slots)
+        positive.append(_ROUND.format(n=r, **texts))
+        if r in bad_rounds:
+            if kind == _OFF_TASK:
+                texts |= _good(module, phase, styles[module], _round_slots(other, phase, r, k))
+            else:
+                variants = _BAD[module][kind]
+                texts |= _fill(variants[styles[module] % len(variants)], round_slots)
+        negative.append(_ROUND.format(n=r, **texts))
+    return Pair(
+        f"{module}_{index}",
+        module,
+        task,
+        _side("\n".join(positive), module, 1.0),
+        _side("\n".join(negative), module, 0.0),
+    )
+
+
+def _side(context: str, module: str, outcome: float) -> Side:
+    """The module text is the parser's view of the context: one source of truth for training and scoring."""
+    return Side(context, module_view(context, module), outcome)
+
+
+def generate_pairs(pairs_per_module: int, seed: int, modules: Sequence[str] = DEFAULT_MODULES) -> list[Pair]:
+    """`pairs_per_module` pairs per module, the same for the same seed.
+
+    Each module has its own `random.Random(f"{seed}/{module}")`, so a module's pairs do not change when other
+    modules are added or removed, and the first n pairs are the same whatever `pairs_per_module` is.
+    """
+    unknown = [m for m in modules if m not in MODULE_KEYS]
+    if unknown:
+        raise ModrmError(f"synth has phrasing only for modules {', '.join(MODULE_KEYS)}; got {', '.join(unknown)}")
+    if len(set(modules)) != len(modules):
+        raise ModrmError(f"synth: modules listed twice: {', '.join(modules)}")
+    if pairs_per_module < 0:
+        raise ModrmError(f"synth: pairs_per_module must be >= 0, got {pairs_per_module}")
+    pairs = []
+    for module in modules:
+        rng = random.Random(f"{seed}/{module}")
+        pairs += [_pair(module, i, rng) for i in range(pairs_per_module)]
+    return pairs
+
+
+def write_pairs(path: str | Path, pairs: Sequence[Pair]) -> Path:
+    """JSONL, or a JSON array when the suffix is `.json`; atomic, so a killed run never leaves half a file."""
+    path = Path(path)
+    as_array = path.suffix == ".json"
+
+    def write(tmp: Path) -> None:
+        records = (json.dumps(pair_to_record(pair)) for pair in pairs)  # streamed: 100k pairs are about 1 GB
+        with tmp.open("w", encoding="utf-8") as handle:
+            if not as_array:
+                handle.writelines(record + "\n" for record in records)
+                return
+            handle.write("[")
+            for i, record in enumerate(records):
+                handle.write(("\n" if i == 0 else ",\n") + record)
+            handle.write("\n]\n")
+
+    return atomic_write(path, write)

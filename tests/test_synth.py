@@ -1,0 +1,98 @@
+"""The synthetic pair generator: determinism, one-module differences, parser agreement, file round trips."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from pipeline.data import DEFAULT_MODULES, load_pairs
+from pipeline.errors import ModrmError
+from pipeline.synth import generate_pairs, write_pairs
+from pipeline.trajectory import module_view, module_views, parse_trajectory
+
+ROUND_LINE = re.compile(r"^Round (\d+):$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def pairs() -> list:
+    return generate_pairs(60, seed=3)
+
+
+def test_same_seed_same_pairs_other_seed_other_pairs() -> None:
+    assert generate_pairs(5, seed=11) == generate_pairs(5, seed=11)
+    assert generate_pairs(5, seed=11) != generate_pairs(5, seed=12)
+
+
+def test_a_module_does_not_depend_on_the_others_or_the_count() -> None:
+    planner_only = generate_pairs(4, seed=5, modules=["planner"])
+    assert planner_only == [p for p in generate_pairs(6, seed=5) if p.target_module == "planner"][:4]
+
+
+def test_ids_modules_outcomes(pairs: list) -> None:
+    assert len(pairs) == 60 * len(DEFAULT_MODULES)
+    for module in DEFAULT_MODULES:
+        ids = [p.pair_id for p in pairs if p.target_module == module]
+        assert ids == [f"{module}_{i}" for i in range(60)]
+    assert {(p.positive.outcome, p.negative.outcome) for p in pairs} == {(1.0, 0.0)}
+
+
+def test_module_text_is_the_parsers_view_of_the_context(pairs: list) -> None:
+    for pair in pairs:
+        for side in (pair.positive, pair.negative):
+            trajectory = parse_trajectory(side.context)
+            assert trajectory.warnings == []
+            assert module_view(trajectory, pair.target_module) == side.module_text
+            assert side.module_text.strip()
+
+
+def test_sides_differ_only_in_the_target_module(pairs: list) -> None:
+    for pair in pairs:
+        positive, negative = module_views(pair.positive.context), module_views(pair.negative.context)
+        assert positive[pair.target_module] != negative[pair.target_module]
+        assert {m: v for m, v in positive.items() if m != pair.target_module} == {
+            m: v for m, v in negative.items() if m != pair.target_module
+        }
+        assert ROUND_LINE.findall(pair.positive.context) == ROUND_LINE.findall(pair.negative.context)
+
+
+def test_varied_tasks_rounds_and_negatives(pairs: list) -> None:
+    assert len({p.task for p in pairs}) > 150
+    rounds = {len(ROUND_LINE.findall(p.positive.context)) for p in pairs}
+    assert rounds == set(range(1, 7))
+    by_module = defaultdict(list)
+    for pair in pairs:
+        by_module[pair.target_module].append(pair)
+    for module, module_pairs in by_module.items():
+        negatives = {p.negative.module_text for p in module_pairs}
+        assert len(negatives) > 40, module
+        # quality, not length: some negatives are at least as long as their positives
+        assert any(len(p.negative.module_text) >= len(p.positive.module_text) for p in module_pairs), module
+    assert any("Looks fine. No issues." in p.negative.module_text for p in by_module["reflection"])
+
+
+def test_small_counts() -> None:
+    assert generate_pairs(0, seed=0) == []
+    one = generate_pairs(1, seed=0)
+    assert [p.pair_id for p in one] == [f"{m}_0" for m in DEFAULT_MODULES]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_write_then_load_round_trip(tmp_path: Path, suffix: str) -> None:
+    pairs = generate_pairs(3, seed=1)
+    path = write_pairs(tmp_path / "sub" / f"pairs{suffix}", pairs)
+    assert load_pairs([path]) == pairs
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    first = path.read_text(encoding="utf-8").lstrip()[0]
+    assert first == ("[" if suffix == ".json" else "{")
+
+
+def test_bad_arguments_raise_modrm_error() -> None:
+    with pytest.raises(ModrmError, match="only for modules reflection, planner, executor, memory; got critic"):
+        generate_pairs(1, seed=0, modules=["planner", "critic"])
+    with pytest.raises(ModrmError, match="twice"):
+        generate_pairs(1, seed=0, modules=["planner", "planner"])
+    with pytest.raises(ModrmError, match=">= 0"):
+        generate_pairs(-1, seed=0)
