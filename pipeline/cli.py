@@ -113,6 +113,7 @@ def finetune_cmd(
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", help="stage-1 checkpoint folder")],
     epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="stop after N optimizer steps")] = None,
     token_budget: Annotated[int | None, typer.Option("--token-budget", help="padded tokens per step")] = None,
     train_layers: Annotated[int | None, typer.Option("--train-layers", help="train only the top K layers")] = None,
     lora: Annotated[int | None, typer.Option("--lora", help="LoRA rank (needs peft)")] = None,
@@ -128,6 +129,7 @@ def finetune_cmd(
 
     flags = {
         "epochs": epochs,
+        "max_steps": max_steps,
         "token_budget": token_budget,
         "train_layers": train_layers,
         "lora_r": lora,

@@ -75,6 +75,7 @@ class FinetuneConfig:
     """Stage 1: encoder and heads end to end."""
 
     epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (the schedule is sized to them)
     encoder_lr: float = 1e-5
     heads_lr: float = 1e-4
     weight_decay: float = 0.01

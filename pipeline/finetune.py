@@ -80,6 +80,16 @@ def plan_steps(data: TokenizedPairs, budget: int, seed: int, epoch: int) -> list
     return steps
 
 
+def cap_steps(plans: list[list[np.ndarray]], n_steps: int) -> list[list[np.ndarray]]:
+    capped = []
+    for steps in plans:
+        if n_steps <= 0:
+            break
+        capped.append(steps[:n_steps])
+        n_steps -= len(steps)
+    return capped
+
+
 def check_budget(data: TokenizedPairs, budget: int) -> None:
     worst = max(data.cost(np.array([i])) for i in range(len(data.module_idx)))
     if worst > budget:
@@ -290,6 +300,8 @@ def finetune(
     ]
     optimizer = torch.optim.AdamW(groups, weight_decay=fc.weight_decay)
     plans = [plan_steps(train, fc.token_budget, fc.seed, epoch) for epoch in range(fc.epochs)]
+    if fc.max_steps:  # a short run: the first max_steps optimizer steps, validated at the end
+        plans = cap_steps(plans, fc.max_steps * fc.grad_accum)
     total = sum(math.ceil(len(p) / fc.grad_accum) for p in plans)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total, fc.warmup_ratio))
     autocast = (
@@ -312,7 +324,7 @@ def finetune(
         dynamic_ncols=True,
     )
     try:
-        for epoch in range(state["epoch"], fc.epochs):
+        for epoch in range(state["epoch"], len(plans)):
             model.train()
             steps = plans[epoch]
             start = time.perf_counter()
