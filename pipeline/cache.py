@@ -13,6 +13,7 @@ the next run merges whatever shards were finished instead of encoding them again
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from pipeline.errors import ModrmError
 TEXT_COLUMNS = ("text_hash", "row", "role", "n_tokens", "truncated")
 ROW_COLUMNS = ("pos_ctx_row", "pos_mod_row", "neg_ctx_row", "neg_mod_row")
 _COPY_ROWS = 1 << 16
+_FINGERPRINT_KEY = "modrm_fingerprint"
 
 Key = tuple[str, str]  # (role, text_hash)
 
@@ -58,7 +60,9 @@ class Cache:
     def open(cls, folder: str | Path, fingerprint: Fingerprint) -> Cache:
         """Open (or start) a cache; refuse one built by a different encoder, naming what differs."""
         folder = Path(folder)
-        manifest = read_manifest(folder)
+        for stale in folder.glob(".*.tmp-*"):  # a write a kill interrupted; the file it was replacing is intact
+            stale.unlink()
+        manifest = read_manifest(folder) or _texts_manifest(folder)
         if manifest is not None:
             check_fingerprint(folder, manifest, fingerprint)
         pending_fp = folder / "pending" / "fingerprint.json"
@@ -99,12 +103,12 @@ class Cache:
 
     def add_shard(self, shard: Shard) -> None:
         pending = self.folder / "pending"
-        if not pending.exists():
-            pending.mkdir(parents=True)
+        if not (pending / "fingerprint.json").exists():  # not `pending.exists()`: a kill may follow the mkdir
+            pending.mkdir(parents=True, exist_ok=True)
             write_json(pending / "fingerprint.json", self.fingerprint.to_dict())
         number = len(list(pending.glob("shard-*.parquet")))
         stem = pending / f"shard-{number:06d}"
-        atomic_write(stem.with_suffix(".npy"), lambda tmp: np.save(tmp.open("wb"), shard.embeddings))
+        atomic_write(stem.with_suffix(".npy"), lambda tmp: _save_npy(tmp, shard.embeddings))
         roles, hashes = zip(*shard.keys, strict=True)
         table = pa.table(
             {"text_hash": list(hashes), "role": list(roles), "n_tokens": shard.n_tokens, "truncated": shard.truncated}
@@ -147,7 +151,10 @@ class Cache:
             "n_tokens": np.concatenate([self.texts["n_tokens"], n_tokens]),
             "truncated": np.concatenate([self.texts["truncated"], truncated]),
         }
-        atomic_write(self.folder / "texts.parquet", lambda tmp: pq.write_table(pa.table(texts), tmp))
+        # the fingerprint rides in the commit point too: a kill before manifest.json is written must not
+        # leave rows that a later run with another encoder would take as its own
+        table = pa.table(texts).replace_schema_metadata({_FINGERPRINT_KEY: json.dumps(self.fingerprint.to_dict())})
+        atomic_write(self.folder / "texts.parquet", lambda tmp: pq.write_table(table, tmp))
         self.texts = texts
         self.index.update((key, start + i) for i, key in enumerate(new_keys))
         shutil.rmtree(self.folder / "pending", ignore_errors=True)
@@ -203,10 +210,21 @@ class Cache:
         return pq.read_table(path)
 
 
-def _load_json(path: Path) -> dict:
-    import json
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as handle:  # a handle, as np.save would add ".npy" to the temporary name
+        np.save(handle, array, allow_pickle=False)
 
+
+def _load_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def _texts_manifest(folder: Path) -> dict | None:
+    """The fingerprint stored with texts.parquet, for a cache whose first run died before its manifest."""
+    path = folder / "texts.parquet"
+    metadata = (pq.read_schema(path).metadata or {}) if path.exists() else {}
+    raw = metadata.get(_FINGERPRINT_KEY.encode())
+    return {"encoder": json.loads(raw)} if raw else None
 
 
 def read_manifest(folder: str | Path) -> dict | None:

@@ -123,10 +123,12 @@ class _Checker:
         return float(value)
 
     def side(self, obj: dict, prefix: str) -> Side | None:
+        """None on any problem: a side with a bad outcome must not count as a valid pair."""
+        before = len(self.problems)
         context = self.text(obj, "trajectory_full_context", prefix)
         module_text = self.text(obj, "module_k_all_rounds", prefix)
         outcome = self.outcome(obj, prefix)
-        if context is None or module_text is None:
+        if context is None or module_text is None or len(self.problems) > before:
             return None
         return Side(context, module_text, outcome)
 
@@ -202,6 +204,8 @@ def check_file(path: str | Path, modules: Sequence[str] = DEFAULT_MODULES) -> tu
         return [], problems
     if not isinstance(records, list):
         return [], [Problem(file, "file", "", "must hold a JSON array or JSON lines of records")]
+    if not records and not problems:  # like an empty file: `[]` would otherwise make an empty cache
+        return [], [Problem(file, "file", "", "holds no records")]
     pairs: list[Pair] = []
     flat: list[tuple[int, dict]] = []
     for index, record in enumerate(records):
@@ -243,10 +247,11 @@ def load_pairs(paths: Sequence[str | Path], modules: Sequence[str] = DEFAULT_MOD
     for path in paths:
         file_pairs, file_problems = check_file(path, modules)
         problems += file_problems
+        earlier = dict(owner)  # duplicates inside this file are check_file's; a file given twice is ours
         for pair in file_pairs:
-            if pair.pair_id in owner and owner[pair.pair_id] != str(path):
+            if pair.pair_id in earlier:
                 problems.append(
-                    Problem(str(path), f"pair_id {pair.pair_id!r}", "pair_id", f"also in {owner[pair.pair_id]}")
+                    Problem(str(path), f"pair_id {pair.pair_id!r}", "pair_id", f"also in {earlier[pair.pair_id]}")
                 )
             owner.setdefault(pair.pair_id, str(path))
         pairs += file_pairs

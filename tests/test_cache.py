@@ -1,0 +1,448 @@
+"""The embedding cache: round trip, dedup, incremental files, fingerprint checks, crash resume, memory-map."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+import pipeline.embed
+from pipeline.cache import ROW_COLUMNS, TEXT_COLUMNS, Cache, open_existing
+from pipeline.config import Config
+from pipeline.data import Pair, load_pairs, pair_to_record, task_split
+from pipeline.embed import embed_files, pair_texts, text_hash
+from pipeline.encoder import Encoder
+from pipeline.errors import ModrmError
+from pipeline.random_qwen3 import build_random_qwen3
+
+SEED_UNIQUE_TEXTS = 98  # 63 contexts + 35 module texts for the 128 text slots of the 32 seed pairs
+PAIR_COLUMNS = ("pair_id", "target_module", "task", "split", *ROW_COLUMNS, "pos_outcome", "neg_outcome")
+FINGERPRINT_KEYS = {
+    "name",
+    "revision",
+    "weights_sha256",
+    "pooling",
+    "normalize",
+    "prompt",
+    "max_context_tokens",
+    "max_module_tokens",
+    "dim",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_qwen3: Path, make_config: Callable[..., Config]) -> Config:
+    """Short limits keep the tiny model fast; some seed texts are still truncated."""
+    return make_config(tiny_qwen3, max_context_tokens=128, max_module_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def seed_cache(tmp_path_factory: pytest.TempPathFactory, seed_pairs_path: Path, tiny_config: Config):
+    """One uninterrupted run over the seed pairs: (folder, summary). Tests that write copy it first."""
+    folder = tmp_path_factory.mktemp("seed_cache") / "cache"
+    summary = embed_files([seed_pairs_path], folder, tiny_config, progress=False)
+    return folder, summary
+
+
+def _copy(seed_cache: tuple[Path, object], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(seed_cache[0], tmp_path / "cache"))
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _write_pairs(path: Path, pairs: list[Pair]) -> Path:
+    path.write_text(json.dumps([pair_to_record(p) for p in pairs]), encoding="utf-8")
+    return path
+
+
+def _assert_same_cache(folder: Path, reference: Path) -> None:
+    """Same rows for the same texts, same pairs index; embeddings equal up to batch-composition noise."""
+    texts, ref_texts = pq.read_table(folder / "texts.parquet"), pq.read_table(reference / "texts.parquet")
+    assert texts.equals(ref_texts)
+    assert pq.read_table(folder / "pairs.parquet").equals(pq.read_table(reference / "pairs.parquet"))
+    cache, _ = open_existing(folder)
+    ref_cache, _ = open_existing(reference)
+    np.testing.assert_allclose(
+        cache.embeddings().astype(np.float32), ref_cache.embeddings().astype(np.float32), atol=1e-3, rtol=0
+    )
+    assert not (folder / "pending").exists()
+
+
+def _assert_round_trip(folder: Path, pairs: list[Pair], config: Config) -> None:
+    """Every pair's four rows hold what a fresh encode of its four texts gives (to float16 precision)."""
+    cache, manifest = open_existing(folder)
+    table = pq.read_table(folder / "pairs.parquet")
+    assert table.column("pair_id").to_pylist() == [p.pair_id for p in pairs]
+    stored = cache.embeddings()
+    assert stored.dtype == np.float16 and np.isfinite(stored).all()
+    encoder = Encoder.load(config.encoder)
+    for column, texts in pair_texts(pairs, config.encoder.context_template).items():
+        role = "context" if "ctx" in column else "module"
+        rows = table.column(column).to_numpy()
+        fresh = encoder.encode(texts, role=role)
+        np.testing.assert_allclose(stored[rows].astype(np.float32), fresh, atol=2e-3, rtol=0)
+        by_row = {int(r): i for i, r in enumerate(cache.texts["row"])}
+        for text, row in zip(texts, rows, strict=True):
+            i = by_row[int(row)]
+            assert cache.texts["text_hash"][i] == hashlib.sha256(text.encode("utf-8")).hexdigest()
+            assert cache.texts["role"][i] == role
+        tokens = encoder.tokenize(texts, role)
+        np.testing.assert_array_equal(cache.texts["n_tokens"][[by_row[int(r)] for r in rows]], tokens.lengths)
+        np.testing.assert_array_equal(cache.texts["truncated"][[by_row[int(r)] for r in rows]], tokens.truncated)
+    assert manifest["encoder"] == encoder.fingerprint.to_dict()
+
+
+# ---------------------------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_and_file_layout(seed_cache, seed_pairs_path: Path, tiny_config: Config) -> None:
+    folder, summary = seed_cache
+    pairs = load_pairs([seed_pairs_path])
+    _assert_round_trip(folder, pairs, tiny_config)
+    assert tuple(pq.read_schema(folder / "texts.parquet").names) == TEXT_COLUMNS
+    assert tuple(pq.read_schema(folder / "pairs.parquet").names) == PAIR_COLUMNS
+    with h5py.File(folder / "embeddings.h5", "r") as f:
+        assert f["embeddings"].dtype == np.float16 and f["embeddings"].shape == (SEED_UNIQUE_TEXTS, 64)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert set(manifest["encoder"]) >= FINGERPRINT_KEYS
+    assert {"compute_dtype", "storage_dtype", "n_texts", "n_pairs", "splits", "versions", "config"} <= set(manifest)
+    assert manifest["encoder"]["max_context_tokens"] == 128 and manifest["encoder"]["pooling"] == "lasttoken"
+    assert (manifest["n_texts"], manifest["n_pairs"], manifest["storage_dtype"]) == (SEED_UNIQUE_TEXTS, 32, "float16")
+    assert manifest["config"]["encoder"]["max_module_tokens"] == 64
+    table = pq.read_table(folder / "pairs.parquet").to_pylist()
+    splits: dict[str, set[str]] = {}
+    for row in table:
+        d = tiny_config.data
+        assert row["split"] == task_split(row["task"], d.train_fraction, d.val_fraction, d.split_seed)
+        splits.setdefault(row["task"], set()).add(row["split"])
+    assert all(len(s) == 1 for s in splits.values())
+    assert summary.splits == {s: [r["split"] for r in table].count(s) for s in ("train", "val", "test")}
+    assert table[0]["pos_outcome"] == 1.0 and table[0]["neg_outcome"] == 0.0
+    assert 0 < summary.truncated < SEED_UNIQUE_TEXTS
+
+
+def test_round_trip_with_minilm(
+    tmp_path: Path, seed_pairs_path: Path, minilm_id: str, make_config: Callable[..., Config]
+) -> None:
+    pairs = load_pairs([seed_pairs_path])[::8]  # one pair per module keeps MiniLM on a CPU quick
+    path = _write_pairs(tmp_path / "four.json", pairs)
+    config = make_config(minilm_id)
+    summary = embed_files([path], tmp_path / "cache", config, progress=False)
+    assert summary.n_pairs == 4 and summary.encoded == summary.unique_texts > 0
+    _assert_round_trip(tmp_path / "cache", pairs, config)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["encoder"]["max_context_tokens"] == 256 and manifest["encoder"]["pooling"] == "mean"
+    assert manifest["encoder"]["dim"] == 384
+
+
+# ---------------------------------------------------------------------------------------------- dedup
+
+
+def test_dedup_counts_and_a_second_run_encodes_nothing(
+    seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path
+) -> None:
+    _, summary = seed_cache
+    pairs = load_pairs([seed_pairs_path])
+    columns = pair_texts(pairs, tiny_config.encoder.context_template)
+    assert sum(len(texts) for texts in columns.values()) == 128
+    unique = {("ctx" in column, text) for column, texts in columns.items() for text in texts}
+    assert len(unique) == SEED_UNIQUE_TEXTS  # computed independently of the cache
+    assert (summary.n_pairs, summary.unique_texts, summary.cached, summary.encoded) == (32, 98, 0, 98)
+    folder = _copy(seed_cache, tmp_path)
+    before = _file_hashes(folder)
+    again = embed_files([seed_pairs_path], folder, tiny_config, progress=False)
+    assert (again.encoded, again.cached, again.unique_texts) == (0, again.unique_texts, SEED_UNIQUE_TEXTS)
+    assert "nothing to encode" in "\n".join(again.lines())
+    after = _file_hashes(folder)
+    for name in ("embeddings.h5", "texts.parquet", "pairs.parquet"):
+        assert after[name] == before[name], name
+
+
+def test_the_flat_file_after_the_pairs_file_encodes_nothing(
+    seed_cache, seed_flat_path: Path, tiny_config: Config, tmp_path: Path
+) -> None:
+    folder = _copy(seed_cache, tmp_path)
+    before = pq.read_table(folder / "pairs.parquet")
+    summary = embed_files([seed_flat_path], folder, tiny_config, progress=False)
+    assert (summary.encoded, summary.cached, summary.n_pairs) == (0, SEED_UNIQUE_TEXTS, 32)
+    after = pq.read_table(folder / "pairs.parquet")
+    assert after.sort_by("pair_id").equals(before.sort_by("pair_id"))
+
+
+def test_a_second_file_encodes_only_its_new_texts(
+    seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path
+) -> None:
+    folder = _copy(seed_cache, tmp_path)
+    old_texts = pq.read_table(folder / "texts.parquet")
+    old_emb = open_existing(folder)[0].embeddings()
+    changed = []
+    for i, pair in enumerate(load_pairs([seed_pairs_path])[:: 32 // 3][:3]):
+        positive = type(pair.positive)(pair.positive.context, pair.positive.module_text + f" (v2 {i})", 1.0)
+        changed.append(type(pair)(pair.pair_id + "_v2", pair.target_module, pair.task, positive, pair.negative))
+    second = _write_pairs(tmp_path / "second.json", changed)
+    summary = embed_files([seed_pairs_path, second], folder, tiny_config, progress=False)
+    assert (summary.n_pairs, summary.unique_texts, summary.encoded) == (35, SEED_UNIQUE_TEXTS + 3, 3)
+    assert summary.cached == SEED_UNIQUE_TEXTS
+    cache, manifest = open_existing(folder)
+    assert cache.n_rows == manifest["n_texts"] == SEED_UNIQUE_TEXTS + 3
+    assert pq.read_table(folder / "texts.parquet").slice(0, SEED_UNIQUE_TEXTS).equals(old_texts)
+    np.testing.assert_array_equal(cache.embeddings()[:SEED_UNIQUE_TEXTS], old_emb)
+    _assert_round_trip(folder, load_pairs([seed_pairs_path, second]), tiny_config)
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [("other_weights", "weights_sha256"), ("max_context_tokens", "max_context_tokens"), ("minilm", "dim")],
+)
+def test_a_different_encoder_is_refused_and_the_cache_untouched(
+    seed_cache,
+    seed_pairs_path: Path,
+    tiny_qwen3: Path,
+    minilm_id: str,
+    make_config: Callable[..., Config],
+    tmp_path: Path,
+    change: str,
+    field: str,
+) -> None:
+    folder = _copy(seed_cache, tmp_path)
+    (folder / "pending").mkdir()  # a pending shard folder must survive too
+    (folder / "pending" / "note").write_text("x")
+    before = _file_hashes(folder)
+    if change == "other_weights":
+        config = make_config(
+            build_random_qwen3(tmp_path / "other", seed=1), max_context_tokens=128, max_module_tokens=64
+        )
+    elif change == "max_context_tokens":
+        config = make_config(tiny_qwen3, max_context_tokens=96, max_module_tokens=64)
+    else:
+        config = make_config(minilm_id)
+    with pytest.raises(ModrmError, match=field) as info:
+        embed_files([seed_pairs_path], folder, config, progress=False)
+    assert str(folder) in str(info.value)
+    if change != "minilm":
+        assert info.value.args[0].count(" vs ") == 1  # only the one differing field is named
+    assert _file_hashes(folder) == before
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_a_crash_after_two_shards_resumes_to_the_same_cache(
+    seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "cache"
+    monkeypatch.setattr(pipeline.embed, "SHARD_TEXTS", 10)
+    add_shard = Cache.add_shard
+    written = []
+
+    def crash_after_two(self: Cache, shard) -> None:
+        add_shard(self, shard)
+        written.append(len(shard.keys))
+        if len(written) == 2:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Cache, "add_shard", crash_after_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        embed_files([seed_pairs_path], folder, tiny_config, progress=False)
+    assert written == [10, 10]
+    assert len(list((folder / "pending").glob("shard-*.parquet"))) == 2
+    assert not (folder / "texts.parquet").exists() and not (folder / "manifest.json").exists()
+    monkeypatch.undo()
+    summary = embed_files([seed_pairs_path], folder, tiny_config, progress=False)
+    assert summary.encoded == SEED_UNIQUE_TEXTS - 20
+    assert summary.cached == 20
+    _assert_same_cache(folder, seed_cache[0])
+
+
+def test_a_crash_while_adding_to_an_existing_cache_keeps_it_readable(
+    seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _copy(seed_cache, tmp_path)
+    pairs = load_pairs([seed_pairs_path])
+    more = [
+        type(p)(p.pair_id + "_b", p.target_module, p.task, p.positive, type(p.negative)("other " + p.task, "x", 0.0))
+        for p in pairs[:12]
+    ]
+    second = _write_pairs(tmp_path / "more.json", more)
+    monkeypatch.setattr(pipeline.embed, "SHARD_TEXTS", 4)
+    add_shard = Cache.add_shard
+
+    def crash_on_the_second(self: Cache, shard) -> None:
+        if len(list((self.folder / "pending").glob("shard-*.parquet"))) == 1:
+            raise RuntimeError("simulated crash")
+        add_shard(self, shard)
+
+    monkeypatch.setattr(Cache, "add_shard", crash_on_the_second)
+    with pytest.raises(RuntimeError):
+        embed_files([second], folder, tiny_config, progress=False)
+    cache, _ = open_existing(folder)  # the committed cache still reads, with all its old rows
+    assert cache.n_rows == SEED_UNIQUE_TEXTS
+    monkeypatch.undo()
+    summary = embed_files([second], folder, tiny_config, progress=False)
+    new_texts = len({p.task for p in more}) + 1  # one new context per task, and the module text "x"
+    assert summary.unique_texts - summary.cached == summary.encoded == new_texts - 4  # the shard was kept
+    _assert_round_trip(folder, more, tiny_config)
+
+
+def test_shards_of_another_encoder_are_never_merged(
+    seed_pairs_path: Path,
+    tiny_qwen3: Path,
+    tiny_config: Config,
+    make_config: Callable[..., Config],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = tmp_path / "cache"
+    (folder / "pending").mkdir(parents=True)  # as a run killed right after creating it leaves it
+    monkeypatch.setattr(pipeline.embed, "SHARD_TEXTS", 10)
+    add_shard = Cache.add_shard
+
+    def crash_after_one(self: Cache, shard) -> None:
+        add_shard(self, shard)
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(Cache, "add_shard", crash_after_one)
+    with pytest.raises(RuntimeError):
+        embed_files([seed_pairs_path], folder, tiny_config, progress=False)
+    assert (folder / "pending" / "fingerprint.json").exists()
+    monkeypatch.undo()
+    other = make_config(tiny_qwen3, max_context_tokens=96, max_module_tokens=64)
+    summary = embed_files([seed_pairs_path], folder, other, progress=False)
+    assert summary.encoded == summary.unique_texts == SEED_UNIQUE_TEXTS  # the old shard was dropped, not merged
+    _assert_round_trip(folder, load_pairs([seed_pairs_path]), other)
+
+
+def test_a_kill_before_the_first_manifest_still_guards_the_rows(
+    seed_pairs_path: Path,
+    tiny_qwen3: Path,
+    tiny_config: Config,
+    make_config: Callable[..., Config],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = tmp_path / "cache"
+
+    def killed(*args: object) -> None:
+        raise RuntimeError("simulated kill before the manifest")
+
+    monkeypatch.setattr(pipeline.embed, "write_manifest", killed)
+    with pytest.raises(RuntimeError):
+        embed_files([seed_pairs_path], folder, tiny_config, progress=False)
+    monkeypatch.undo()
+    assert (folder / "texts.parquet").exists() and not (folder / "manifest.json").exists()
+    before = _file_hashes(folder)
+    other = make_config(tiny_qwen3, max_context_tokens=96, max_module_tokens=64)
+    with pytest.raises(ModrmError, match="max_context_tokens: 128 vs 96"):
+        embed_files([seed_pairs_path], folder, other, progress=False)
+    assert _file_hashes(folder) == before
+    summary = embed_files([seed_pairs_path], folder, tiny_config, progress=False)
+    assert summary.encoded == 0 and (folder / "manifest.json").exists()
+
+
+def _many_pairs(seed_pairs_path: Path) -> list[Pair]:
+    """About a hundred unique texts: synthetic pairs, or seed pairs made unique by suffixes without synth."""
+    try:
+        from pipeline.synth import generate_pairs
+    except ImportError:  # pragma: no cover - synth is another part of the project
+        seed = load_pairs([seed_pairs_path])[:12]
+        return [
+            type(p)(
+                f"{p.pair_id}_{i}",
+                p.target_module,
+                p.task,
+                *(type(s)(f"{s.context} #{i}", f"{s.module_text} #{i}", s.outcome) for s in (p.positive, p.negative)),
+            )
+            for i in range(2)
+            for p in seed
+        ]
+    return generate_pairs(6, seed=3)
+
+
+def test_kill_9_during_embed_then_resume(tmp_path: Path, seed_pairs_path: Path, tiny_qwen3: Path) -> None:
+    from pipeline.config import load_config
+
+    data = _write_pairs(tmp_path / "many.json", _many_pairs(seed_pairs_path))
+    config_file = tmp_path / "tiny.toml"
+    config_file.write_text(
+        f'[encoder]\nname = "{tiny_qwen3}"\ndevice = "cpu"\nmax_context_tokens = 64\nmax_module_tokens = 32\n'
+    )
+    folder = tmp_path / "killed"
+    # small shards, and a pause after each, so the kill lands with work both done and left to do
+    code = (
+        "import time, pipeline.embed as e, pipeline.cache as c\n"
+        "e.SHARD_TEXTS = 6\n"
+        "add = c.Cache.add_shard\n"
+        "def slow(self, shard):\n"
+        "    add(self, shard)\n"
+        "    time.sleep(0.3)\n"
+        "c.Cache.add_shard = slow\n"
+        "from pipeline.cli import main\n"
+        "main()\n"
+    )
+    args = ["embed", "--data", str(data), "--cache", str(folder), "--config", str(config_file), "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        first = folder / "pending" / "shard-000000.parquet"
+        deadline = time.monotonic() + 120
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert first.exists(), proc.communicate(timeout=60)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    shards = len(list((folder / "pending").glob("shard-*.parquet")))
+    assert shards >= 1 and not (folder / "manifest.json").exists()
+    config = load_config(config_file)
+    resumed = embed_files([data], folder, config, progress=False)
+    assert 0 < resumed.encoded < resumed.unique_texts
+    assert resumed.cached >= 6 * shards
+    reference = tmp_path / "reference"
+    fresh = embed_files([data], reference, config, progress=False)
+    assert fresh.encoded == fresh.unique_texts == resumed.unique_texts
+    _assert_same_cache(folder, reference)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def test_memory_mapped_read_equals_the_in_memory_read(seed_cache) -> None:
+    cache, _ = open_existing(seed_cache[0])
+    in_memory = cache.embeddings()
+    mapped = cache.embeddings(memory_budget_bytes=0)
+    assert isinstance(mapped, np.memmap) and not isinstance(in_memory, np.memmap)
+    assert mapped.shape == in_memory.shape == (SEED_UNIQUE_TEXTS, 64) and mapped.dtype == np.float16
+    np.testing.assert_array_equal(np.asarray(mapped), in_memory)
+
+
+def test_unknown_texts_and_missing_files_are_clear_errors(seed_cache, tmp_path: Path) -> None:
+    cache, _ = open_existing(seed_cache[0])
+    with pytest.raises(ModrmError, match="not in the cache"):
+        cache.rows([("module", text_hash("never embedded"))])
+    with pytest.raises(ModrmError, match="not an embedding cache"):
+        open_existing(tmp_path)
