@@ -50,7 +50,7 @@ eval: install
 
 # The whole chain on the offline MiniLM, CPU: synth -> embed -> train-heads -> finetune -> eval.
 demo: install
-	$(MODRM) synth --out $(DEMO_DATA) --pairs-per-module 150 --seed 0
+	$(MODRM) synth --out $(DEMO_DATA) --pairs-per-module 100 --seed 0
 	$(MODRM) embed --data $(DEMO_DATA) --cache cache/demo --encoder $(DEMO_ENCODER) --device cpu
 	$(MODRM) train-heads --cache cache/demo --out $(DEMO_DIR)/stage0 --device cpu
 	$(MODRM) finetune --checkpoint $(DEMO_DIR)/stage0 --data $(DEMO_DATA) --out $(DEMO_DIR)/stage1 --config configs/demo.toml

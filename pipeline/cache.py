@@ -157,6 +157,10 @@ class Cache:
         atomic_write(self.folder / "texts.parquet", lambda tmp: pq.write_table(table, tmp))
         self.texts = texts
         self.index.update((key, start + i) for i, key in enumerate(new_keys))
+        manifest = read_manifest(self.folder) or {}  # eval adds texts too: keep the counts true
+        write_json(
+            self.folder / "manifest.json", manifest | {"encoder": self.fingerprint.to_dict(), "n_texts": self.n_rows}
+        )
         shutil.rmtree(self.folder / "pending", ignore_errors=True)
         return len(new_keys)
 

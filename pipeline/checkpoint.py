@@ -6,6 +6,7 @@ Weights are safetensors and metadata JSON, so a checkpoint from anywhere is safe
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_write, write_json
 from pipeline.config import Config, config_from_dict
-from pipeline.encoder import Fingerprint
+from pipeline.data import Pair
+from pipeline.encoder import Fingerprint, ModelInfo, describe
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
 
@@ -35,6 +37,27 @@ class Checkpoint:
         """A fine-tuned encoder saved with the checkpoint (stage 1), else None: load by config.encoder.name."""
         folder = self.folder / ENCODER_DIR
         return folder if folder.is_dir() else None
+
+    def encoder_info(self) -> ModelInfo:
+        """The encoder whose embeddings the heads were trained on, or an error naming what differs."""
+        info = describe(self.config.encoder, folder=self.encoder_folder)
+        diffs = info.fingerprint.differences(self.fingerprint)
+        if diffs:
+            raise ModrmError(
+                f"checkpoint {self.folder}: encoder {self.config.encoder.name!r} is not the one its heads were "
+                f"trained on ({'; '.join(diffs)})"
+            )
+        return info
+
+    def check_modules(self, pairs: Sequence[Pair], data: str | Path) -> None:
+        """Every pair needs a head for its module; name the first pair that has none."""
+        known = set(self.model.module_names)
+        for pair in pairs:
+            if pair.target_module not in known:
+                raise ModrmError(
+                    f"{data}: pair_id {pair.pair_id!r}, field 'target_module': module {pair.target_module!r} has no "
+                    f"head in checkpoint {self.folder} (its heads: {', '.join(self.model.module_names)})"
+                )
 
 
 def save_heads(

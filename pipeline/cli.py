@@ -161,8 +161,6 @@ def eval_cmd(
     """Score pairs with trained heads: accuracy, AUC, separation per module, report and plots."""
     from pipeline.evaluate import evaluate, format_table
 
-    if split not in ("all", "train", "val", "test"):
-        raise ModrmError(f"--split {split!r}: use all, train, val or test")
     results = evaluate(checkpoint, data, out, cache=cache, split=split, progress=not quiet)
     typer.echo(format_table(results))
     typer.echo(f"report: {out / 'report.md'}  plots: {out}")

@@ -234,13 +234,7 @@ def save_stage1(out: Path, model: EndToEnd, ckpt: Checkpoint, config: Config, so
 
 def load_split(paths: list[Path], ckpt: Checkpoint) -> dict[str, list[Pair]]:
     pairs = load_pairs(paths, modules=[])
-    known = set(ckpt.model.module_names)
-    for pair in pairs:
-        if pair.target_module not in known:
-            raise ModrmError(
-                f"{paths[0]}: pair_id {pair.pair_id!r}, field 'target_module': the checkpoint has no head "
-                f"for {pair.target_module!r} (it has {', '.join(ckpt.model.module_names)})"
-            )
+    ckpt.check_modules(pairs, paths[0])
     d = ckpt.config.data
     split = {"train": [], "val": []}
     for pair in pairs:
@@ -270,14 +264,7 @@ def finetune(
     splits = load_split(data, ckpt)
     device = pick_device(fc.device)
     enc_cfg = dataclasses.replace(config.encoder, device=str(device), dtype="float32")  # fp32 master weights
-    info = describe(enc_cfg, folder=ckpt.encoder_folder)
-    diffs = info.fingerprint.differences(ckpt.fingerprint)
-    if diffs:
-        raise ModrmError(
-            f"checkpoint {ckpt.folder}: its heads were trained on another encoder than "
-            f"{config.encoder.name!r} ({'; '.join(diffs)}); fine-tune from a checkpoint of this encoder"
-        )
-    encoder = Encoder.load(enc_cfg, info)
+    encoder = Encoder.load(enc_cfg, ckpt.encoder_info())
     modules = ckpt.model.module_names
     train = tokenize_pairs(encoder, splits["train"], modules, config.encoder.context_template)
     val = tokenize_pairs(encoder, splits["val"], modules, config.encoder.context_template)
@@ -361,7 +348,7 @@ def finetune(
             state["epoch"], state["step"] = epoch + 1, 0
             if state["best"] is None or record["val_loss"] < state["best"]["val_loss"]:
                 state["best"] = record
-                save_stage1(out, model, ckpt, config, info.folder, {"best": record, "history": state["history"]})
+                save_stage1(out, model, ckpt, config, encoder.folder, {"best": record, "history": state["history"]})
             save_snapshot(snapshot, model, optimizer, scheduler, scaler, state)
     except torch.cuda.OutOfMemoryError:
         raise ModrmError(

@@ -22,17 +22,26 @@ from pipeline.trajectory import module_view
 
 
 def read_trajectories(path: Path) -> list[dict]:
+    """Records of a JSON array or JSON lines; a problem names the file, the record (index) and the field."""
     text = path.read_text(encoding="utf-8") if path.is_file() else None
     if text is None:
         raise ModrmError(f"{path}: no such file")
-    try:
-        records = (
-            json.loads(text)
-            if text.lstrip().startswith("[")
-            else [json.loads(line) for line in text.splitlines() if line.strip()]
-        )
-    except json.JSONDecodeError as err:
-        raise ModrmError(f"{path}: malformed JSON ({err})") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ModrmError(f"{path}: malformed JSON ({err})") from None
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ModrmError(f"{path}: record {len(records)} (line {number}): malformed JSON ({err})") from None
+    if not records:
+        raise ModrmError(f"{path}: holds no records (expected JSON lines of {{id, task, trajectory}})")
     for i, record in enumerate(records):
         for field in ("task", "trajectory"):
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
@@ -59,14 +68,23 @@ def score_file(checkpoint: Path, input_path: Path, out_path: Path, device: str =
     mod_emb = encoder.encode(mod_unique, "module", progress=progress) if mod_unique else np.zeros((0, encoder.dim))
     ctx_row = {t: i for i, t in enumerate(ctx_unique)}
     mod_row = {t: i for i, t in enumerate(mod_unique)}
-    slots = [(r, m) for r in range(len(records)) for m in range(len(modules)) if views[r][m]]
+    # each unique (context, view, module) is scored once, so duplicate trajectories get bit-identical rewards
+    slot_of = {}
+    for r in range(len(records)):
+        for m in range(len(modules)):
+            if views[r][m]:
+                slot_of.setdefault((ctx_row[contexts[r]], mod_row[views[r][m]], m), len(slot_of))
     rewards = np.full((len(records), len(modules)), np.nan)
-    if slots:
-        r_idx, m_idx = map(np.array, zip(*slots, strict=True))
-        c = torch.from_numpy(ctx_emb[[ctx_row[contexts[r]] for r in r_idx]])
-        v = torch.from_numpy(mod_emb[[mod_row[views[r][m]] for r, m in slots]])
+    if slot_of:
+        c_idx, v_idx, m_idx = map(np.array, zip(*slot_of, strict=True))
         with torch.inference_mode():
-            rewards[r_idx, m_idx] = ckpt.model(c, v, torch.from_numpy(m_idx)).numpy()
+            unique = ckpt.model(
+                torch.from_numpy(ctx_emb[c_idx]), torch.from_numpy(mod_emb[v_idx]), torch.from_numpy(m_idx)
+            ).numpy()
+        for r in range(len(records)):
+            for m in range(len(modules)):
+                if views[r][m]:
+                    rewards[r, m] = unique[slot_of[(ctx_row[contexts[r]], mod_row[views[r][m]], m)]]
     lines = [
         json.dumps(
             {

@@ -157,6 +157,8 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
     tc = config.train
     cache, manifest = open_existing(cache_dir)
+    if "config" not in manifest:
+        raise ModrmError(f"{cache_dir}: the last `modrm embed` into this cache did not finish; run it again")
     built = config_from_dict(manifest["config"])  # the encoder and split the cache was made with
     config = dataclasses.replace(config, encoder=built.encoder, data=built.data)
     table = cache.read_pairs()

@@ -142,7 +142,7 @@ def test_bad_input_is_a_clear_error(stage0, tmp_path):
         run(stage0, tmp_path / "a", token_budget=64)
     odd = tmp_path / "odd.json"
     odd.write_text(SEED_PAIRS.read_text().replace('"target_module": "planner"', '"target_module": "critic"'))
-    with pytest.raises(ModrmError, match="no head for 'critic'"):
+    with pytest.raises(ModrmError, match="module 'critic' has no head"):
         ft.finetune(stage0, [odd], tmp_path / "b", {}, progress=False)
     with pytest.raises(ModrmError, match="nothing to resume"):
         ft.finetune(stage0, [SEED_PAIRS], tmp_path / "c", {}, resume=True, progress=False)
@@ -150,5 +150,5 @@ def test_bad_input_is_a_clear_error(stage0, tmp_path):
     shutil.copytree(stage0, wrong)
     text = (wrong / "config.json").read_text().replace('"pooling": "lasttoken"', '"pooling": "mean"')
     (wrong / "config.json").write_text(text)
-    with pytest.raises(ModrmError, match="another encoder"):
+    with pytest.raises(ModrmError, match="is not the one its heads were trained on"):
         run(wrong, tmp_path / "d")

@@ -1,0 +1,321 @@
+"""`modrm eval`: score held-out pairs with one or more checkpoints; metrics.json, scores, plots, report.md.
+
+Texts are embedded through the same cache as training (only what it lacks is encoded), so evaluating
+again, or evaluating stage 0 and stage 1 on the same file, costs no encoder time the second time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from sklearn.metrics import roc_curve
+
+from pipeline.atomic import atomic_write, write_json
+from pipeline.cache import ROW_COLUMNS, Cache
+from pipeline.checkpoint import Checkpoint, load_checkpoint
+from pipeline.config import Config
+from pipeline.data import SPLITS, Pair, load_pairs, task_split
+from pipeline.embed import EmbedSummary, ensure_embedded
+from pipeline.encoder import pick_device
+from pipeline.errors import ModrmError
+from pipeline.heads import RewardHeads
+from pipeline.metrics import summarize
+
+SCORE_KEYS = ("pp", "nn", "pn", "np")  # context side, module-text side: p = positive, n = negative
+PLOTS = ("score_distributions.png", "roc_curves.png")
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+
+@torch.inference_mode()
+def score_pairs(
+    model: RewardHeads,
+    emb: np.ndarray,
+    rows: dict[str, np.ndarray],
+    module_idx: np.ndarray,
+    batch_size: int = 4096,
+    device: str | torch.device = "cpu",
+) -> dict[str, np.ndarray]:
+    """Rewards of every pair as is (pp = r_pos, nn = r_neg) and with module texts swapped (pn, np).
+
+    One forward pass per batch scores all four combinations; the model's train/eval mode is restored after.
+    """
+    module_idx = np.asarray(module_idx, dtype=np.int64)
+    n = len(module_idx)
+    out = {key: np.empty(n, dtype=np.float32) for key in SCORE_KEYS}
+    was_training = model.training
+    model.eval()
+    try:
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            e = {c: torch.from_numpy(np.asarray(emb[rows[c][lo:hi]])).to(device) for c in ROW_COLUMNS}
+            pos_ctx, pos_mod, neg_ctx, neg_mod = (e[c] for c in ROW_COLUMNS)
+            ctx = torch.cat([pos_ctx, neg_ctx, pos_ctx, neg_ctx])
+            mod = torch.cat([pos_mod, neg_mod, neg_mod, pos_mod])
+            idx = torch.from_numpy(module_idx[lo:hi]).to(device).repeat(4)
+            rewards = model(ctx, mod, idx).float().cpu().numpy().reshape(4, hi - lo)
+            for key, values in zip(SCORE_KEYS, rewards, strict=True):
+                out[key][lo:hi] = values
+    finally:
+        model.train(was_training)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def select_split(pairs: Sequence[Pair], split: str, config: Config, data: Path) -> list[Pair]:
+    """The pairs of one split, by task with the checkpoint's own split settings (so test stays unseen)."""
+    if split == "all":
+        return list(pairs)
+    d = config.data
+    chosen = [p for p in pairs if task_split(p.task, d.train_fraction, d.val_fraction, d.split_seed) == split]
+    if not chosen:
+        raise ModrmError(f"{data}: no pair falls in the {split} split (by task); use --split all")
+    return chosen
+
+
+def cache_folder(ckpt: Checkpoint, cache: Path | None) -> Path:
+    """--cache, else the checkpoint's own: stage 1 keeps one beside its encoder, stage 0 reuses its training cache."""
+    if cache is not None:
+        return Path(cache)
+    if ckpt.stage == 1:
+        return ckpt.folder / "cache"
+    if ckpt.cache is None:
+        raise ModrmError(f"checkpoint {ckpt.folder}: records no embedding cache; pass --cache DIR")
+    return Path(ckpt.cache)
+
+
+def labels_for(ckpts: Sequence[Checkpoint]) -> list[str]:
+    """stageN, with the folder name added where two checkpoints share a stage (and an index if still equal)."""
+    labels = [f"stage{c.stage}" for c in ckpts]
+    counts = Counter(labels)
+    labels = [f"{lab}-{c.folder.name}" if counts[lab] > 1 else lab for lab, c in zip(labels, ckpts, strict=True)]
+    counts = Counter(labels)
+    return [f"{lab}-{i}" if counts[lab] > 1 else lab for i, lab in enumerate(labels)]
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def write_scores(path: Path, pairs: Sequence[Pair], scores: dict[str, np.ndarray]) -> None:
+    records = (
+        {
+            "pair_id": p.pair_id,
+            "target_module": p.target_module,
+            "r_pos": float(scores["pp"][i]),
+            "r_neg": float(scores["nn"][i]),
+            "r_pos_ctx_neg_mod": float(scores["pn"][i]),
+            "r_neg_ctx_pos_mod": float(scores["np"][i]),
+        }
+        for i, p in enumerate(pairs)
+    )
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """A bare Figure renders through Agg without pyplot's global state (safe off the main thread)."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+
+
+def plot_distributions(path: Path, groups: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """One histogram panel per module: positive vs negative rewards on shared bins."""
+    ncols = min(2, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig = Figure(figsize=(5 * ncols, 3.5 * nrows))  # fixed spacing: a layout engine triples the render time
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.1, top=0.92, hspace=0.45, wspace=0.25)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (name, (r_pos, r_neg)) in zip(axes, groups.items(), strict=False):
+        bins = np.histogram_bin_edges(np.concatenate([r_pos, r_neg]), bins=30)
+        for values, side, color in ((r_pos, "positive", "tab:green"), (r_neg, "negative", "tab:red")):
+            ax.hist(values, bins=bins, alpha=0.5, label=side, color=color, histtype="stepfilled")
+        ax.set(title=f"{name} ({len(r_pos)} pairs)", xlabel="reward", ylabel="pairs")
+        ax.legend()
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
+    _save(fig, path)
+
+
+def plot_roc(path: Path, groups: dict[str, tuple[np.ndarray, np.ndarray]], aucs: dict[str, float | None]) -> None:
+    """One ROC curve per module and overall: positives labelled 1, negatives 0."""
+    fig = Figure(figsize=(6, 5.5))
+    ax = fig.subplots()
+    for name, (r_pos, r_neg) in groups.items():
+        labels = np.concatenate([np.ones(len(r_pos)), np.zeros(len(r_neg))])
+        fpr, tpr, _ = roc_curve(labels, np.concatenate([r_pos, r_neg]))
+        ax.plot(fpr, tpr, label=f"{name} (AUC {_fmt(aucs[name])})", linewidth=2.5 if name == "overall" else 1.5)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC: positive vs negative side")
+    ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.3f}" if signed else f"{value:.3f}"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "n/a" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def module_table(metrics: dict) -> str:
+    """One row per module, then overall."""
+    lines = [
+        "| module | n_pairs | accuracy | 95% CI | AUC | separation | swap accuracy | length corr. |",
+        "|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    rows = [*metrics["modules"].items(), ("**overall**", metrics["overall"])]
+    for name, m in rows:
+        lines.append(
+            f"| {name} | {m['n_pairs']} | {_fmt(m['accuracy'])} | {_ci(m['accuracy_ci95'])} | {_fmt(m['auc'])} | "
+            f"{_fmt(m['separation'], signed=True)} | {_fmt(m.get('swap_accuracy'))} | "
+            f"{_fmt(m['length_correlation'], signed=True)} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_table(results: dict[str, dict]) -> str:
+    """Accuracy and AUC side by side, one column group per checkpoint, so stages compare at a glance."""
+    labels = list(results)
+    modules = list(dict.fromkeys(m for metrics in results.values() for m in metrics["modules"]))
+    header = "| module | " + " | ".join(f"{lab} accuracy | {lab} AUC" for lab in labels) + " |"
+    lines = [header, "|---|" + "---:|---:|" * len(labels)]
+    for name in [*modules, "overall"]:
+        cells = []
+        for metrics in results.values():
+            m = metrics["overall"] if name == "overall" else metrics["modules"].get(name)
+            cells += [_fmt(m["accuracy"]), _fmt(m["auc"])] if m else ["n/a", "n/a"]
+        shown = "**overall**" if name == "overall" else name
+        lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """The markdown tables: one per checkpoint, then the side-by-side comparison when there are several."""
+    parts = [f"### {label} ({m['n_pairs']} pairs)\n\n{module_table(m)}" for label, m in results.items()]
+    if len(results) > 1:
+        parts.append(f"### comparison\n\n{comparison_table(results)}")
+    return "\n\n".join(parts)
+
+
+def write_report(out: Path, results: dict[str, dict], folders: dict[str, Path], data: Path, split: str) -> None:
+    lines = [f"# modrm evaluation\n\ndata: `{data}`  split: {split}\n"]
+    lines += [f"- {label}: checkpoint `{m['checkpoint']}`" for label, m in results.items()]
+    lines += ["", format_table(results), "", "## plots", ""]
+    for label, folder in folders.items():
+        for plot in PLOTS:
+            rel = (folder / plot).relative_to(out).as_posix()
+            lines.append(f"- {label}: [{rel}]({rel})")
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class Scored:
+    """A checkpoint's rewards for pairs, with what the metrics need beside them."""
+
+    scores: dict[str, np.ndarray]  # SCORE_KEYS -> rewards
+    module_idx: np.ndarray
+    lengths_pos: np.ndarray  # module-text tokens of each side
+    lengths_neg: np.ndarray
+    cache: Path
+    embed: EmbedSummary
+
+
+def score_checkpoint(ckpt: Checkpoint, pairs: Sequence[Pair], cache: Path | None, progress: bool) -> Scored:
+    """Embed what the cache lacks (never `write_pairs`: that index belongs to training), then score."""
+    info = ckpt.encoder_info()
+    store = Cache.open(cache_folder(ckpt, cache), info.fingerprint)
+    summary = EmbedSummary(n_pairs=len(pairs))
+    rows = ensure_embedded(pairs, store, ckpt.config, info, summary, progress)
+    lookup = {name: i for i, name in enumerate(ckpt.model.module_names)}
+    module_idx = np.array([lookup[p.target_module] for p in pairs], dtype=np.int64)
+    device = pick_device(ckpt.config.encoder.device)
+    emb = store.embeddings(ckpt.config.train.memory_budget_gb * 2**30)
+    scores = score_pairs(ckpt.model.to(device), emb, rows, module_idx, device=device)
+    n_tokens = store.texts["n_tokens"]
+    return Scored(
+        scores, module_idx, n_tokens[rows["pos_mod_row"]], n_tokens[rows["neg_mod_row"]], store.folder, summary
+    )
+
+
+def write_outputs(folder: Path, ckpt: Checkpoint, pairs: Sequence[Pair], scored: Scored, metrics: dict) -> None:
+    """metrics.json (last, so its presence means the folder is complete), scores, plots, resolved config."""
+    pp, nn = scored.scores["pp"], scored.scores["nn"]
+    groups = {
+        m: (pp[scored.module_idx == i], nn[scored.module_idx == i]) for i, m in enumerate(ckpt.model.module_names)
+    }
+    groups = {m: g for m, g in groups.items() if m in metrics["modules"]}
+    plot_distributions(folder / PLOTS[0], groups)
+    aucs = {m: metrics["modules"][m]["auc"] for m in groups} | {"overall": metrics["overall"]["auc"]}
+    plot_roc(folder / PLOTS[1], groups | {"overall": (pp, nn)}, aucs)
+    write_scores(folder / "scores.jsonl", pairs, scored.scores)
+    write_json(folder / "config.json", ckpt.config.to_dict())
+    write_json(folder / "metrics.json", metrics)
+
+
+def evaluate_checkpoint(
+    ckpt: Checkpoint, pairs: Sequence[Pair], data: Path, folder: Path, cache: Path | None, split: str, progress: bool
+) -> dict:
+    """Score one checkpoint's split of the pairs and write its metrics, scores and plots to `folder`."""
+    ckpt.check_modules(pairs, data)
+    chosen = select_split(pairs, split, ckpt.config, data)
+    scored = score_checkpoint(ckpt, chosen, cache, progress)
+    s = scored.scores
+    metrics = summarize(
+        ckpt.model.module_names, scored.module_idx, s["pp"], s["nn"], s, scored.lengths_pos, scored.lengths_neg
+    )
+    metrics |= {
+        "checkpoint": str(ckpt.folder),
+        "stage": ckpt.stage,
+        "data": str(data),
+        "split": split,
+        "cache": str(scored.cache),
+        "embed": {"cached": scored.embed.cached, "encoded": scored.embed.encoded},
+    }
+    write_outputs(folder, ckpt, chosen, scored, metrics)
+    return metrics
+
+
+def evaluate(
+    checkpoint_dirs: Sequence[Path],
+    data: Path,
+    out: Path,
+    cache: Path | None = None,
+    split: str = "all",
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Evaluate each checkpoint on the pairs in `data`; returns {label: metrics}, writes out/report.md.
+
+    One checkpoint writes straight into `out`; several write into out/<label>/ and the report compares them.
+    """
+    if split not in ("all", *SPLITS):
+        raise ModrmError(f"split {split!r}: use all, {', '.join(SPLITS)}")
+    if not checkpoint_dirs:
+        raise ModrmError("eval: give at least one --checkpoint")
+    data, out = Path(data), Path(out)
+    pairs = load_pairs([data], modules=[])
+    ckpts = [load_checkpoint(d) for d in checkpoint_dirs]
+    labels = labels_for(ckpts)
+    folders = {label: out if len(ckpts) == 1 else out / label for label in labels}
+    results = {
+        label: evaluate_checkpoint(ckpt, pairs, data, folders[label], cache, split, progress)
+        for label, ckpt in zip(labels, ckpts, strict=True)
+    }
+    write_report(out, results, folders, data, split)
+    return results
