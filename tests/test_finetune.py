@@ -152,3 +152,13 @@ def test_bad_input_is_a_clear_error(stage0, tmp_path):
     (wrong / "config.json").write_text(text)
     with pytest.raises(ModrmError, match="is not the one its heads were trained on"):
         run(wrong, tmp_path / "d")
+
+
+def test_lora_trains_adapters_and_saves_a_merged_encoder(stage0, tmp_path):
+    pytest.importorskip("peft")
+    run(stage0, tmp_path, lora_r=4)
+    base = load_file(str(next((stage0.parent / "qwen").glob("*.safetensors"))))
+    after = load_file(str(tmp_path / "encoder" / "model.safetensors"))
+    assert after.keys() == base.keys()  # merged back: a plain encoder, loadable without peft
+    assert any(not torch.equal(base[k], after[k]) for k in base if k.startswith("layers."))
+    assert all(torch.equal(base[k], after[k]) for k in base if k.startswith("embed_tokens."))

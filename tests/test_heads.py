@@ -170,3 +170,19 @@ def test_bad_caches_are_refused_without_writing(tmp_path):
     with pytest.raises(ModrmError, match="split is empty"):
         train_heads(one_task, tmp_path / "out2", small_config(1), progress=False)
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
+def test_a_module_without_train_pairs_is_refused(tmp_path):
+    folder = make_cache(tmp_path / "cache")
+    table = Cache(folder, Fingerprint("synthetic", None, "0" * 64, "mean", True, "", 64, 64, 16)).read_pairs()
+    data = table.to_pydict()
+    data["target_module"] = [
+        "critic" if split != "train" and i % 2 else m
+        for i, (m, split) in enumerate(zip(data["target_module"], data["split"], strict=True))
+    ]
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(data), folder / "pairs.parquet")
+    with pytest.raises(ModrmError, match="critic have no train pairs"):
+        train_heads(folder, tmp_path / "out", small_config(1), progress=False)
+    assert not (tmp_path / "out").exists()
