@@ -8,6 +8,7 @@ continue exactly where a killed run stopped.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -131,15 +132,19 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def freeze_layers(model: nn.Module, train_layers: int) -> None:
-    """Train only the top K blocks and whatever follows them (final norm); embeddings and the rest stay frozen."""
+    """Train only the top K blocks and what follows them (final norm); the embedding block and lower layers
+    stay frozen, so backward stops at the lowest trained layer."""
     layers = encoder_layers(model)
     if not 0 <= train_layers <= len(layers):
         raise ModrmError(f"--train-layers {train_layers}: the encoder has {len(layers)} layers")
     trainable = {id(p) for layer in layers[len(layers) - train_layers :] for p in layer.parameters()}
     in_layers = {id(p) for p in layers.parameters()}
-    embeddings = {id(p) for p in model.get_input_embeddings().parameters()}
-    for p in model.parameters():
-        p.requires_grad = id(p) in trainable or (id(p) not in in_layers and id(p) not in embeddings)
+    word_embeddings = model.get_input_embeddings()
+    name = next(n for n, m in model.named_modules() if m is word_embeddings)
+    embedding_block = name.rsplit(".", 1)[0] if "." in name else name  # BERT: embeddings.*, Qwen3: embed_tokens
+    for param_name, p in model.named_parameters():
+        frozen_block = param_name.startswith(embedding_block + ".")
+        p.requires_grad = id(p) in trainable or (id(p) not in in_layers and not frozen_block)
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -214,7 +219,9 @@ def save_stage1(out: Path, model: EndToEnd, ckpt: Checkpoint, config: Config, so
     encoder = model.encoder
     tmp = out / (ENCODER_DIR + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    hf_model = encoder.model.merge_and_unload() if hasattr(encoder.model, "merge_and_unload") else encoder.model
+    hf_model = encoder.model
+    if hasattr(hf_model, "merge_and_unload"):  # LoRA: save plain merged weights, from a copy (training goes on)
+        hf_model = copy.deepcopy(hf_model).merge_and_unload()
     hf_model.save_pretrained(tmp, safe_serialization=True)
     encoder.tokenizer.save_pretrained(tmp)
     for name in ST_FILES:
@@ -298,10 +305,19 @@ def finetune(
     )
     scaler = torch.amp.GradScaler(enabled=autocast == torch.float16)
 
-    state = {"epoch": 0, "step": 0, "optimizer_steps": 0, "best": None, "history": []}
+    out.mkdir(parents=True, exist_ok=True)
     if resume:
         state = load_snapshot(snapshot, model, optimizer, scheduler, scaler)
-    out.mkdir(parents=True, exist_ok=True)
+    else:  # the stage-0 starting point is a candidate too: stage 1 never returns worse val loss than it
+        start = validate_end_to_end(model, val, config)
+        record = {
+            "epoch": 0,
+            "val_loss": start["loss"],
+            "val_accuracy": start["accuracy"],
+            "val_modules": start["modules"],
+        }
+        state = {"epoch": 0, "step": 0, "optimizer_steps": 0, "best": record, "history": [record]}
+        save_stage1(out, model, ckpt, config, encoder.folder, {"best": record, "history": state["history"]})
     bar = tqdm(
         total=sum(len(p) for p in plans),
         initial=sum(len(p) for p in plans[: state["epoch"]]) + state["step"],
@@ -346,7 +362,7 @@ def finetune(
             }
             state["history"].append(record)
             state["epoch"], state["step"] = epoch + 1, 0
-            if state["best"] is None or record["val_loss"] < state["best"]["val_loss"]:
+            if record["val_loss"] < state["best"]["val_loss"]:
                 state["best"] = record
                 save_stage1(out, model, ckpt, config, encoder.folder, {"best": record, "history": state["history"]})
             save_snapshot(snapshot, model, optimizer, scheduler, scaler, state)

@@ -107,6 +107,11 @@ def pair_rewards(
     return rewards[: len(idx)], rewards[len(idx) :], module_idx
 
 
+def pairwise_accuracy(r_pos: torch.Tensor, r_neg: torch.Tensor) -> float:
+    """r+ > r- counts 1, a tie 1/2 (as in eval), so identical sides never decide a comparison by noise."""
+    return ((r_pos > r_neg).float() + 0.5 * (r_pos == r_neg).float()).mean().item()
+
+
 @torch.inference_mode()
 def validate(model: RewardHeads, table: EmbeddingTable, pairs: PairSet, cfg: Config, batch: int = 4096) -> dict:
     """Val loss (the training objective) and pairwise accuracy, overall and per module."""
@@ -129,9 +134,9 @@ def validate(model: RewardHeads, table: EmbeddingTable, pairs: PairSet, cfg: Con
             per_module[name] = {
                 "n_pairs": int(sel.sum()),
                 "loss": m_loss.item(),
-                "accuracy": (r_pos[sel] > r_neg[sel]).float().mean().item(),
+                "accuracy": pairwise_accuracy(r_pos[sel], r_neg[sel]),
             }
-    return {"loss": loss, "accuracy": (r_pos > r_neg).float().mean().item(), "modules": per_module}
+    return {"loss": loss, "accuracy": pairwise_accuracy(r_pos, r_neg), "modules": per_module}
 
 
 def warmup_then_linear(total_steps: int, warmup_ratio: float):

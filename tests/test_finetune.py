@@ -44,7 +44,14 @@ def run(stage0: Path, out: Path, **overrides) -> dict:
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The best checkpoint's encoder and heads."""
     return load_file(str(folder / "encoder" / "model.safetensors")) | load_file(str(folder / "heads.safetensors"))
+
+
+def latest(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights training ended with (the resume snapshot), whichever epoch was kept as best."""
+    state = load_file(str(folder / ft.SNAPSHOT_DIR / "model.safetensors"))
+    return {k.removeprefix("encoder.model.").removeprefix("heads."): v for k, v in state.items()}
 
 
 def test_one_run_moves_encoder_and_heads(stage0, tmp_path):
@@ -52,7 +59,7 @@ def test_one_run_moves_encoder_and_heads(stage0, tmp_path):
     before = load_file(str(next((stage0.parent / "qwen").glob("*.safetensors")))) | load_file(
         str(stage0 / "heads.safetensors")
     )
-    after = weights(tmp_path)
+    after = latest(tmp_path)
     changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}
     assert any(k.startswith("layers.") for k in changed)
     assert any(k.startswith("heads.") for k in changed)
@@ -102,7 +109,7 @@ def test_loss_decreases_over_a_few_steps(stage0):
 def test_partial_freezing_leaves_frozen_layers_identical(stage0, tmp_path):
     run(stage0, tmp_path, train_layers=1)
     base = load_file(str(next((stage0.parent / "qwen").glob("*.safetensors"))))
-    after = load_file(str(tmp_path / "encoder" / "model.safetensors"))
+    after = latest(tmp_path)
     frozen = [k for k in base if k.startswith(("layers.0.", "embed_tokens."))]
     trained = [k for k in base if k.startswith("layers.1.")]
     assert frozen and all(torch.equal(base[k], after[k]) for k in frozen)
@@ -131,10 +138,11 @@ def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch):
         resume=True,
         progress=False,
     )
-    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "resumed")
-    assert full.keys() == resumed.keys()
-    for k in full:
-        assert torch.equal(full[k], resumed[k]), k
+    for read in (weights, latest):
+        full, resumed = read(tmp_path / "full"), read(tmp_path / "resumed")
+        assert full.keys() == resumed.keys()
+        for k in full:
+            assert torch.equal(full[k], resumed[k]), k
 
 
 def test_bad_input_is_a_clear_error(stage0, tmp_path):
@@ -162,3 +170,10 @@ def test_lora_trains_adapters_and_saves_a_merged_encoder(stage0, tmp_path):
     assert after.keys() == base.keys()  # merged back: a plain encoder, loadable without peft
     assert any(not torch.equal(base[k], after[k]) for k in base if k.startswith("layers."))
     assert all(torch.equal(base[k], after[k]) for k in base if k.startswith("embed_tokens."))
+
+
+def test_partial_freezing_on_bert_freezes_the_whole_embedding_block(minilm_id, make_config):
+    encoder = Encoder.load(make_config(minilm_id).encoder)
+    ft.freeze_layers(encoder.model, 1)
+    trainable = [n for n, p in encoder.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith(("encoder.layer.5.", "pooler.")) for n in trainable), trainable
