@@ -69,3 +69,22 @@ def make_config() -> Callable[..., Config]:
         return config
 
     return make
+
+
+@pytest.fixture(scope="session")
+def stage0(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage-0 checkpoint over the seed pairs, embedded with a tiny random Qwen3 (small heads, 2 epochs);
+    its encoder folder is `stage0.parent / "qwen"`."""
+    from pipeline.config import HeadConfig
+    from pipeline.embed import embed_files
+    from pipeline.train_heads import train_heads
+
+    root = tmp_path_factory.mktemp("stage0")
+    config = Config()
+    config.encoder.name = str(build_random_qwen3(root / "qwen"))
+    config.encoder.max_context_tokens = 256
+    config.heads = HeadConfig(hidden=32, hidden2=16, dropout=0.0)
+    config.train.epochs = 2
+    embed_files([FIXTURES / "seed_training_pairs.json"], root / "cache", config, progress=False)
+    train_heads(root / "cache", root / "stage0", config, progress=False)
+    return root / "stage0"

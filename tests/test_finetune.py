@@ -13,29 +13,11 @@ from safetensors.torch import load_file
 
 import pipeline.finetune as ft
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import Config, HeadConfig
-from pipeline.embed import embed_files
 from pipeline.encoder import Encoder, describe
 from pipeline.errors import ModrmError
 from pipeline.heads import preference_loss
-from pipeline.random_qwen3 import build_random_qwen3
-from pipeline.train_heads import train_heads
 
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
-
-
-@pytest.fixture(scope="module")
-def stage0(tmp_path_factory):
-    """A stage-0 checkpoint over the seed pairs, embedded with a tiny random Qwen3."""
-    root = tmp_path_factory.mktemp("ft")
-    config = Config()
-    config.encoder.name = str(build_random_qwen3(root / "qwen"))
-    config.encoder.max_context_tokens = 256
-    config.heads = HeadConfig(hidden=32, hidden2=16, dropout=0.0)
-    config.train.epochs = 2
-    embed_files([SEED_PAIRS], root / "cache", config, progress=False)
-    train_heads(root / "cache", root / "stage0", config, progress=False)
-    return root / "stage0"
 
 
 def run(stage0: Path, out: Path, **overrides) -> dict:

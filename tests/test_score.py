@@ -14,14 +14,10 @@ import pytest
 import torch
 
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import Config, HeadConfig
-from pipeline.embed import embed_files
 from pipeline.encoder import Encoder, describe
 from pipeline.errors import ModrmError
 from pipeline.finetune import finetune
-from pipeline.random_qwen3 import build_random_qwen3
 from pipeline.score import score_file
-from pipeline.train_heads import train_heads
 from pipeline.trajectory import module_view
 
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
@@ -84,20 +80,6 @@ def assert_rewards_close(got: list[dict], want: list[dict]) -> None:
             assert (g[m] is None) == (w[m] is None), m
             if w[m] is not None:
                 assert g[m] == pytest.approx(w[m], rel=1e-4, abs=1e-5), m
-
-
-@pytest.fixture(scope="module")
-def stage0(tmp_path_factory):
-    """A stage-0 checkpoint over the seed pairs, embedded with a tiny random Qwen3 (small heads, 2 epochs)."""
-    root = tmp_path_factory.mktemp("score")
-    config = Config()
-    config.encoder.name = str(build_random_qwen3(root / "qwen"))
-    config.encoder.max_context_tokens = 256
-    config.heads = HeadConfig(hidden=32, hidden2=16, dropout=0.0)
-    config.train.epochs = 2
-    embed_files([SEED_PAIRS], root / "cache", config, progress=False)
-    train_heads(root / "cache", root / "stage0", config, progress=False)
-    return root / "stage0"
 
 
 @pytest.fixture(scope="module")
