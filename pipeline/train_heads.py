@@ -175,7 +175,10 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
 
     torch.manual_seed(tc.seed)
     model = RewardHeads(modules, cache.fingerprint.dim, config.heads).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    # fused: one kernel for all parameters (CPU and CUDA); the unfused loop costs as much as the heads here
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, fused=True
+    )
     steps_per_epoch = math.ceil(math.ceil(len(sets["train"]) / tc.batch_size) / tc.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_linear(steps_per_epoch * tc.epochs, tc.warmup_ratio)
