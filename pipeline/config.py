@@ -29,7 +29,7 @@ class EncoderConfig:
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     max_context_tokens: int = 2048  # contexts keep their most recent tokens (left truncation)
     max_module_tokens: int = 512  # module texts keep their first tokens
-    token_budget: int = 32768  # padded tokens per encoder batch
+    token_budget: int | None = None  # padded tokens per encoder batch; None: 4096 on CPU (cache-sized), 32768 on CUDA
     context_template: str = "Task: {task}\n\n{context}"  # what the encoder sees as the trajectory context
     prompt_name: str | None = None  # a prompt from the model's config_sentence_transformers.json
     trust_remote_code: bool = False

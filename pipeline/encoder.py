@@ -200,7 +200,7 @@ def describe(config: EncoderConfig, folder: Path | None = None) -> ModelInfo:
     if prompt_name and prompt_name not in prompts:
         raise ModrmError(f"encoder {config.name!r}: no prompt named {prompt_name!r} (has: {', '.join(prompts)})")
     for role, limit in (("context", config.max_context_tokens), ("module", config.max_module_tokens)):
-        if limit > config.token_budget:
+        if config.token_budget is not None and limit > config.token_budget:
             raise ModrmError(
                 f"encoder.token_budget {config.token_budget} is below max_{role}_tokens {limit}: "
                 "raise the budget or lower the limit"
@@ -371,7 +371,7 @@ class Encoder(nn.Module):
         self, tokens: Tokenized, desc: str = "embed", progress: bool = True
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield (indices, float32 embeddings) batch by batch, longest texts first."""
-        budget = self.config.token_budget
+        budget = self.config.token_budget or (32768 if self.device.type == "cuda" else 4096)
         total_tokens = int(tokens.lengths.sum())
         bar = tqdm(total=len(tokens.ids), desc=desc, unit="text", disable=not progress, dynamic_ncols=True)
         start, done_tokens = time.perf_counter(), 0
