@@ -146,6 +146,8 @@ def finetune_cmd(
         f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.3f} "
         f"({result['n_train']} train / {result['n_val']} val pairs)"
     )
+    if best["epoch"] == 0:
+        typer.echo("no epoch beat the stage-0 starting point on val loss: the checkpoint keeps those weights")
     typer.echo(f"checkpoint: {out}")
 
 
