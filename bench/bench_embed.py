@@ -46,9 +46,9 @@ from pipeline.synth import generate_pairs, write_pairs
 ENCODER_COLUMNS = ("method", "texts", "tokens", "seconds", "texts_per_s", "tokens_per_s")
 
 
-def unique_texts(pairs: list[Pair], template: str) -> tuple[list[str], list[str]]:
+def unique_texts(pairs: list[Pair], encoder: EncoderConfig) -> tuple[list[str], list[str]]:
     """(contexts, module texts) as `modrm embed` sees them, each text once, in first-appearance order."""
-    columns = pair_texts(pairs, template)
+    columns = pair_texts(pairs, encoder)
     contexts = list(dict.fromkeys(columns["pos_ctx_row"] + columns["neg_ctx_row"]))
     modules = list(dict.fromkeys(columns["pos_mod_row"] + columns["neg_mod_row"]))
     return contexts, modules
@@ -74,7 +74,7 @@ def compare_encoders(args, config: Config) -> tuple[list[dict], float]:
     from sentence_transformers import SentenceTransformer
 
     pairs = generate_pairs(args.pairs_per_module, seed=0)
-    contexts, modules = unique_texts(pairs, config.encoder.context_template)
+    contexts, modules = unique_texts(pairs, config.encoder)
     texts = contexts + modules
     synth_ratio = len(texts) / (4 * len(pairs))
     encoder = Encoder.load(config.encoder)
@@ -122,9 +122,9 @@ def dedup(args, config: Config, workdir: Path) -> dict:
 
     pairs = multi_negative_pairs(args.dedup_positives, args.negatives, seed=1)
     path = write_pairs(workdir / "multi_negative.jsonl", pairs)
-    columns = pair_texts(pairs, config.encoder.context_template)
+    columns = pair_texts(pairs, config.encoder)
     all_texts = [t for column in columns.values() for t in column]  # 4 per pair, repeats and all
-    contexts, modules = unique_texts(pairs, config.encoder.context_template)
+    contexts, modules = unique_texts(pairs, config.encoder)
 
     st = SentenceTransformer(str(get_model_path()), device="cpu")
     st.encode(all_texts[:8], batch_size=32)

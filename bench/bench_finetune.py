@@ -67,7 +67,7 @@ def fixed_tokens(encoder: Encoder, texts: list[str], length: int, keep_end: bool
 
 def fixed_pairs(encoder: Encoder, n_pairs: int, length: int) -> TokenizedPairs:
     pairs = generate_pairs(n_pairs // len(DEFAULT_MODULES) + 1, seed=0)[:n_pairs]
-    columns = pair_texts(pairs, Config().encoder.context_template)
+    columns = pair_texts(pairs, Config().encoder)
     contexts = fixed_tokens(encoder, columns["pos_ctx_row"] + columns["neg_ctx_row"], length, keep_end=True)
     modules = fixed_tokens(encoder, columns["pos_mod_row"] + columns["neg_mod_row"], MODULE_TOKENS, keep_end=False)
     i = np.arange(n_pairs)

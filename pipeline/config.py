@@ -12,6 +12,7 @@ The TOML file has one table per section below, e.g.
 from __future__ import annotations
 
 import dataclasses
+import string
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,19 @@ class EncoderConfig:
     revision: str | None = None  # hub revision (branch, tag or commit); None: the default branch
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
-    max_context_tokens: int = 2048  # contexts keep their most recent tokens (left truncation)
+    max_context_tokens: int = 2048  # contexts keep their head (prompt, task) and their most recent tokens
     max_module_tokens: int = 512  # module texts keep their first tokens
     token_budget: int | None = None  # padded tokens per encoder batch; None: 4096 on CPU (cache-sized), 32768 on CUDA
     context_template: str = "Task: {task}\n\n{context}"  # what the encoder sees as the trajectory context
     prompt_name: str | None = None  # a prompt from the model's config_sentence_transformers.json
     trust_remote_code: bool = False
+
+    def context_text(self, task: str, context: str) -> str:
+        return self.context_template.format(task=task, context=context)
+
+    def context_head(self, task: str) -> str:
+        """The part of a context before the trajectory: truncation keeps it, since quality depends on the task."""
+        return self.context_template.format(task=task, context="\0").split("\0")[0]
 
 
 @dataclass
@@ -115,6 +123,14 @@ def _coerce(section: str, key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def check_template(template: str) -> None:
+    fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    if fields.count("context") != 1 or set(fields) - {"task", "context"}:
+        raise ModrmError(
+            f"config encoder.context_template {template!r}: needs {{context}} once and no field but {{task}}"
+        )
+
+
 def apply(config: Config, section: str, values: dict[str, Any]) -> None:
     target = getattr(config, section, None)
     if target is None or not dataclasses.is_dataclass(target):
@@ -124,6 +140,8 @@ def apply(config: Config, section: str, values: dict[str, Any]) -> None:
         if key not in known:
             raise ModrmError(f"config: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
         setattr(target, key, _coerce(section, key, value, getattr(target, key)))
+    if section == "encoder":
+        check_template(config.encoder.context_template)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from pipeline.atomic import write_json
 from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard
-from pipeline.config import Config
+from pipeline.config import Config, EncoderConfig
 from pipeline.data import Pair, load_pairs, task_split
 from pipeline.encoder import Encoder, ModelInfo, describe
 
@@ -57,12 +57,12 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def pair_texts(pairs: Sequence[Pair], template: str) -> dict[str, list[str]]:
+def pair_texts(pairs: Sequence[Pair], encoder: EncoderConfig) -> dict[str, list[str]]:
     """The four texts of every pair; the context the encoder sees starts with the task."""
     return {
-        "pos_ctx_row": [template.format(task=p.task, context=p.positive.context) for p in pairs],
+        "pos_ctx_row": [encoder.context_text(p.task, p.positive.context) for p in pairs],
         "pos_mod_row": [p.positive.module_text for p in pairs],
-        "neg_ctx_row": [template.format(task=p.task, context=p.negative.context) for p in pairs],
+        "neg_ctx_row": [encoder.context_text(p.task, p.negative.context) for p in pairs],
         "neg_mod_row": [p.negative.module_text for p in pairs],
     }
 
@@ -71,15 +71,16 @@ def ensure_embedded(
     pairs: Sequence[Pair], cache: Cache, config: Config, info: ModelInfo, summary: EmbedSummary, progress: bool = True
 ) -> dict[str, np.ndarray]:
     """Cache rows of the four texts of every pair, encoding (and caching) only what the cache lacks."""
-    columns = pair_texts(pairs, config.encoder.context_template)
-    unique: dict[Key, str] = {}  # first appearance order, so rows are the same however the run was split
+    columns = pair_texts(pairs, config.encoder)
+    heads = [config.encoder.context_head(p.task) for p in pairs]  # what truncation of a context keeps
+    unique: dict[Key, tuple[str, str]] = {}  # first appearance order, so rows are the same however the run was split
     column_keys: dict[str, list[Key]] = {}
     for column, texts in columns.items():
         role = "context" if column.endswith("ctx_row") else "module"
         hashes = {t: text_hash(t) for t in dict.fromkeys(texts)}
         column_keys[column] = keys = [(role, hashes[t]) for t in texts]
-        for key, text in zip(keys, texts, strict=True):
-            unique.setdefault(key, text)
+        for key, text, head in zip(keys, texts, heads, strict=True):
+            unique.setdefault(key, (text, head))
     shards = cache.pending_shards()
     done = set(cache.index) | {k for shard in shards for k in shard.keys}
     missing = [k for k in unique if k not in done]
@@ -103,8 +104,10 @@ def ensure_embedded(
     return {column: cache.rows(keys) for column, keys in column_keys.items()}
 
 
-def _encode_shard(encoder: Encoder, keys: list[Key], texts: dict[Key, str], role: str, progress: bool) -> Shard:
-    tokens = encoder.tokenize([texts[k] for k in keys], role)
+def _encode_shard(
+    encoder: Encoder, keys: list[Key], texts: dict[Key, tuple[str, str]], role: str, progress: bool
+) -> Shard:
+    tokens = encoder.tokenize([texts[k][0] for k in keys], role, heads=[texts[k][1] for k in keys])
     embeddings = np.empty((len(keys), encoder.dim), dtype=np.float16)
     for index, emb in encoder.encode_tokenized(tokens, desc=f"embed {role}s", progress=progress):
         embeddings[index] = emb

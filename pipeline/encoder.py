@@ -43,6 +43,8 @@ class Fingerprint:
     dim: int
 
     tokenizer_sha256: str = ""
+    # what left truncation of contexts keeps: older caches kept only the prompt, so their long contexts lost the task
+    truncation: str = "prompt+end"
 
     IDENTITY = (
         "weights_sha256",
@@ -53,6 +55,7 @@ class Fingerprint:
         "max_context_tokens",
         "max_module_tokens",
         "dim",
+        "truncation",
     )
 
     def differences(self, other: Fingerprint) -> list[str]:
@@ -217,6 +220,7 @@ def describe(config: EncoderConfig, folder: Path | None = None) -> ModelInfo:
         max_context_tokens=min(config.max_context_tokens, model_limit),
         max_module_tokens=min(config.max_module_tokens, model_limit),
         dim=hf_config.hidden_size,
+        truncation="prompt+task+end",
     )
     return ModelInfo(Path(folder), fingerprint)
 
@@ -317,8 +321,10 @@ class Encoder(nn.Module):
         fp = self.fingerprint
         return fp.max_context_tokens if role == "context" else fp.max_module_tokens
 
-    def tokenize(self, texts: Sequence[str], role: str) -> Tokenized:
-        """Contexts keep their most recent tokens (left truncation); module texts keep their first ones."""
+    def tokenize(self, texts: Sequence[str], role: str, heads: Sequence[str] | None = None) -> Tokenized:
+        """Module texts keep their first tokens. Contexts keep their head and their most recent tokens: the
+        prompt (the instruction) and `heads[i]` (the task line that starts text i, up to half the room)
+        survive truncation, and the rest is filled from the end."""
         prompt = self.fingerprint.prompt
         body = self.tokenizer([prompt + t for t in texts] if prompt else list(texts), add_special_tokens=False)[
             "input_ids"
@@ -326,12 +332,18 @@ class Encoder(nn.Module):
         room = self.max_tokens(role) - len(self.prefix) - len(self.suffix)
         lengths = np.fromiter((len(ids) for ids in body), dtype=np.int64, count=len(body))
         truncated = lengths > room
-        keep_end = role == "context"
-        # left truncation must not cut the prompt (the instruction) off the front: keep it, then the end
-        head = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt and keep_end else 0
-        head = min(head, room)
-        for i in np.flatnonzero(truncated):
-            body[i] = body[i][:head] + body[i][len(body[i]) - (room - head) :] if keep_end else body[i][:room]
+        cut = np.flatnonzero(truncated)
+        if role == "context" and len(cut):
+            kept = [prompt + (heads[i] if heads else "") for i in cut]
+            head_ids = self.tokenizer(kept, add_special_tokens=False)["input_ids"] if any(kept) else [[]] * len(cut)
+            prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
+            limit = min(room, max(prompt_tokens, room // 2))  # the whole prompt; the task up to half the room
+            for i, ids in zip(cut, head_ids, strict=True):
+                keep = min(len(ids), limit)
+                body[i] = body[i][:keep] + body[i][len(body[i]) - (room - keep) :]
+        else:
+            for i in cut:
+                body[i] = body[i][:room]
         ids = [self.prefix + b + self.suffix for b in body] if self.prefix or self.suffix else body
         lengths = np.minimum(lengths, room) + len(self.prefix) + len(self.suffix)
         return Tokenized(ids, lengths, truncated)
@@ -402,9 +414,11 @@ class Encoder(nn.Module):
             raise ModrmError(f"encoder {self.config.name!r} produced non-finite embeddings even in fp32")
         return emb
 
-    def encode(self, texts: Sequence[str], role: str = "module", progress: bool = False) -> np.ndarray:
+    def encode(
+        self, texts: Sequence[str], role: str = "module", heads: Sequence[str] | None = None, progress: bool = False
+    ) -> np.ndarray:
         """float32 embeddings in input order (a convenience over tokenize + encode_tokenized)."""
-        tokens = self.tokenize(texts, role)
+        tokens = self.tokenize(texts, role, heads)
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for index, emb in self.encode_tokenized(tokens, progress=progress):
             out[index] = emb

@@ -53,15 +53,17 @@ class TokenizedPairs:
         return int(2 * len(idx) * (ctx + mod))
 
 
-def tokenize_pairs(encoder: Encoder, pairs: list[Pair], modules: list[str], template: str) -> TokenizedPairs:
-    columns = pair_texts(pairs, template)
+def tokenize_pairs(encoder: Encoder, pairs: list[Pair], modules: list[str]) -> TokenizedPairs:
+    columns = pair_texts(pairs, encoder.config)
+    heads = [encoder.config.context_head(p.task) for p in pairs]
     rows = np.empty((len(pairs), 4), dtype=np.int64)
     tokenized = {}
     for role, (a, b) in {"context": ("pos_ctx_row", "neg_ctx_row"), "module": ("pos_mod_row", "neg_mod_row")}.items():
-        unique = {t: i for i, t in enumerate(dict.fromkeys(columns[a] + columns[b]))}
-        rows[:, 0 if role == "context" else 1] = [unique[t] for t in columns[a]]
-        rows[:, 2 if role == "context" else 3] = [unique[t] for t in columns[b]]
-        tokenized[role] = encoder.tokenize(list(unique), role)
+        unique = dict(zip(columns[a] + columns[b], heads + heads, strict=True))  # text -> its head, first seen order
+        row_of = {t: i for i, t in enumerate(unique)}
+        rows[:, 0 if role == "context" else 1] = [row_of[t] for t in columns[a]]
+        rows[:, 2 if role == "context" else 3] = [row_of[t] for t in columns[b]]
+        tokenized[role] = encoder.tokenize(list(unique), role, heads=list(unique.values()))
     lookup = {m: i for i, m in enumerate(modules)}
     module_idx = np.array([lookup[p.target_module] for p in pairs], dtype=np.int64)
     return TokenizedPairs(tokenized["context"], tokenized["module"], rows, module_idx)
@@ -273,8 +275,8 @@ def finetune(
     enc_cfg = dataclasses.replace(config.encoder, device=str(device), dtype="float32")  # fp32 master weights
     encoder = Encoder.load(enc_cfg, ckpt.encoder_info())
     modules = ckpt.model.module_names
-    train = tokenize_pairs(encoder, splits["train"], modules, config.encoder.context_template)
-    val = tokenize_pairs(encoder, splits["val"], modules, config.encoder.context_template)
+    train = tokenize_pairs(encoder, splits["train"], modules)
+    val = tokenize_pairs(encoder, splits["val"], modules)
     check_budget(train, fc.token_budget)
 
     if fc.lora_r > 0:

@@ -60,11 +60,12 @@ def score_file(checkpoint: Path, input_path: Path, out_path: Path, device: str =
         raise ModrmError(f"checkpoint {checkpoint}: encoder {enc_cfg.name!r} is not the one its heads were trained on")
     encoder = Encoder.load(enc_cfg, info)
     modules = ckpt.model.module_names
-    contexts = [config.encoder.context_template.format(task=r["task"], context=r["trajectory"]) for r in records]
+    contexts = [config.encoder.context_text(r["task"], r["trajectory"]) for r in records]
+    heads = dict(zip(contexts, (config.encoder.context_head(r["task"]) for r in records), strict=True))
     views = [[module_view(r["trajectory"], m) for m in modules] for r in records]
-    ctx_unique = list(dict.fromkeys(contexts))
+    ctx_unique = list(heads)
     mod_unique = list(dict.fromkeys(v for row in views for v in row if v))
-    ctx_emb = encoder.encode(ctx_unique, "context", progress=progress)
+    ctx_emb = encoder.encode(ctx_unique, "context", heads=list(heads.values()), progress=progress)
     mod_emb = encoder.encode(mod_unique, "module", progress=progress) if mod_unique else np.zeros((0, encoder.dim))
     ctx_row = {t: i for i, t in enumerate(ctx_unique)}
     mod_row = {t: i for i, t in enumerate(mod_unique)}

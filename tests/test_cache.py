@@ -94,10 +94,11 @@ def _assert_round_trip(folder: Path, pairs: list[Pair], config: Config) -> None:
     stored = cache.embeddings()
     assert stored.dtype == np.float16 and np.isfinite(stored).all()
     encoder = Encoder.load(config.encoder)
-    for column, texts in pair_texts(pairs, config.encoder.context_template).items():
+    heads = [config.encoder.context_head(p.task) for p in pairs]
+    for column, texts in pair_texts(pairs, config.encoder).items():
         role = "context" if "ctx" in column else "module"
         rows = table.column(column).to_numpy()
-        fresh = encoder.encode(texts, role=role)
+        fresh = encoder.encode(texts, role=role, heads=heads)
         np.testing.assert_allclose(stored[rows].astype(np.float32), fresh, atol=2e-3, rtol=0)
         by_row = {int(r): i for i, r in enumerate(cache.texts["row"])}
         for text, row in zip(texts, rows, strict=True):
@@ -161,7 +162,7 @@ def test_dedup_counts_and_a_second_run_encodes_nothing(
 ) -> None:
     _, summary = seed_cache
     pairs = load_pairs([seed_pairs_path])
-    columns = pair_texts(pairs, tiny_config.encoder.context_template)
+    columns = pair_texts(pairs, tiny_config.encoder)
     assert sum(len(texts) for texts in columns.values()) == 128
     unique = {("ctx" in column, text) for column, texts in columns.items() for text in texts}
     assert len(unique) == SEED_UNIQUE_TEXTS  # computed independently of the cache
@@ -213,7 +214,12 @@ def test_a_second_file_encodes_only_its_new_texts(
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [("other_weights", "weights_sha256"), ("max_context_tokens", "max_context_tokens"), ("minilm", "dim")],
+    [
+        ("other_weights", "weights_sha256"),
+        ("max_context_tokens", "max_context_tokens"),
+        ("minilm", "dim"),
+        ("older_truncation", "truncation"),
+    ],
 )
 def test_a_different_encoder_is_refused_and_the_cache_untouched(
     seed_cache,
@@ -228,6 +234,11 @@ def test_a_different_encoder_is_refused_and_the_cache_untouched(
     folder = _copy(seed_cache, tmp_path)
     (folder / "pending").mkdir()  # a pending shard folder must survive too
     (folder / "pending" / "note").write_text("x")
+    config = make_config(tiny_qwen3, max_context_tokens=128, max_module_tokens=64)
+    if change == "older_truncation":  # a cache from before contexts kept their task line under truncation
+        manifest = json.loads((folder / "manifest.json").read_text())
+        del manifest["encoder"]["truncation"]
+        (folder / "manifest.json").write_text(json.dumps(manifest))
     before = _file_hashes(folder)
     if change == "other_weights":
         config = make_config(
@@ -235,7 +246,7 @@ def test_a_different_encoder_is_refused_and_the_cache_untouched(
         )
     elif change == "max_context_tokens":
         config = make_config(tiny_qwen3, max_context_tokens=96, max_module_tokens=64)
-    else:
+    elif change == "minilm":
         config = make_config(minilm_id)
     with pytest.raises(ModrmError, match=field) as info:
         embed_files([seed_pairs_path], folder, config, progress=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, load_config
 from pipeline.data import load_pairs
 from pipeline.encoder import Encoder, describe, pool
 from pipeline.errors import ModrmError
@@ -187,6 +187,32 @@ def test_left_truncation_keeps_the_prompt(tiny_qwen3: Path, make_config) -> None
     assert len(ids) == 60
     assert ids[: len(prompt_ids)] == prompt_ids  # the instruction survives truncation
     assert ids[len(prompt_ids) : -1] == full[-(59 - len(prompt_ids)) :]
+
+
+def test_left_truncation_keeps_the_task_head(tiny_qwen3: Path, make_config) -> None:
+    config = make_config(tiny_qwen3, max_context_tokens=60).encoder
+    encoder = Encoder.load(config)
+    head = config.context_head("fix the flaky login test")
+    text = config.context_text("fix the flaky login test", LONG)
+    assert text.startswith(head) and head.startswith("Task: fix")
+    head_ids = encoder.tokenizer(head, add_special_tokens=False)["input_ids"]
+    full = encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
+    (ids,) = encoder.tokenize([text], "context", heads=[head]).ids
+    assert len(ids) == 60 and ids[-1] == encoder.tokenizer.eos_token_id
+    assert ids[: len(head_ids)] == full[: len(head_ids)]  # the task survives truncation
+    assert ids[len(head_ids) : -1] == full[-(59 - len(head_ids)) :]  # then the most recent tokens
+    # a head longer than half the room keeps only that half: the trajectory's end is never crowded out
+    (ids,) = encoder.tokenize([text], "context", heads=[text]).ids
+    assert ids[:29] == full[:29] and ids[29:-1] == full[-30:]
+    # module texts keep their start whatever the head
+    (ids,) = encoder.tokenize([text], "module", heads=[head]).ids
+    assert ids[:-1] == full[: len(ids) - 1]
+
+
+@pytest.mark.parametrize("template", ["{task}", "{context} {context}", "{task} {ctx} {context}"])
+def test_context_template_must_place_the_context_once(template: str) -> None:
+    with pytest.raises(ModrmError, match="context_template"):
+        load_config(overrides={"encoder": {"context_template": template}})
 
 
 # ---------------------------------------------------------------------------------------------- batching

@@ -57,7 +57,7 @@ def _setup(stage0: Path, checkpointing: bool):
     if checkpointing:
         ft.enable_checkpointing(encoder.model)
     split = ft.load_split([SEED_PAIRS], ckpt)
-    data = ft.tokenize_pairs(encoder, split["train"][:6], ckpt.model.module_names, ckpt.config.encoder.context_template)
+    data = ft.tokenize_pairs(encoder, split["train"][:6], ckpt.model.module_names)
     model = ft.EndToEnd(encoder, ckpt.model).train()
     return model, data, ckpt
 

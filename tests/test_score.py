@@ -56,7 +56,8 @@ def expected_rewards(ckpt, records: list[dict], encoder: Encoder) -> list[dict]:
     template = ckpt.config.encoder.context_template
     modules = ckpt.model.module_names
     contexts = [template.format(task=r["task"], context=r["trajectory"]) for r in records]
-    ctx = encoder.encode(contexts, "context")
+    heads = [template.split("{context}")[0].format(task=r["task"]) for r in records]
+    ctx = encoder.encode(contexts, "context", heads=heads)
     out = []
     for i, record in enumerate(records):
         views = {m: module_view(record["trajectory"], m) for m in modules}
