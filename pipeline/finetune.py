@@ -368,10 +368,13 @@ def finetune(
                 state["best"] = record
                 save_stage1(out, model, ckpt, config, encoder.folder, {"best": record, "history": state["history"]})
             save_snapshot(snapshot, model, optimizer, scheduler, scaler, state)
-    except torch.cuda.OutOfMemoryError:
+    except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not is_out_of_memory(err):
+            raise
         raise ModrmError(
-            f"out of GPU memory at token_budget {fc.token_budget}: lower --token-budget, turn on "
-            "gradient checkpointing, or train fewer layers (--train-layers K)"
+            f"out of {'GPU' if device.type == 'cuda' else 'CPU'} memory at finetune.token_budget "
+            f"{fc.token_budget}: lower --token-budget, turn on gradient checkpointing, or train fewer layers "
+            "(--train-layers K); --resume continues from the last snapshot"
         ) from None
     bar.close()
     write_json(out / "finetune_history.json", state["history"])
@@ -381,6 +384,11 @@ def finetune(
         "n_train": len(train.module_idx),
         "n_val": len(val.module_idx),
     }
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA raises its own error; the CPU allocator raises a RuntimeError that says it could not allocate."""
+    return isinstance(err, torch.cuda.OutOfMemoryError | MemoryError) or "can't allocate memory" in str(err)
 
 
 @torch.inference_mode()

@@ -144,6 +144,28 @@ def test_bad_input_is_a_clear_error(stage0, tmp_path):
         run(wrong, tmp_path / "d")
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: 8 GB"),
+    ],
+)
+def test_running_out_of_memory_says_what_to_change(stage0, tmp_path, monkeypatch, error):
+    def raising(err: BaseException):
+        def forward(*args, **kwargs):
+            raise err
+
+        return forward
+
+    monkeypatch.setattr(ft.EndToEnd, "forward", raising(error))
+    with pytest.raises(ModrmError, match=r"out of CPU memory at finetune\.token_budget 4096: lower --token-budget"):
+        run(stage0, tmp_path)
+    monkeypatch.setattr(ft.EndToEnd, "forward", raising(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # any other error is not dressed up as memory
+        run(stage0, tmp_path / "b")
+
+
 def test_lora_trains_adapters_and_saves_a_merged_encoder(stage0, tmp_path):
     pytest.importorskip("peft")
     run(stage0, tmp_path, lora_r=4)
