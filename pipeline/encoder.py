@@ -335,7 +335,7 @@ class Encoder(nn.Module):
         cut = np.flatnonzero(truncated)
         if role == "context" and len(cut):
             kept = [prompt + (heads[i] if heads else "") for i in cut]
-            head_ids = self.tokenizer(kept, add_special_tokens=False)["input_ids"] if any(kept) else [[]] * len(cut)
+            head_ids = self.tokenizer(kept, add_special_tokens=False)["input_ids"]
             prompt_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0
             limit = min(room, max(prompt_tokens, room // 2))  # the whole prompt; the task up to half the room
             for i, ids in zip(cut, head_ids, strict=True):
