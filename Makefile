@@ -22,7 +22,7 @@ DEMO_DATA := data/generated/demo.jsonl
 STAGE1 ?= artifacts/stage1
 DEMO_DIR := artifacts/demo
 
-.PHONY: install synth embed train-heads finetune eval demo test bench lint clean
+.PHONY: install synth embed train-heads finetune eval demo test bench bench-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,12 @@ bench: install
 	$(BIN)/python bench/bench_embed.py
 	$(BIN)/python bench/bench_heads.py
 	$(BIN)/python bench/bench_finetune.py
+
+# The GPU check: the cuda tests and bench/bench_gpu.py, on a Python that has torch with CUDA and modrm
+# importable (a GPU machine's own: `pip install --no-deps --no-build-isolation -e .`; or GPU_PYTHON=.venv/bin/python).
+GPU_PYTHON ?= python3
+bench-gpu:
+	$(GPU_PYTHON) bench/bench_gpu.py
 
 test: install
 	$(BIN)/pytest

@@ -44,7 +44,7 @@ from pipeline.config import Config, EncoderConfig
 from pipeline.data import DEFAULT_MODULES
 from pipeline.embed import pair_texts
 from pipeline.encoder import MINILM_ID, Encoder, Tokenized
-from pipeline.finetune import EndToEnd, TokenizedPairs, enable_checkpointing
+from pipeline.finetune import EndToEnd, TokenizedPairs, enable_checkpointing, freeze_layers
 from pipeline.heads import RewardHeads, preference_loss
 from pipeline.random_qwen3 import build_random_qwen3
 from pipeline.synth import generate_pairs
@@ -90,6 +90,8 @@ def worker(args) -> dict:
     encoder = Encoder.load(EncoderConfig(name=args.encoder, device=args.device, dtype="float32"))
     cfg = Config()
     model = EndToEnd(encoder, RewardHeads(DEFAULT_MODULES, encoder.dim, cfg.heads).to(device))
+    if args.train_layers is not None:
+        freeze_layers(encoder.model, args.train_layers)
     if args.checkpointing:
         enable_checkpointing(encoder.model)
     data = fixed_pairs(encoder, args.pairs, args.length)
@@ -139,16 +141,26 @@ def worker(args) -> dict:
     return result
 
 
-def run_config(encoder: str, device: str, length: int, checkpointing: bool, pairs: int, steps: int, autocast: str):
+def run_config(
+    encoder: str,
+    device: str,
+    length: int,
+    checkpointing: bool,
+    pairs: int,
+    steps: int,
+    autocast: str,
+    train_layers: int | None = None,
+):
     """`worker` in a fresh interpreter, so ru_maxrss is this configuration's peak alone."""
     command = [sys.executable, __file__, "--worker", "--encoder", encoder, "--device", device]
     command += ["--length", str(length), "--pairs", str(pairs), "--steps", str(steps), "--autocast", autocast]
     command += ["--checkpointing"] if checkpointing else []
+    command += ["--train-layers", str(train_layers)] if train_layers is not None else []
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise SystemExit(f"worker failed ({' '.join(command[1:])}):\n{done.stderr[-3000:]}")
-    config = {"length": length, "checkpointing": checkpointing, "pairs": pairs}
+    config = {"length": length, "checkpointing": checkpointing, "pairs": pairs, "train_layers": train_layers}
     return config | json.loads(lines[-1].removeprefix("RESULT "))
 
 
@@ -172,6 +184,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--autocast", default="none", help=argparse.SUPPRESS)
+    parser.add_argument("--train-layers", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))

@@ -43,16 +43,18 @@ DIM = 1024
 SIZES = ((1_000, 5), (10_000, 3), (100_000, 1))  # (pairs, epochs)
 
 
-def make_cache(folder: Path, n_pairs: int, dim: int, seed: int = 0) -> Path:
-    """A cache with 4 fresh rows per pair (pos ctx, pos mod, neg ctx, neg mod), modules round-robin."""
+def make_cache(folder: Path, n_pairs: int, dim: int, seed: int = 0, max_rows: int | None = None) -> Path:
+    """A cache with 4 fresh rows per pair (pos ctx, pos mod, neg ctx, neg mod), modules round-robin; with
+    `max_rows`, pairs draw their 4 rows at random from that many (the speed of a step does not depend on it)."""
     rng = np.random.default_rng(seed)
-    n_rows = 4 * n_pairs
+    n_rows = 4 * n_pairs if max_rows is None else min(4 * n_pairs, max_rows)
     fingerprint = Fingerprint("synthetic", None, "0" * 64, "mean", True, "", 512, 512, dim)
     cache = Cache(folder, fingerprint)
     keys = [("context" if i % 2 == 0 else "module", str(i)) for i in range(n_rows)]
     embeddings = rng.standard_normal((n_rows, dim), dtype=np.float32).astype(np.float16)
     cache.merge(keys, [Shard(keys, np.full(n_rows, 64), np.zeros(n_rows, dtype=bool), embeddings)])
-    first = np.arange(n_pairs) * 4
+    fresh = n_rows == 4 * n_pairs
+    rows = np.arange(n_rows).reshape(n_pairs, 4) if fresh else rng.integers(0, n_rows, (n_pairs, 4))
     cache.write_pairs(
         pa.table(
             {
@@ -60,10 +62,10 @@ def make_cache(folder: Path, n_pairs: int, dim: int, seed: int = 0) -> Path:
                 "target_module": [DEFAULT_MODULES[i % len(DEFAULT_MODULES)] for i in range(n_pairs)],
                 "task": [f"task {i // 4}" for i in range(n_pairs)],
                 "split": ["val" if i % 20 == 19 else "train" for i in range(n_pairs)],
-                "pos_ctx_row": first,
-                "pos_mod_row": first + 1,
-                "neg_ctx_row": first + 2,
-                "neg_mod_row": first + 3,
+                "pos_ctx_row": rows[:, 0],
+                "pos_mod_row": rows[:, 1],
+                "neg_ctx_row": rows[:, 2],
+                "neg_mod_row": rows[:, 3],
                 "pos_outcome": np.ones(n_pairs),
                 "neg_outcome": np.zeros(n_pairs),
             }
@@ -73,18 +75,22 @@ def make_cache(folder: Path, n_pairs: int, dim: int, seed: int = 0) -> Path:
     return folder
 
 
-def train_rate(workdir: Path, n_pairs: int, epochs: int, device: str) -> dict:
+def train_rate(
+    workdir: Path, n_pairs: int, epochs: int, device: str, batch_size: int | None = None, max_rows: int | None = None
+) -> dict:
     cache = workdir / f"cache-{n_pairs}"
     if not cache.exists():
-        make_cache(cache, n_pairs, DIM)
+        make_cache(cache, n_pairs, DIM, max_rows=max_rows)
     config = Config()
     config.train.epochs, config.train.patience, config.train.device = epochs, epochs, device
-    out = workdir / f"heads-{n_pairs}-{device}"
+    config.train.batch_size = batch_size or config.train.batch_size
+    out = workdir / f"heads-{n_pairs}-{device}-{config.train.batch_size}"
     summary, seconds = timed(lambda: train_heads(cache, out, config, progress=False))
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [record["pairs_per_s"] for record in log]
     return {
         "pairs": n_pairs,
+        "batch_size": config.train.batch_size,
         "train_pairs": summary["n_train"],
         "epochs": len(log),
         "pairs_per_s": statistics.median(rates),

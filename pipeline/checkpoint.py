@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.atomic import atomic_write, write_json
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Pair
-from pipeline.encoder import Fingerprint, ModelInfo, describe
+from pipeline.encoder import Fingerprint, ModelInfo, describe, pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
 
@@ -37,6 +37,14 @@ class Checkpoint:
         """A fine-tuned encoder saved with the checkpoint (stage 1), else None: load by config.encoder.name."""
         folder = self.folder / ENCODER_DIR
         return folder if folder.is_dir() else None
+
+    def run_on(self, device: str) -> torch.device:
+        """Score on `device` (auto | cpu | cuda[:N]) whatever the checkpoint was trained on: the training device
+        is a setting of that run, not of the model, so a GPU-trained checkpoint evaluates on a CPU."""
+        resolved = pick_device(device)
+        self.config.encoder.device = str(resolved)
+        self.model.to(resolved)
+        return resolved
 
     def encoder_info(self) -> ModelInfo:
         """The encoder whose embeddings the heads were trained on, or an error naming what differs."""

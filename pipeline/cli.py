@@ -158,12 +158,13 @@ def eval_cmd(
     out: Annotated[Path, typer.Option("--out", help="folder for metrics.json, report.md and plots")],
     cache: Annotated[Path | None, typer.Option("--cache", help="embedding cache (default: the checkpoint's)")] = None,
     split: Annotated[str, typer.Option("--split", help="all | train | val | test (split by task)")] = "all",
+    device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Score pairs with trained heads: accuracy, AUC, separation per module, report and plots."""
     from pipeline.evaluate import evaluate, format_table
 
-    results = evaluate(checkpoint, data, out, cache=cache, split=split, progress=not quiet)
+    results = evaluate(checkpoint, data, out, cache=cache, split=split, progress=not quiet, device=device or "auto")
     typer.echo(format_table(results))
     typer.echo(f"report: {out / 'report.md'}  plots: {out}")
 

@@ -76,6 +76,7 @@ class TrainConfig:
     seed: int = 0
     memory_budget_gb: float = 4.0  # embeddings larger than this are memory-mapped, not loaded
     device: str = "auto"
+    dtype: str = "auto"  # autocast: auto (bf16 on CUDA where supported, else fp16 + grad scaler; fp32 on CPU)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class FinetuneConfig:
     save_every: int = 50  # optimizer steps between resumable snapshots
     seed: int = 0
     device: str = "auto"
-    dtype: str = "auto"  # auto: bf16 autocast on CUDA where supported, else fp16 with a grad scaler; fp32 on CPU
+    dtype: str = "auto"  # autocast, as train.dtype; the weights stay fp32 (master weights)
 
 
 @dataclass

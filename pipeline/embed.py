@@ -48,7 +48,7 @@ class EmbedSummary:
         return [
             f"pairs: {self.n_pairs}  unique texts: {self.unique_texts}  already cached: {self.cached}",
             encoded,
-            f"truncated: {self.truncated}  fp32 re-encodes: {self.fp32_fallbacks}",
+            f"truncated: {self.truncated}  texts re-encoded in fp32: {self.fp32_fallbacks}",
             "splits: " + "  ".join(f"{k} {v}" for k, v in self.splits.items()),
         ]
 
@@ -97,7 +97,7 @@ def ensure_embedded(
                 summary.tokens += int(shard.n_tokens.sum())
         summary.seconds = time.perf_counter() - start
         summary.encoded = len(missing)
-        summary.fp32_fallbacks = encoder.fallback_runs
+        summary.fp32_fallbacks = encoder.fallback_texts
     if shards:
         cache.merge(list(unique), shards)
     summary.truncated = int(cache.texts["truncated"][cache.rows(list(unique))].sum())

@@ -272,7 +272,8 @@ class Encoder(nn.Module):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.left_padding = tokenizer.padding_side == "left"
         self.prefix, self.suffix = self._special_tokens()
-        self.fallback_runs = 0  # batches re-encoded in fp32 because the fast dtype overflowed
+        self.fallback_batches = 0  # batches whose fast-dtype output was not finite
+        self.fallback_texts = 0  # texts of those batches re-encoded in fp32
 
     @classmethod
     def load(cls, config: EncoderConfig, info: ModelInfo | None = None) -> Encoder:
@@ -388,10 +389,11 @@ class Encoder(nn.Module):
         bar = tqdm(total=len(tokens.ids), desc=desc, unit="text", disable=not progress, dynamic_ncols=True)
         start, done_tokens = time.perf_counter(), 0
         for index in self.batches(tokens.lengths, budget):
-            batch = self.collate([tokens.ids[i] for i in index])
-            emb = self(batch)
-            if not torch.isfinite(emb).all():
-                emb = self._encode_fp32(batch)
+            emb = self(self.collate([tokens.ids[i] for i in index]))
+            bad = ~torch.isfinite(emb).all(1)
+            if bad.any():  # only the overflowed texts: an embedding does not depend on its batch
+                redo = bad.nonzero().squeeze(1)
+                emb[redo] = self._encode_fp32(self.collate([tokens.ids[i] for i in index[redo.cpu().numpy()]]))
             done_tokens += int(tokens.lengths[index].sum())
             bar.update(len(index))
             bar.set_postfix(
@@ -402,8 +404,9 @@ class Encoder(nn.Module):
         bar.close()
 
     def _encode_fp32(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """fp16 can overflow in Qwen3 (trained in bf16): redo that batch in fp32 rather than store NaN."""
-        self.fallback_runs += 1
+        """fp16 can overflow in Qwen3 (trained in bf16): redo those texts in fp32 rather than store NaN."""
+        self.fallback_batches += 1
+        self.fallback_texts += len(batch["input_ids"])
         original = next(self.model.parameters()).dtype
         self.model.float()
         try:

@@ -24,7 +24,6 @@ from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.config import Config
 from pipeline.data import SPLITS, Pair, load_pairs, task_split
 from pipeline.embed import EmbedSummary, ensure_embedded
-from pipeline.encoder import pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
 from pipeline.metrics import summarize
@@ -61,7 +60,7 @@ def score_pairs(
             pos_ctx, pos_mod, neg_ctx, neg_mod = (e[c] for c in ROW_COLUMNS)
             ctx = torch.cat([pos_ctx, neg_ctx, pos_ctx, neg_ctx])
             mod = torch.cat([pos_mod, neg_mod, neg_mod, pos_mod])
-            idx = torch.from_numpy(module_idx[lo:hi]).to(device).repeat(4)
+            idx = torch.from_numpy(module_idx[lo:hi]).repeat(4)
             rewards = model(ctx, mod, idx).float().cpu().numpy().reshape(4, hi - lo)
             for key, values in zip(SCORE_KEYS, rewards, strict=True):
                 out[key][lo:hi] = values
@@ -245,9 +244,9 @@ def score_checkpoint(ckpt: Checkpoint, pairs: Sequence[Pair], cache: Path | None
     rows = ensure_embedded(pairs, store, ckpt.config, info, summary, progress)
     lookup = {name: i for i, name in enumerate(ckpt.model.module_names)}
     module_idx = np.array([lookup[p.target_module] for p in pairs], dtype=np.int64)
-    device = pick_device(ckpt.config.encoder.device)
+    device = next(ckpt.model.parameters()).device
     emb = store.embeddings(ckpt.config.train.memory_budget_gb * 2**30)
-    scores = score_pairs(ckpt.model.to(device), emb, rows, module_idx, device=device)
+    scores = score_pairs(ckpt.model, emb, rows, module_idx, device=device)
     n_tokens = store.texts["n_tokens"]
     return Scored(
         scores, module_idx, n_tokens[rows["pos_mod_row"]], n_tokens[rows["neg_mod_row"]], store.folder, summary
@@ -299,6 +298,7 @@ def evaluate(
     cache: Path | None = None,
     split: str = "all",
     progress: bool = True,
+    device: str = "auto",
 ) -> dict[str, dict]:
     """Evaluate each checkpoint on the pairs in `data`; returns {label: metrics}, writes out/report.md.
 
@@ -311,6 +311,8 @@ def evaluate(
     data, out = Path(data), Path(out)
     pairs = load_pairs([data], modules=[])
     ckpts = [load_checkpoint(d) for d in checkpoint_dirs]
+    for ckpt in ckpts:
+        ckpt.run_on(device)
     labels = labels_for(ckpts)
     folders = {label: out if len(ckpts) == 1 else out / label for label in labels}
     results = {

@@ -31,7 +31,7 @@ from pipeline.embed import pair_texts
 from pipeline.encoder import Encoder, Tokenized, describe, pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import preference_loss
-from pipeline.train_heads import PairSet, amp_dtype, validate, warmup_then_linear
+from pipeline.train_heads import PairSet, autocast_dtype, validate, warmup_then_linear
 
 ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "1_Pooling")
 SNAPSHOT_DIR = "resume"
@@ -119,9 +119,9 @@ class EndToEnd(nn.Module):
         rows = data.rows[idx]
         ctx = self.embed(data.contexts, np.concatenate([rows[:, 0], rows[:, 2]]))
         mod = self.embed(data.modules, np.concatenate([rows[:, 1], rows[:, 3]]))
-        module_idx = torch.from_numpy(data.module_idx[idx]).to(ctx.device)
-        rewards = self.heads(ctx, mod, torch.cat([module_idx, module_idx]))
-        return rewards[: len(idx)], rewards[len(idx) :], module_idx
+        module_idx = torch.from_numpy(data.module_idx[idx])
+        rewards = self.heads(ctx, mod, torch.cat([module_idx, module_idx]))  # indices on the host: no device sync
+        return rewards[: len(idx)], rewards[len(idx) :], module_idx.to(ctx.device)
 
 
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -300,12 +300,8 @@ def finetune(
         plans = cap_steps(plans, fc.max_steps * fc.grad_accum)
     total = sum(math.ceil(len(p) / fc.grad_accum) for p in plans)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total, fc.warmup_ratio))
-    autocast = (
-        amp_dtype(device)
-        if fc.dtype == "auto"
-        else {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[fc.dtype]
-    )
-    scaler = torch.amp.GradScaler(enabled=autocast == torch.float16)
+    autocast = autocast_dtype(fc.dtype, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
 
     out.mkdir(parents=True, exist_ok=True)
     if resume:

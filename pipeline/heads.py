@@ -40,13 +40,19 @@ class RewardHeads(nn.Module):
         self.heads = nn.ModuleList(make_head(dim, cfg) for _ in self.module_names)
 
     def forward(self, e_ctx: torch.Tensor, e_mod: torch.Tensor, module_idx: torch.Tensor) -> torch.Tensor:
-        """Rewards [B] for rows of mixed modules: one matmul chain per module present, not per row."""
+        """Rewards [B] for rows of mixed modules: one matmul chain per module present, not per row.
+
+        The rows are grouped on the host, so indices that live there (as the training loops pass them) cost the
+        GPU no synchronisation; indices on the GPU are copied over first."""
         ctx, mod = self.norm(e_ctx.float()), self.norm(e_mod.float())
         x = torch.cat([ctx, mod, ctx * mod], dim=-1)
         out = x.new_empty(x.shape[0])
-        for m in module_idx.unique().tolist():
-            sel = module_idx == m
-            out[sel] = self.heads[m](x[sel]).squeeze(-1).to(out.dtype)
+        groups = module_idx.cpu()
+        order = torch.argsort(groups, stable=True)
+        for m, rows in enumerate(order.split(torch.bincount(groups, minlength=len(self.heads)).tolist())):
+            if len(rows):
+                rows = rows.to(x.device, non_blocking=True)
+                out.index_copy_(0, rows, self.heads[m](x.index_select(0, rows)).squeeze(-1).to(out.dtype))
         return out
 
 
@@ -59,6 +65,6 @@ def preference_loss(
     per_pair = F.binary_cross_entropy_with_logits(diff, torch.ones_like(diff), reduction="none")
     per_pair = per_pair + alpha * F.relu(margin - diff)
     sums = torch.zeros(n_modules, device=diff.device).index_add(0, module_idx, per_pair)
-    counts = torch.bincount(module_idx, minlength=n_modules)
-    present = counts > 0
-    return (sums[present] / counts[present]).mean()
+    counts = torch.zeros(n_modules, device=diff.device).index_add(0, module_idx, torch.ones_like(per_pair))
+    present = (counts > 0).float()  # arithmetic, not boolean indexing: no device sync
+    return (sums / counts.clamp(min=1) * present).sum() / present.sum()

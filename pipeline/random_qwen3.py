@@ -60,8 +60,31 @@ def build_tokenizer(append_end_token: bool = True, vocab_size: int = 512) -> Pre
     )
 
 
-def build_random_qwen3(path: str | Path, size: str = "tiny", append_end_token: bool = True, seed: int = 0) -> Path:
-    """Write a Qwen3 embedding model folder (weights, tokenizer, sentence-transformers files) to `path`."""
+def plant_fp16_overflow(model: Qwen3Model, token_id: int, residual: float = 65000.0, mlp_std: float = 2000.0) -> None:
+    """Make one token a "massive activation", as trained Qwen3 models have: its residual sits at the top of fp16's
+    range (65504) and layer 0's MLP adds thousands, so in fp16 it overflows to inf and the NaN that follows spreads
+    through attention to every later token, the pooled end token included. In fp32 (and bf16) nothing overflows,
+    and texts without the token stay finite in fp16: the fp32 fallback is exercised for real."""
+    import torch
+
+    with torch.no_grad():
+        model.embed_tokens.weight[token_id] = residual
+        layer = model.layers[0]
+        normed = layer.post_attention_layernorm(torch.full((1, model.config.hidden_size), residual))
+        layer.mlp.down_proj.weight.mul_(mlp_std / layer.mlp(normed).std())
+
+
+def build_random_qwen3(
+    path: str | Path,
+    size: str = "tiny",
+    append_end_token: bool = True,
+    seed: int = 0,
+    overflow_trigger: str | None = None,
+) -> Path:
+    """Write a Qwen3 embedding model folder (weights, tokenizer, sentence-transformers files) to `path`.
+
+    The real-size model is saved in bf16, as Qwen/Qwen3-Embedding-0.6B is; `overflow_trigger` names a token
+    (one character of the byte-level alphabet, e.g. "~") that overflows fp16 (`plant_fp16_overflow`)."""
     import torch
 
     path = Path(path)
@@ -80,7 +103,10 @@ def build_random_qwen3(path: str | Path, size: str = "tiny", append_end_token: b
         **SIZES[size],
     )
     torch.manual_seed(seed)
-    Qwen3Model(config).save_pretrained(path, safe_serialization=True)
+    model = Qwen3Model(config)
+    if overflow_trigger is not None:
+        plant_fp16_overflow(model, tokenizer.convert_tokens_to_ids(overflow_trigger))
+    model.to(torch.float32 if size == "tiny" else torch.bfloat16).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     (path / "1_Pooling").mkdir(exist_ok=True)
     files = {

@@ -16,7 +16,7 @@ import torch
 
 from pipeline.atomic import atomic_write
 from pipeline.checkpoint import load_checkpoint
-from pipeline.encoder import Encoder, describe
+from pipeline.encoder import Encoder
 from pipeline.errors import ModrmError
 from pipeline.trajectory import module_view
 
@@ -54,11 +54,8 @@ def score_file(checkpoint: Path, input_path: Path, out_path: Path, device: str =
     ckpt = load_checkpoint(checkpoint)
     records = read_trajectories(input_path)
     config = ckpt.config
-    enc_cfg = config.encoder if device == "auto" else type(config.encoder)(**{**vars(config.encoder), "device": device})
-    info = describe(enc_cfg, folder=ckpt.encoder_folder)
-    if info.fingerprint.differences(ckpt.fingerprint):
-        raise ModrmError(f"checkpoint {checkpoint}: encoder {enc_cfg.name!r} is not the one its heads were trained on")
-    encoder = Encoder.load(enc_cfg, info)
+    device = ckpt.run_on(device)
+    encoder = Encoder.load(config.encoder, ckpt.encoder_info())
     modules = ckpt.model.module_names
     contexts = [config.encoder.context_text(r["task"], r["trajectory"]) for r in records]
     heads = dict(zip(contexts, (config.encoder.context_head(r["task"]) for r in records), strict=True))
@@ -79,9 +76,15 @@ def score_file(checkpoint: Path, input_path: Path, out_path: Path, device: str =
     if slot_of:
         c_idx, v_idx, m_idx = map(np.array, zip(*slot_of, strict=True))
         with torch.inference_mode():
-            unique = ckpt.model(
-                torch.from_numpy(ctx_emb[c_idx]), torch.from_numpy(mod_emb[v_idx]), torch.from_numpy(m_idx)
-            ).numpy()
+            unique = (
+                ckpt.model(
+                    torch.from_numpy(ctx_emb[c_idx]).to(device),
+                    torch.from_numpy(mod_emb[v_idx]).to(device),
+                    torch.from_numpy(m_idx),
+                )
+                .cpu()
+                .numpy()
+            )
         for r in range(len(records)):
             for m in range(len(modules)):
                 if views[r][m]:

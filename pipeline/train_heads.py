@@ -102,9 +102,9 @@ def pair_rewards(
     rows = pairs.rows[idx]
     ctx = table[torch.cat([rows[:, 0], rows[:, 2]])]
     mod = table[torch.cat([rows[:, 1], rows[:, 3]])]
-    module_idx = pairs.module_idx[idx].to(ctx.device)
-    rewards = model(ctx, mod, torch.cat([module_idx, module_idx]))
-    return rewards[: len(idx)], rewards[len(idx) :], module_idx
+    module_idx = pairs.module_idx[idx]
+    rewards = model(ctx, mod, torch.cat([module_idx, module_idx]))  # indices on the host: no device sync
+    return rewards[: len(idx)], rewards[len(idx) :], module_idx.to(ctx.device)
 
 
 def pairwise_accuracy(r_pos: torch.Tensor, r_neg: torch.Tensor) -> float:
@@ -150,11 +150,17 @@ def warmup_then_linear(total_steps: int, warmup_ratio: float):
     return factor
 
 
-def amp_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed precision on CUDA only: bf16 where the GPU has it, else fp16 (with a grad scaler)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step (None: plain fp32). "auto" is mixed precision on CUDA only: bf16
+    where the GPU has it, else fp16 (which needs the grad scaler); on a CPU autocast only slows things down."""
+    if setting == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
+    except KeyError:
+        raise ModrmError(f"dtype {setting!r}: use auto, float32, bfloat16 or float16") from None
 
 
 def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, progress: bool = True) -> dict:
@@ -183,8 +189,8 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_linear(steps_per_epoch * tc.epochs, tc.warmup_ratio)
     )
-    autocast = amp_dtype(device)
-    scaler = torch.amp.GradScaler(enabled=autocast == torch.float16)
+    autocast = autocast_dtype(tc.dtype, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     generator = torch.Generator().manual_seed(tc.seed)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +201,10 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
     bar = tqdm(total=tc.epochs * n_train, desc="train-heads", unit="pair", disable=not progress, dynamic_ncols=True)
     for epoch in range(1, tc.epochs + 1):
         model.train()
-        start, loss_sum, correct = time.perf_counter(), 0.0, 0
+        start = time.perf_counter()
+        # running sums stay on the device: a .item() per step would stall the GPU queue every step
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.int64)
         order = torch.randperm(n_train, generator=generator)
         batches = order.split(tc.batch_size)
         for step, idx in enumerate(batches):
@@ -210,15 +219,15 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((r_pos > r_neg).sum())
+            loss_sum += loss.detach() * len(idx)
+            correct += (r_pos > r_neg).sum()
             bar.update(len(idx))
         seconds = time.perf_counter() - start
         val = validate(model, emb, sets["val"], config)
         record = {
             "epoch": epoch,
-            "train_loss": loss_sum / n_train,
-            "train_accuracy": correct / n_train,
+            "train_loss": loss_sum.item() / n_train,
+            "train_accuracy": correct.item() / n_train,
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "val_modules": val["modules"],

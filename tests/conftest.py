@@ -52,6 +52,12 @@ def tiny_qwen3_no_eos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_overflow(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Qwen3 whose token "~" overflows fp16 (a planted massive activation); fp32 is fine."""
+    return build_random_qwen3(tmp_path_factory.mktemp("tiny_qwen3_overflow"), seed=0, overflow_trigger="~")
+
+
+@pytest.fixture(scope="session")
 def minilm_id() -> str:
     return MINILM_ID
 

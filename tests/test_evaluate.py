@@ -242,3 +242,22 @@ def test_evaluate_refuses_a_broken_checkpoint_or_another_encoder(_eval_setup, tm
     )
     with pytest.raises(ModrmError, match="weights_sha256"):
         evaluate([other], s["data"], tmp_path / "out", cache=s["cache"], progress=False)
+
+
+def test_a_checkpoint_trained_on_a_gpu_evaluates_anywhere(_eval_setup, tmp_path):
+    """The training device is saved in the config ("cuda" after `--device cuda`); evaluation runs on the device
+    it is given (auto here: the CPU in CI) with the same results, not on the one the config names."""
+    s = _eval_setup
+    gpu_made = tmp_path / "gpu_made"
+    gpu_made.mkdir()
+    for name in ("heads.safetensors", "metrics.json"):
+        (gpu_made / name).write_bytes((s["ckpts"][0] / name).read_bytes())
+    meta = json.loads((s["ckpts"][0] / "config.json").read_text())
+    for section in ("encoder", "train", "finetune"):
+        meta["config"][section]["device"] = "cuda"
+    (gpu_made / "config.json").write_text(json.dumps(meta))
+    expected = evaluate([s["ckpts"][0]], s["data"], tmp_path / "as_saved", cache=s["cache"], progress=False)
+    got = evaluate([gpu_made], s["data"], tmp_path / "moved", cache=tmp_path / "cache", progress=False)
+    assert got["stage0"]["embed"]["encoded"] > 0  # the encoder was loaded: on the device given, not "cuda"
+    for key in ("accuracy", "auc", "separation"):
+        assert got["stage0"]["overall"][key] == pytest.approx(expected["stage0"]["overall"][key], abs=1e-5)

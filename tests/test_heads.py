@@ -17,7 +17,7 @@ from pipeline.config import Config, HeadConfig
 from pipeline.encoder import Fingerprint
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads, preference_loss
-from pipeline.train_heads import train_heads
+from pipeline.train_heads import autocast_dtype, train_heads
 
 MODULES = ["reflection", "planner", "executor", "memory"]
 
@@ -50,6 +50,28 @@ def test_gradients_reach_only_the_heads_of_modules_in_the_batch():
         in_batch = name.startswith(("norm.", "heads.0.", "heads.1."))
         assert touched == in_batch or (name.endswith(".bias") and not touched), name
     assert all(p.grad is None for p in model.heads[2].parameters())
+
+
+def test_heads_group_rows_the_same_wherever_the_indices_live():
+    """Rows of mixed modules, grouped on the host, equal each module's head applied row by row."""
+    torch.manual_seed(0)
+    model = RewardHeads(MODULES, 8, HeadConfig(hidden=16, hidden2=8)).eval()
+    ctx, mod = torch.randn(9, 8), torch.randn(9, 8)
+    module_idx = torch.tensor([3, 0, 1, 3, 3, 0, 1, 1, 0])
+    got = model(ctx, mod, module_idx)
+    for row in range(9):
+        alone = model(ctx[row : row + 1], mod[row : row + 1], module_idx[row : row + 1])
+        torch.testing.assert_close(got[row : row + 1], alone)
+    assert not torch.equal(got, model(ctx, mod, torch.zeros(9, dtype=torch.int64)))
+
+
+def test_autocast_dtype_resolves_auto_per_device_and_refuses_unknown_names():
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    assert autocast_dtype("float32", torch.device("cpu")) is None
+    assert autocast_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    assert autocast_dtype("float16", torch.device("cpu")) is torch.float16
+    with pytest.raises(ModrmError, match="dtype 'fp8'"):
+        autocast_dtype("fp8", torch.device("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------- a synthetic cache

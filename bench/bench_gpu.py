@@ -1,0 +1,445 @@
+"""The GPU path, measured on one GPU (`make bench-gpu`): the cuda tests, fp16 Qwen3 embedding against
+sentence-transformers and the card's matmul ceiling, the fp16 overflow fallback, stage 0 on CUDA, stage 1 in
+bf16 at 2048-token contexts, and a GPU-trained checkpoint evaluated on the CPU.
+
+Nothing is downloaded: the encoder is a Qwen3 embedding model at the real 0.6B size with random weights, built
+on the fly (honest for speed and memory, meaningless for quality). Sections run in order; one that fails is
+recorded with its error and the rest still run. Results are written after every section to
+OUT/bench_gpu.json (default artifacts/bench), so a run cut short keeps what it measured; the table is printed
+last.
+
+    embedding   texts of exactly 512 and 2048 tokens (as many as fit --seconds, at most 20,000), fp16:
+                modrm's Encoder.encode and SentenceTransformer.encode(batch_size=32) on the same texts, both
+                end to end (tokenization included); tokens/s, peak GPU memory, MFU = model FLOPs/s over the
+                card's measured fp16 matmul rate; fp16 vs fp32 cosine on a subset
+    fallback    the same model with one token planted to overflow fp16 (pipeline.random_qwen3): 1 text in
+                16 carries it; overflowed texts re-encoded in fp32, counted and timed against the clean set
+    stage 0     train_heads on CUDA, 1M pairs of dim 1024 (rows drawn from 262,144 cached vectors), batch 256
+                (the default) and 4096, against bare Linear layers of the heads' shapes on the same card
+    stage 1     forward + backward + AdamW of the 0.6B encoder and heads, bf16 autocast, 4 pairs per step,
+                2048-token contexts, gradient checkpointing off / on / on with only the top 4 layers trained
+    portability synth -> embed -> train-heads -> finetune on the GPU with a tiny Qwen3, then `modrm eval` of
+                both checkpoints in a process that sees no GPU, against the same eval on the GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS, ROOT, machine, table
+
+from pipeline.config import Config, EncoderConfig
+from pipeline.encoder import Encoder
+from pipeline.random_qwen3 import build_random_qwen3
+from pipeline.synth import generate_pairs
+
+LENGTHS = (512, 2048)
+MAX_TEXTS = 20_000
+TRIGGER = "~"
+EMBED_HEADERS = (
+    *("texts", "n", "modrm tok/s", "ST tok/s", "modrm/ST", "modrm MFU", "ST MFU"),
+    *("modrm GiB", "ST GiB", "cos fp16/fp32 min"),
+)
+STAGE1_KEYS = ("seconds_per_step", "pairs_per_s", "max_memory_allocated_gib", "gpu_mb_per_pair")
+DEVICE = "cuda"  # --device cpu --size tiny: a dry run of every section on a machine without a GPU
+
+
+# ---------------------------------------------------------------------------------------------- the card
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_tflops(dtype: torch.dtype, n: int = 8192, repeats: int = 20) -> float:
+    """The card's dense matmul rate on random data (median of `repeats`, after warm-up), in TFLOP/s."""
+    a, b = torch.randn(n, n, device=DEVICE, dtype=dtype), torch.randn(n, n, device=DEVICE, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def card() -> dict:
+    if DEVICE != "cuda":
+        return {"name": "cpu (dry run)", "matmul_fp16_tflops": matmul_tflops(torch.float32, 1024, 3)}
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "name": props.name,
+        "memory_gib": props.total_memory / 2**30,
+        "multiprocessors": props.multi_processor_count,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "matmul_fp16_tflops": matmul_tflops(torch.float16),
+        "matmul_bf16_tflops": matmul_tflops(torch.bfloat16),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+
+
+def flops_per_token(config, length: int) -> float:
+    """Forward FLOPs per token: 2 x the linear weights, plus QK^T and AV over the whole length (counted in full,
+    as PaLM's MFU does)."""
+    h, d = config.hidden_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    linear = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
+    return config.num_hidden_layers * (2 * linear + 4 * length * q)
+
+
+def make_texts(encoder: Encoder, n: int, length: int, seed: int = 2) -> list[str]:
+    """`n` distinct texts of at least `length` tokens (cut to it by the encoder), not much longer, so
+    tokenization costs what real texts of that length cost."""
+    stream = "\n".join(p.positive.context for p in generate_pairs(200, seed=seed))
+    sample = stream[:20_000]
+    chars_per_token = len(sample) / len(encoder.tokenizer(sample, add_special_tokens=False)["input_ids"])
+    width = int(length * chars_per_token * 1.2)
+    stream = stream * (width // len(stream) + 2)
+    step = max(1, (len(stream) - width) // max(1, n))
+    return [f"{i}: " + stream[(i * step) % (len(stream) - width) :][:width] for i in range(n)]
+
+
+def timed_cuda(fn: Callable[[], object]) -> tuple[object, float, float]:
+    """(result, seconds, peak GPU GiB) of fn, the GPU waited for."""
+    if DEVICE != "cuda":
+        start = time.perf_counter()
+        return fn(), time.perf_counter() - start, float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fn()
+    torch.cuda.synchronize()
+    return result, time.perf_counter() - start, torch.cuda.max_memory_allocated() / 2**30
+
+
+def free_memory() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def embedding(folder: Path, seconds: float, peak_tflops: float) -> dict:
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoConfig
+
+    results = {}
+    for length in LENGTHS:
+        encoder = Encoder.load(EncoderConfig(name=str(folder), device=DEVICE, max_context_tokens=length))
+        probe = make_texts(encoder, 256, length, seed=1)
+        encoder.encode(probe[:32], "context")  # warm-up
+        _, probe_s, _ = timed_cuda(lambda e=encoder, p=probe: e.encode(p, "context"))
+        n = int(min(MAX_TEXTS, len(probe) / probe_s * seconds))
+        texts = make_texts(encoder, n, length)
+        tokens = encoder.tokenize(texts, "context").lengths
+        _, modrm_s, modrm_gib = timed_cuda(lambda e=encoder, t=texts: e.encode(t, "context"))
+        reference = Encoder.load(
+            EncoderConfig(name=str(folder), device=DEVICE, dtype="float32", max_context_tokens=length)
+        )
+        subset = texts[:: max(1, len(texts) // (256 if length <= 512 else 64))]
+        agreement = cosine(encoder.encode(subset, "context"), reference.encode(subset, "context"))
+        del reference, encoder
+        free_memory()
+
+        st = SentenceTransformer(str(folder), device=DEVICE)
+        st = st.half() if DEVICE == "cuda" else st
+        st.max_seq_length = length
+        st.encode(probe[:32], batch_size=32)
+        _, st_s, st_gib = timed_cuda(lambda m=st, t=texts: m.encode(t, batch_size=32))
+        del st
+        free_memory()
+        config = AutoConfig.from_pretrained(folder)
+
+        flops = float(tokens.sum()) * flops_per_token(config, length)
+        results[length] = {
+            "texts": n,
+            "tokens": int(tokens.sum()),
+            "texts_at_length": float((tokens == length).mean()),
+            "modrm_seconds": modrm_s,
+            "modrm_tokens_per_s": tokens.sum() / modrm_s,
+            "modrm_peak_gib": modrm_gib,
+            "modrm_mfu": flops / modrm_s / (peak_tflops * 1e12),
+            "st_seconds": st_s,
+            "st_tokens_per_s": tokens.sum() / st_s,
+            "st_peak_gib": st_gib,
+            "st_mfu": flops / st_s / (peak_tflops * 1e12),
+            "modrm_vs_st": st_s / modrm_s,
+            "fp16_vs_fp32_cosine_min": float(agreement.min()),
+            "fp16_vs_fp32_cosine_mean": float(agreement.mean()),
+            "agreement_texts": len(subset),
+        }
+    return results
+
+
+def fallback(folder: Path, n_texts: int = 2048, length: int = 512) -> dict:
+    """Every 16th text ends with the trigger (the end survives truncation of a context); the rest are clean.
+    fp16 as on any GPU (`auto`), also in a dry run on the CPU."""
+    encoder = Encoder.load(EncoderConfig(name=str(folder), device=DEVICE, dtype="float16", max_context_tokens=length))
+    clean = make_texts(encoder, n_texts, length, seed=3)
+    triggered = [t + f" {TRIGGER} retry" if i % 16 == 0 else t for i, t in enumerate(clean)]
+    encoder.encode(clean[:32], "context")
+    _, clean_s, _ = timed_cuda(lambda: encoder.encode(clean, "context"))
+    encoder.fallback_batches = encoder.fallback_texts = 0
+    got, fallback_s, peak = timed_cuda(lambda: encoder.encode(triggered, "context"))
+    hit = [i for i, t in enumerate(triggered) if TRIGGER in t]
+    reference = Encoder.load(
+        EncoderConfig(name=str(folder), device=DEVICE, dtype="float32", max_context_tokens=length)
+    ).encode([triggered[i] for i in hit], "context")
+    agreement = cosine(got[hit], reference)
+    return {
+        "texts": n_texts,
+        "texts_with_trigger": len(hit),
+        "batches_overflowed": encoder.fallback_batches,
+        "texts_re_encoded": encoder.fallback_texts,
+        "all_finite": bool(np.isfinite(got).all()),
+        "clean_seconds": clean_s,
+        "with_fallback_seconds": fallback_s,
+        "overhead": fallback_s / clean_s - 1,
+        "peak_gib": peak,
+        "re_encoded_vs_fp32_cosine_min": float(agreement.min()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def stage0(workdir: Path, pairs: int) -> dict:
+    from bench_heads import DIM, ceiling_rate, train_rate
+
+    from pipeline.config import HeadConfig
+
+    rows = []
+    for batch in (256, 4096):
+        rows.append(train_rate(workdir, pairs, 1, DEVICE, batch_size=batch, max_rows=1 << 18))
+        steps = 100 if DEVICE == "cuda" else 2
+        rows[-1]["ceiling_1_chain"] = ceiling_rate(batch, DIM, HeadConfig(), DEVICE, 1, steps)
+        rows[-1]["ceiling_4_chains"] = ceiling_rate(batch, DIM, HeadConfig(), DEVICE, 4, steps)
+    return {"pairs": pairs, "runs": rows}
+
+
+def stage1(folder: Path, length: int, top_layers: int) -> list[dict]:
+    from bench_finetune import run_config
+
+    configs = [(False, None), (True, None), (True, top_layers)]
+    return [
+        run_config(str(folder), DEVICE, length, ckpt, 4, 3, "bf16", train_layers=layers) for ckpt, layers in configs
+    ]
+
+
+def portability(workdir: Path) -> dict:
+    """A checkpoint trained on the GPU, evaluated by `modrm eval` in a process that sees no GPU."""
+    from pipeline.embed import embed_files
+    from pipeline.evaluate import evaluate
+    from pipeline.finetune import finetune
+    from pipeline.synth import write_pairs
+    from pipeline.train_heads import train_heads
+
+    data = write_pairs(workdir / "pairs.jsonl", generate_pairs(50, seed=4))
+    config = Config()
+    config.encoder.name = str(build_random_qwen3(workdir / "tiny"))
+    config.encoder.device = config.train.device = DEVICE
+    config.train.epochs = 5
+    embed_files([data], workdir / "cache", config, progress=False)
+    train_heads(workdir / "cache", workdir / "stage0", config, progress=False)
+    finetune(workdir / "stage0", [data], workdir / "stage1", {"max_steps": 5, "device": DEVICE}, progress=False)
+    ckpts = [workdir / "stage0", workdir / "stage1"]
+    # first without a GPU, so the fine-tuned encoder embeds the test texts on the CPU (stage 0 reads its cache)
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "pipeline", "eval", "--quiet", "--data", str(data), "--split", "test"]
+    command += ["--checkpoint", str(ckpts[0]), "--checkpoint", str(ckpts[1]), "--out", str(workdir / "eval-cpu")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"modrm eval without a GPU failed: {done.stderr.strip()[-2000:]}")
+    on_gpu = evaluate([ckpts[0]], data, workdir / "eval-gpu0", split="test", progress=False)
+    on_gpu |= evaluate([ckpts[1]], data, workdir / "eval-gpu1", workdir / "gpu-cache", split="test", progress=False)
+    result = {}
+    for label, gpu in on_gpu.items():
+        cpu = json.loads((workdir / "eval-cpu" / label / "metrics.json").read_text())
+        result[label] = {
+            "pairs": gpu["n_pairs"],
+            "accuracy_gpu": gpu["overall"]["accuracy"],
+            "accuracy_cpu": cpu["overall"]["accuracy"],
+            "auc_gpu": gpu["overall"]["auc"],
+            "auc_cpu": cpu["overall"]["auc"],
+        }
+    return result
+
+
+def cuda_tests() -> dict:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-q", "tests/test_cuda.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", done.stdout)}
+    return {"returncode": done.returncode, **counts, "tail": done.stdout[-3000:]}
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def report(r: dict) -> str:
+    lines = []
+    if "card" in r and "memory_gib" in r["card"]:
+        c = r["card"]
+        lines.append(
+            f"{c['name']}, {c['memory_gib']:.0f} GiB; torch {c['torch']}, CUDA {c['cuda']}; matmul 8192^3: "
+            f"fp16 {c['matmul_fp16_tflops']:.0f}, bf16 {c['matmul_bf16_tflops']:.0f} TFLOP/s"
+        )
+    if "cuda_tests" in r:
+        t = r["cuda_tests"]
+        lines.append(
+            f"cuda tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed (exit {t.get('returncode')})"
+        )
+    if isinstance(r.get("embedding"), dict) and "error" not in r["embedding"]:
+        rows = [
+            [
+                f"{length} tokens",
+                e["texts"],
+                e["modrm_tokens_per_s"],
+                e["st_tokens_per_s"],
+                f"{e['modrm_vs_st']:.2f}x",
+                f"{e['modrm_mfu']:.1%}",
+                f"{e['st_mfu']:.1%}",
+                e["modrm_peak_gib"],
+                e["st_peak_gib"],
+                f"{e['fp16_vs_fp32_cosine_min']:.5f}",
+            ]
+            for length, e in r["embedding"].items()
+        ]
+        lines += [
+            "",
+            "Embedding, Qwen3-Embedding-0.6B architecture (random weights), fp16:",
+            table(EMBED_HEADERS, rows),
+        ]
+    if isinstance(r.get("fallback"), dict) and "error" not in r["fallback"]:
+        f = r["fallback"]
+        lines += [
+            "",
+            f"fp16 overflow fallback: {f['texts_with_trigger']} of {f['texts']} texts overflow, "
+            f"{f['batches_overflowed']} batches, {f['texts_re_encoded']} texts re-encoded in fp32; "
+            f"{f['clean_seconds']:.2f}s clean vs {f['with_fallback_seconds']:.2f}s (+{f['overhead']:.0%}); "
+            f"all finite: {f['all_finite']}; cosine to fp32 min {f['re_encoded_vs_fp32_cosine_min']:.5f}",
+        ]
+    if isinstance(r.get("stage0"), dict) and "error" not in r["stage0"]:
+        rows = [
+            [
+                f"batch {s['batch_size']}",
+                s["pairs_per_s"],
+                s["ceiling_4_chains"],
+                s["ceiling_1_chain"],
+                f"{s['ceiling_4_chains'] / s['pairs_per_s']:.2f}x",
+                s["wall_seconds"],
+            ]
+            for s in r["stage0"]["runs"]
+        ]
+        lines += [
+            "",
+            f"Stage 0 on CUDA, {r['stage0']['pairs']:,} pairs, dim 1024, 1 epoch:",
+            table(["run", "pairs/s", "ceiling 4 chains", "ceiling 1 chain", "4-chain / it", "wall s"], rows),
+        ]
+    if isinstance(r.get("stage1"), list):
+        rows = [
+            [
+                f"{s['length']}, ckpt {'on' if s['checkpointing'] else 'off'}"
+                + (f", top {s['train_layers']} layers" if s.get("train_layers") else ""),
+                *(["out of memory"] if s.get("oom") else [s.get(k) for k in STAGE1_KEYS]),
+            ]
+            for s in r["stage1"]
+        ]
+        lines += [
+            "",
+            "Stage 1, 0.6B encoder + heads, bf16 autocast, fp32 master weights, AdamW, 4 pairs/step:",
+            table(["context tokens", "s/step", "pairs/s", "peak GiB", "activation MB/pair"], rows),
+        ]
+    if isinstance(r.get("portability"), dict) and "error" not in r["portability"]:
+        rows = [
+            [label, p["pairs"], p["accuracy_gpu"], p["accuracy_cpu"], p["auc_gpu"], p["auc_cpu"]]
+            for label, p in r["portability"].items()
+        ]
+        lines += [
+            "",
+            "GPU-trained checkpoints, test split, evaluated on the GPU and by `modrm eval` with no GPU visible:",
+            table(["checkpoint", "pairs", "accuracy GPU", "accuracy CPU", "AUC GPU", "AUC CPU"], rows),
+        ]
+    errors = [f"{name}: {v['error']}" for name, v in r.items() if isinstance(v, dict) and "error" in v]
+    return "\n".join(lines + (["", "errors:", *errors] if errors else []))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench_gpu.json")
+    parser.add_argument("--seconds", type=float, default=15.0, help="time per embedding measurement")
+    parser.add_argument("--stage0-pairs", type=int, default=1_000_000)
+    parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run (with --size tiny) where there is no GPU")
+    parser.add_argument("--size", default="0.6b", choices=["0.6b", "tiny"], help="the random Qwen3's size")
+    args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench_gpu: torch sees no CUDA GPU; this benchmark needs one (or --device cpu --size tiny)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"benchmark": "bench_gpu", "machine": machine()}
+
+    def section(name: str, fn: Callable[[], object]) -> None:
+        if name in args.skip:
+            return
+        print(f"[{time.perf_counter() - started:5.0f}s] {name}", flush=True)
+        try:
+            results[name] = fn()
+        except (Exception, SystemExit) as err:  # a broken section is a finding, not the end of the run
+            traceback.print_exc()
+            results[name] = {"error": f"{type(err).__name__}: {err}"[:2000]}
+        results["total_seconds"] = time.perf_counter() - started
+        (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    section("card", card)
+    section("cuda_tests", cuda_tests)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model, overflow = tmp / "qwen3", tmp / "qwen3-overflow"
+        section("build", lambda: build_random_qwen3(model, size=args.size).name)
+        peak = results.get("card", {}).get("matmul_fp16_tflops", float("nan"))
+        section("embedding", lambda: embedding(model, args.seconds, peak))
+        section("build_overflow", lambda: build_random_qwen3(overflow, size=args.size, overflow_trigger=TRIGGER).name)
+        section("fallback", lambda: fallback(overflow))
+        section("stage0", lambda: stage0(tmp / "stage0", args.stage0_pairs))
+        real = args.size == "0.6b"
+        section("stage1", lambda: stage1(model, max(LENGTHS) if real else 256, 4 if real else 1))
+        section("portability", lambda: portability(tmp / "portability"))
+    print("\n" + report(results))
+    print(f"\nbench_gpu: {time.perf_counter() - started:.0f}s in all; numbers in {args.out / 'bench_gpu.json'}")
+
+
+if __name__ == "__main__":
+    main()

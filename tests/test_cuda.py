@@ -1,0 +1,131 @@
+"""What only a GPU can show: fp16 embedding against an fp32 reference, the fp16 overflow fallback on CUDA,
+mixed-precision stage-0 and stage-1 steps (bf16 autocast, and fp16 through the grad scaler), and a checkpoint
+trained on the GPU evaluated on the CPU.
+
+Marked `cuda` and skipped where torch sees no GPU; `make bench-gpu` runs them on one (`pytest -m cuda`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_heads import make_cache, small_config
+
+import pipeline.finetune as ft
+from pipeline.data import load_pairs
+from pipeline.encoder import Encoder
+from pipeline.evaluate import evaluate
+from pipeline.train_heads import train_heads
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def seed_texts() -> list[str]:
+    sides = [s for p in load_pairs([SEED_PAIRS]) for s in (p.positive, p.negative)]
+    return list(dict.fromkeys(t for s in sides for t in (s.context, s.module_text)))
+
+
+SCALERS: list[RecordingScaler] = []
+
+
+class RecordingScaler(torch.amp.GradScaler):
+    """The real grad scaler, counting the optimizer steps it took while enabled."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scaled_steps = 0
+        SCALERS.append(self)
+
+    def step(self, optimizer, *args, **kwargs):
+        self.scaled_steps += self.is_enabled()
+        return super().step(optimizer, *args, **kwargs)
+
+
+@pytest.fixture
+def scaler_calls(monkeypatch: pytest.MonkeyPatch) -> list[RecordingScaler]:
+    SCALERS.clear()
+    monkeypatch.setattr(torch.amp, "GradScaler", RecordingScaler)
+    return SCALERS
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+
+
+def test_fp16_embedding_matches_the_fp32_reference(tiny_qwen3: Path, make_config, seed_texts: list[str]) -> None:
+    gpu = Encoder.load(make_config(tiny_qwen3, device="cuda").encoder)
+    assert next(gpu.model.parameters()).dtype == torch.float16  # auto on CUDA
+    reference = Encoder.load(make_config(tiny_qwen3, device="cpu", dtype="float32").encoder)
+    for role in ("context", "module"):
+        got, expected = gpu.encode(seed_texts, role), reference.encode(seed_texts, role)
+        assert np.isfinite(got).all()
+        assert _cosine(got, expected).min() > 0.999, role
+    assert gpu.fallback_batches == 0
+
+
+def test_fp16_overflow_is_re_encoded_in_fp32_on_the_gpu(tiny_qwen3_overflow: Path, make_config) -> None:
+    texts = [f"round {i}: check the cache" + (" ~ and retry" if i % 7 == 0 else "") for i in range(64)]
+    triggered = sum("~" in t for t in texts)
+    limits = {"max_context_tokens": 128, "max_module_tokens": 128, "token_budget": 256}
+    gpu = Encoder.load(make_config(tiny_qwen3_overflow, device="cuda", **limits).encoder)
+    reference = Encoder.load(make_config(tiny_qwen3_overflow, device="cpu", dtype="float32", **limits).encoder)
+    got = gpu.encode(texts)
+    assert np.isfinite(got).all()
+    assert gpu.fallback_texts == triggered and 0 < gpu.fallback_batches < triggered
+    assert _cosine(got, reference.encode(texts)).min() > 0.999
+    assert next(gpu.model.parameters()).dtype == torch.float16
+
+
+# ---------------------------------------------------------------------------------------------- stage 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_stage0_trains_in_mixed_precision(tmp_path: Path, dtype: str, scaler_calls) -> None:
+    config = small_config(epochs=15)
+    config.train.device, config.train.dtype = "cuda", dtype
+    summary = train_heads(make_cache(tmp_path / "cache"), tmp_path / "ckpt", config, progress=False)
+    assert summary["val"]["val_accuracy"] >= 0.9
+    log = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["train_loss"] < log[0]["train_loss"] and all(np.isfinite(r["train_loss"]) for r in log)
+    scaled = sum(s.scaled_steps for s in scaler_calls)
+    assert scaled > 0 if dtype == "float16" else scaled == 0  # fp16 goes through the scaler, bf16 needs none
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_stage1_steps_in_mixed_precision_and_evaluates_on_the_cpu(
+    stage0: Path, tmp_path: Path, dtype: str, scaler_calls
+) -> None:
+    out = tmp_path / "stage1"
+    # 12 steps: fp16's scaler starts at 2**16 and skips the first few steps while it backs off
+    settings = {"epochs": 4, "max_steps": 12, "token_budget": 4096, "encoder_lr": 1e-3, "heads_lr": 1e-3}
+    ft.finetune(stage0, [SEED_PAIRS], out, settings | {"device": "cuda", "dtype": dtype}, progress=False)
+    after = load_file(str(out / ft.SNAPSHOT_DIR / "model.safetensors"))
+    before = load_file(str(next((stage0.parent / "qwen").glob("*.safetensors"))))
+    moved = [k for k in before if not torch.equal(before[k], after[f"encoder.model.{k}"].to(before[k].dtype))]
+    assert moved and all(torch.isfinite(v).all() for v in after.values())
+    scaled = sum(s.scaled_steps for s in scaler_calls)
+    assert scaled == 12 if dtype == "float16" else scaled == 0
+
+    # the checkpoint the GPU wrote, scored on the CPU (fp32) and on the GPU (fp16): the same rewards
+    rewards = {}
+    for device in ("cpu", "cuda"):
+        evaluate(
+            [out], SEED_PAIRS, tmp_path / device, cache=tmp_path / f"cache-{device}", device=device, progress=False
+        )
+        lines = (tmp_path / device / "scores.jsonl").read_text().splitlines()
+        rewards[device] = np.array([[json.loads(x)["r_pos"], json.loads(x)["r_neg"]] for x in lines])
+    np.testing.assert_allclose(rewards["cpu"], rewards["cuda"], atol=0.05)
