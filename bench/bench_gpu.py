@@ -289,7 +289,8 @@ def portability(workdir: Path) -> dict:
 
 def cuda_tests() -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-q", "tests/test_cuda.py"],
+        [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE"]
+        + ["tests/test_cuda.py"],
         cwd=ROOT,
         capture_output=True,
         text=True,
