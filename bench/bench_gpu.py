@@ -288,13 +288,8 @@ def portability(workdir: Path) -> dict:
 
 
 def cuda_tests() -> dict:
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-o", "addopts=", "-q", "-rfE"]
-        + ["tests/test_cuda.py"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-o", "addopts="]
+    done = subprocess.run([*command, "-q", "-rfE", "tests/test_cuda.py"], cwd=ROOT, capture_output=True, text=True)
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", done.stdout)}
     return {"returncode": done.returncode, **counts, "tail": done.stdout[-3000:]}
 
@@ -312,9 +307,8 @@ def report(r: dict) -> str:
         )
     if "cuda_tests" in r:
         t = r["cuda_tests"]
-        lines.append(
-            f"cuda tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed (exit {t.get('returncode')})"
-        )
+        counts = ", ".join(f"{t.get(k, 0)} {k}" for k in ("passed", "failed", "error", "skipped"))
+        lines.append(f"cuda tests: {counts} (exit {t.get('returncode')})")
     if isinstance(r.get("embedding"), dict) and "error" not in r["embedding"]:
         rows = [
             [
