@@ -383,39 +383,45 @@ class Encoder(nn.Module):
     def encode_tokenized(
         self, tokens: Tokenized, desc: str = "embed", progress: bool = True
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (indices, float32 embeddings) batch by batch, longest texts first."""
+        """Yield (indices, float32 embeddings) batch by batch, longest texts first. Texts whose output overflowed
+        the fast dtype are held back and come last, re-encoded together in fp32 (`_encode_fp32`)."""
         budget = self.config.token_budget or (32768 if self.device.type == "cuda" else 4096)
         total_tokens = int(tokens.lengths.sum())
         bar = tqdm(total=len(tokens.ids), desc=desc, unit="text", disable=not progress, dynamic_ncols=True)
-        start, done_tokens = time.perf_counter(), 0
+        start, done_tokens, overflowed = time.perf_counter(), 0, []
         for index in self.batches(tokens.lengths, budget):
             emb = self(self.collate([tokens.ids[i] for i in index]))
-            bad = ~torch.isfinite(emb).all(1)
-            if bad.any():  # only the overflowed texts: an embedding does not depend on its batch
-                redo = bad.nonzero().squeeze(1)
-                emb[redo] = self._encode_fp32(self.collate([tokens.ids[i] for i in index[redo.cpu().numpy()]]))
             done_tokens += int(tokens.lengths[index].sum())
             bar.update(len(index))
             bar.set_postfix(
                 tok_s=f"{done_tokens / max(time.perf_counter() - start, 1e-9):,.0f}",
                 tokens=f"{done_tokens}/{total_tokens}",
             )
+            finite = torch.isfinite(emb).all(1)
+            if not finite.all():  # an embedding does not depend on its batch: the rest of it stands
+                self.fallback_batches += 1
+                overflowed.append(index[~finite.cpu().numpy()])
+                index, emb = index[finite.cpu().numpy()], emb[finite]
             yield index, emb.cpu().numpy()
         bar.close()
+        if overflowed:
+            yield from self._encode_fp32(tokens, np.concatenate(overflowed), budget)
 
-    def _encode_fp32(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """fp16 can overflow in Qwen3 (trained in bf16): redo those texts in fp32 rather than store NaN."""
-        self.fallback_batches += 1
-        self.fallback_texts += len(batch["input_ids"])
+    def _encode_fp32(self, tokens: Tokenized, rows: np.ndarray, budget: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """fp16 can overflow in Qwen3 (trained in bf16): those texts again in fp32 rather than NaN in the cache, all
+        in one pass, so the model is cast once each way; fp32 activations are twice as large, so half the budget."""
+        self.fallback_texts += len(rows)
         original = next(self.model.parameters()).dtype
         self.model.float()
         try:
-            emb = self(batch)
+            for batch in self.batches(tokens.lengths[rows], max(1, budget // 2)):
+                index = rows[batch]
+                emb = self(self.collate([tokens.ids[i] for i in index]))
+                if not torch.isfinite(emb).all():
+                    raise ModrmError(f"encoder {self.config.name!r} produced non-finite embeddings even in fp32")
+                yield index, emb.cpu().numpy()
         finally:
             self.model.to(original)
-        if not torch.isfinite(emb).all():
-            raise ModrmError(f"encoder {self.config.name!r} produced non-finite embeddings even in fp32")
-        return emb
 
     def encode(
         self, texts: Sequence[str], role: str = "module", heads: Sequence[str] | None = None, progress: bool = False
