@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
@@ -27,6 +26,7 @@ from pipeline.embed import EmbedSummary, ensure_embedded
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
 from pipeline.metrics import summarize
+from pipeline.reward import head_rewards
 
 SCORE_KEYS = ("pp", "nn", "pn", "np")  # context side, module-text side: p = positive, n = negative
 PLOTS = ("score_distributions.png", "roc_curves.png")
@@ -35,37 +35,22 @@ PLOTS = ("score_distributions.png", "roc_curves.png")
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-@torch.inference_mode()
 def score_pairs(
-    model: RewardHeads,
-    emb: np.ndarray,
-    rows: dict[str, np.ndarray],
-    module_idx: np.ndarray,
-    batch_size: int = 4096,
-    device: str | torch.device = "cpu",
+    model: RewardHeads, emb: np.ndarray, rows: dict[str, np.ndarray], module_idx: np.ndarray, batch_size: int = 4096
 ) -> dict[str, np.ndarray]:
-    """Rewards of every pair as is (pp = r_pos, nn = r_neg) and with module texts swapped (pn, np).
-
-    One forward pass per batch scores all four combinations; the model's train/eval mode is restored after.
-    """
+    """Rewards of every pair as is (pp = r_pos, nn = r_neg) and with module texts swapped (pn, np), through
+    `head_rewards` (the scoring path `modrm score` and `modrm serve` use): one pass per batch for all four."""
     module_idx = np.asarray(module_idx, dtype=np.int64)
     n = len(module_idx)
     out = {key: np.empty(n, dtype=np.float32) for key in SCORE_KEYS}
-    was_training = model.training
-    model.eval()
-    try:
-        for lo in range(0, n, batch_size):
-            hi = min(lo + batch_size, n)
-            e = {c: torch.from_numpy(np.asarray(emb[rows[c][lo:hi]])).to(device) for c in ROW_COLUMNS}
-            pos_ctx, pos_mod, neg_ctx, neg_mod = (e[c] for c in ROW_COLUMNS)
-            ctx = torch.cat([pos_ctx, neg_ctx, pos_ctx, neg_ctx])
-            mod = torch.cat([pos_mod, neg_mod, neg_mod, pos_mod])
-            idx = torch.from_numpy(module_idx[lo:hi]).repeat(4)
-            rewards = model(ctx, mod, idx).float().cpu().numpy().reshape(4, hi - lo)
-            for key, values in zip(SCORE_KEYS, rewards, strict=True):
-                out[key][lo:hi] = values
-    finally:
-        model.train(was_training)
+    for lo in range(0, n, batch_size):
+        hi = min(lo + batch_size, n)
+        pos_ctx, pos_mod, neg_ctx, neg_mod = (np.asarray(emb[rows[c][lo:hi]]) for c in ROW_COLUMNS)
+        ctx = np.concatenate([pos_ctx, neg_ctx, pos_ctx, neg_ctx])
+        mod = np.concatenate([pos_mod, neg_mod, neg_mod, pos_mod])
+        rewards = head_rewards(model, ctx, mod, np.tile(module_idx[lo:hi], 4)).reshape(4, hi - lo)
+        for key, values in zip(SCORE_KEYS, rewards, strict=True):
+            out[key][lo:hi] = values
     return out
 
 
@@ -244,9 +229,8 @@ def score_checkpoint(ckpt: Checkpoint, pairs: Sequence[Pair], cache: Path | None
     rows = ensure_embedded(pairs, store, ckpt.config, info, summary, progress)
     lookup = {name: i for i, name in enumerate(ckpt.model.module_names)}
     module_idx = np.array([lookup[p.target_module] for p in pairs], dtype=np.int64)
-    device = next(ckpt.model.parameters()).device
     emb = store.embeddings(ckpt.config.train.memory_budget_gb * 2**30)
-    scores = score_pairs(ckpt.model, emb, rows, module_idx, device=device)
+    scores = score_pairs(ckpt.model, emb, rows, module_idx)
     n_tokens = store.texts["n_tokens"]
     return Scored(
         scores, module_idx, n_tokens[rows["pos_mod_row"]], n_tokens[rows["neg_mod_row"]], store.folder, summary
