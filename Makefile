@@ -22,7 +22,7 @@ DEMO_DATA := data/generated/demo.jsonl
 STAGE1 ?= artifacts/stage1
 DEMO_DIR := artifacts/demo
 
-.PHONY: install synth embed train-heads finetune eval demo test bench bench-gpu lint clean
+.PHONY: install synth embed train-heads finetune eval serve demo test bench bench-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ finetune: install
 
 eval: install
 	$(MODRM) eval --checkpoint $(CHECKPOINT) --data $(DATA) --out $(OUT) --split $(SPLIT)
+
+# Rewards over HTTP for RL loops (OpenRLHF: --reward.remote_url http://127.0.0.1:$(PORT)/get_reward).
+PORT ?= 8000
+HOST ?= 127.0.0.1
+serve: install
+	$(MODRM) serve --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT) --device $(DEVICE)
 
 # The whole chain on the offline MiniLM, CPU: synth -> embed -> train-heads -> finetune -> eval.
 demo: install

@@ -184,6 +184,54 @@ def score_cmd(
     typer.echo(f"scored {n} trajectories -> {out}")
 
 
+@app.command("serve")
+def serve_cmd(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="checkpoint folder")],
+    host: Annotated[str, typer.Option("--host", help="address to bind (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8000,
+    device: DeviceOpt = None,
+    weights: Annotated[str | None, typer.Option("--weights", help="module weights of the reward, m=w,...")] = None,
+    api_key_env: Annotated[
+        str | None, typer.Option("--api-key-env", help="environment variable holding a bearer token to require")
+    ] = None,
+    batch_wait_ms: Annotated[float, typer.Option("--batch-wait-ms", min=0, help="micro-batch gathering time")] = 5.0,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="trajectories per model call")] = 256,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="trajectories waiting; then 503")] = 4096,
+    max_items: Annotated[int, typer.Option("--max-items", min=1, help="trajectories per request")] = 1024,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0, help="request body limit")] = 16.0,
+    cache_size: Annotated[int, typer.Option("--cache-size", min=0, help="embeddings kept between calls")] = 32768,
+    empty_reward: Annotated[
+        float, typer.Option("--empty-reward", help="/get_reward's reward for a trajectory with no module text")
+    ] = 0.0,
+) -> None:
+    """Serve rewards over HTTP for RL loops (OpenRLHF's /get_reward, /score, /health, /info)."""
+    import logging
+    import os
+
+    from pipeline.reward import RewardModel
+    from pipeline.serve import ServeConfig, parse_weights, serve
+
+    api_key = None
+    if api_key_env is not None:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise ModrmError(f"--api-key-env {api_key_env}: that environment variable is not set or empty")
+    config = ServeConfig(
+        batch_wait_ms=batch_wait_ms,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        max_items=max_items,
+        max_body_bytes=int(max_body_mb * 2**20),
+        weights=parse_weights(weights),
+        empty_reward=empty_reward,
+        api_key=api_key,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rm = RewardModel.load(checkpoint, device or "auto", cache_size=cache_size)
+    rm.check_weights(config.weights)
+    serve(rm, config, host, port)
+
+
 def main() -> None:
     """Entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     try:
