@@ -20,6 +20,8 @@ last.
                 2048-token contexts, gradient checkpointing off / on / on with only the top 4 layers trained
     portability synth -> embed -> train-heads -> finetune on the GPU with a tiny Qwen3, then `modrm eval` of
                 both checkpoints in a process that sees no GPU, against the same eval on the GPU
+    serve       bench_serve.py on the GPU: `modrm serve` with the 0.6B encoder under 1, 8 and 32 clients,
+                micro-batching on and off, and RewardModel.score against `modrm score`
 """
 
 from __future__ import annotations
@@ -287,6 +289,12 @@ def portability(workdir: Path) -> dict:
     return result
 
 
+def serve(folder: Path, workdir: Path, requests: int) -> dict:
+    from bench_serve import run
+
+    return run(str(folder), DEVICE, requests, api_trajectories=1000, pairs_per_module=25, workdir=workdir)
+
+
 def cuda_tests() -> dict:
     command = [sys.executable, "-m", "pytest", "-m", "cuda", "-p", "no:cacheprovider", "-o", "addopts="]
     done = subprocess.run([*command, "-q", "-rfE", "tests/test_cuda.py"], cwd=ROOT, capture_output=True, text=True)
@@ -380,6 +388,10 @@ def report(r: dict) -> str:
             "GPU-trained checkpoints, test split, evaluated on the GPU and by `modrm eval` with no GPU visible:",
             table(["checkpoint", "pairs", "accuracy GPU", "accuracy CPU", "AUC GPU", "AUC CPU"], rows),
         ]
+    if isinstance(r.get("serve"), dict) and "error" not in r["serve"]:
+        from bench_serve import report as serve_report
+
+        lines += ["", serve_report(r["serve"])]
     errors = [f"{name}: {v['error']}" for name, v in r.items() if isinstance(v, dict) and "error" in v]
     return "\n".join(lines + (["", "errors:", *errors] if errors else []))
 
@@ -390,6 +402,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="time per embedding measurement")
     parser.add_argument("--stage0-pairs", type=int, default=1_000_000)
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these sections (build ones included)")
+    parser.add_argument("--serve-requests", type=int, default=384, help="requests per client count and mode")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run (with --size tiny) where there is no GPU")
     parser.add_argument("--size", default="0.6b", choices=["0.6b", "tiny"], help="the random Qwen3's size")
     args = parser.parse_args()
@@ -407,7 +421,7 @@ def main() -> None:
     results: dict = {"benchmark": "bench_gpu", "machine": machine()}
 
     def section(name: str, fn: Callable[[], object]) -> None:
-        if name in args.skip:
+        if name in args.skip or (args.only is not None and name not in args.only):
             return
         print(f"[{time.perf_counter() - started:5.0f}s] {name}", flush=True)
         try:
@@ -432,6 +446,7 @@ def main() -> None:
         real = args.size == "0.6b"
         section("stage1", lambda: stage1(model, max(LENGTHS) if real else 256, 4 if real else 1))
         section("portability", lambda: portability(tmp / "portability"))
+        section("serve", lambda: serve(model, tmp / "serve", args.serve_requests))
     print("\n" + report(results))
     print(f"\nbench_gpu: {time.perf_counter() - started:.0f}s in all; numbers in {args.out / 'bench_gpu.json'}")
 
