@@ -76,6 +76,7 @@ class MicroBatcher:
         self.rm, self.config = rm, config
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.waiting = 0  # trajectories queued, not yet taken into a batch
+        self.last_batch_requests = 0
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modrm-model")
         self.task: asyncio.Task | None = None
 
@@ -101,10 +102,12 @@ class MicroBatcher:
         return await pending.future
 
     async def _gather(self, first: Pending) -> tuple[list[Pending], Pending | None]:
-        """The first request and whatever arrives within batch_wait_ms, up to max_batch trajectories; a request
-        that would overflow the batch is carried to the next one (a request is never split)."""
+        """The first request and whatever is queued or arrives within batch_wait_ms, up to max_batch
+        trajectories; a request that would overflow the batch is carried to the next one (a request is never
+        split). The wait is spent only when the last batch had company: a lone client pays no latency for it."""
         batch, size = [first], len(first.items)
-        deadline = time.perf_counter() + self.config.batch_wait_ms / 1e3
+        wait = self.config.batch_wait_ms / 1e3 if self.last_batch_requests > 1 else 0.0
+        deadline = time.perf_counter() + wait
         while size < self.config.max_batch:
             left = deadline - time.perf_counter()
             try:
@@ -121,6 +124,7 @@ class MicroBatcher:
         loop, carried = asyncio.get_running_loop(), None
         while True:
             batch, carried = await self._gather(carried or await self.queue.get())
+            self.last_batch_requests = len(batch)
             items = [item for pending in batch for item in pending.items]
             self.waiting -= len(items)
             before, start = replace(self.rm.stats), time.perf_counter()

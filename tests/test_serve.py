@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,11 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline import RewardModel
 from pipeline.evaluate import evaluate
 from pipeline.integrations import verl
+from pipeline.synth import generate_pairs
 
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 MODULES = ["reflection", "planner", "executor", "memory"]
@@ -218,38 +219,36 @@ def test_verl_compute_score_calls_the_server(server, rm, records, monkeypatch):
         verl.compute_score("agent", trajectory, None)
 
 
-def test_bearer_token_and_sigterm_with_requests_in_flight(stage0, records):
-    trajectory = records[0]["positive"]["trajectory_full_context"]
-    flags = ["--api-key-env", "MODRM_TEST_KEY", "--batch-wait-ms", "1500", "--max-queue", "20"]
+def test_bearer_token_full_queue_and_sigterm_with_requests_in_flight(stage0):
+    """While the model scores request A, B waits in the queue and C would overflow it (503); then SIGTERM: A and B
+    still get their rewards, and a batch finishes after the server has begun shutting down."""
+    pairs = generate_pairs(64, seed=3)  # 512 distinct trajectories (the seed pairs share most of theirs)
+    sides = [{"task": p.task, "trajectory": side.context} for p in pairs for side in (p.positive, p.negative)]
+    flags = ["--api-key-env", "MODRM_TEST_KEY", "--max-items", "512", "--max-queue", "600", "--cache-size", "0"]
     with running(stage0, *flags, env={"MODRM_TEST_KEY": "s3cret"}) as server:
-        body = {"query": [trajectory]}
-        assert server.post("/get_reward", body)[:2] == (
-            401,
-            {"error": "missing or wrong bearer token (Authorization: Bearer <key>)"},
-        )
-        assert server.post("/get_reward", body, token="wrong")[0] == 401
+        body = {"items": sides[:1]}
+        status, answer, headers = server.post("/score", body)
+        assert status == 401 and answer == {"error": "missing or wrong bearer token (Authorization: Bearer <key>)"}
+        assert headers["WWW-Authenticate"] == "Bearer"
+        assert server.post("/score", body, token="wrong")[0] == 401
         assert server.request("GET", "/info")[0] == 401
         assert server.request("GET", "/health")[0] == 200  # probes need no token
+        assert server.post("/score", body, token="s3cret")[0] == 200
 
-        # a full queue: 16 trajectories wait out the 1.5 s window, 16 more would pass --max-queue 20
-        sixteen = {"items": [{"task": "t", "trajectory": trajectory}] * 16}
-        first = ThreadPoolExecutor(1).submit(server.post, "/score", sixteen, token="s3cret")
+        pool = ThreadPoolExecutor(2)
+        a = pool.submit(server.post, "/score", {"items": sides}, token="s3cret")  # 512 trajectories: seconds of work
         time.sleep(0.3)
-        status, answer, headers = server.post("/get_reward", {"query": [trajectory] * 16}, token="s3cret")
+        b = pool.submit(server.post, "/score", {"items": sides[::-1]}, token="s3cret")  # queued behind A
+        time.sleep(0.3)
+        status, answer, headers = server.post("/score", {"items": sides}, token="s3cret")
         assert status == 503 and headers["Retry-After"] == "1" and "busy" in answer["error"]
-        assert first.result()[0] == 200
-
-        results = []
-        call = lambda: results.append(server.post("/get_reward", body, token="s3cret"))  # noqa: E731
-        threads = [threading.Thread(target=call) for _ in range(4)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)  # the requests wait in the batcher (1.5 s window) when the signal comes
+        assert not a.done() and not b.done()
         server.process.send_signal(signal.SIGTERM)
-        for t in threads:
-            t.join()
+        assert a.result()[0] == 200 and b.result()[0] == 200
+        values = [[list(r.values()) for r in f.result()[1]["rewards"]] for f in (a, b)]
+        np.testing.assert_allclose(values[0], values[1][::-1], atol=1e-5)
         # uvicorn re-raises the signal once it has shut down gracefully, so the exit status is SIGTERM's
         assert server.process.wait(timeout=60) == -signal.SIGTERM
-        assert "Application shutdown complete" in server.log.read_text()
-        assert [status for status, _, _ in results] == [200] * 4
-        assert len({answer["rewards"][0] for _, answer, _ in results}) == 1
+        log = server.log.read_text()
+        assert "batch: 1 requests, 512 trajectories" in log[log.index("Shutting down") :]
+        assert "Application shutdown complete" in log
