@@ -1,6 +1,6 @@
 """Stage 0, part one: every unique text of the pairs, encoded once, into the cache.
 
-Texts are deduplicated by content across all files and roles (a context seen in ten pairs is encoded once),
+Texts are deduplicated by content across all files, within each role (a context seen in ten pairs is encoded once),
 only texts the cache lacks are encoded, and work is written in shards so a killed run resumes.
 """
 

@@ -2,8 +2,8 @@
 
 Starts from a stage-0 checkpoint (heads + LayerNorm) and the encoder its cache was built with. Steps are
 filled to a token budget (all four texts of each pair counted, padded), and every `save_every` optimizer
-steps a snapshot (weights, optimizer, scheduler, RNG; safetensors + JSON, no pickle) makes `--resume`
-continue exactly where a killed run stopped.
+steps and at each epoch's end a snapshot (weights, optimizer, scheduler, RNG; safetensors + JSON, no pickle)
+lets `--resume` continue a killed run from that snapshot exactly as the uninterrupted run went on.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def summarize(
     lengths_neg: np.ndarray,
     seed: int = 0,
 ) -> dict:
-    """metrics.json (DESIGN.md section 4): overall and per module; modules without pairs are left out.
+    """metrics.json (the README's Evaluation section): overall and per module; modules without pairs are left out.
 
     `swap` holds "pn" (positive context, negative module text) and "np" (the reverse), as `score_pairs` returns.
     """

