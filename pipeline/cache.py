@@ -45,6 +45,13 @@ class Shard:
     embeddings: np.ndarray  # float16
 
 
+def damaged(folder: Path, what: str) -> ModrmError:
+    """A cache file that a kill cannot produce (every write is atomic): damaged from outside, so not trusted."""
+    return ModrmError(
+        f"{folder}: {what}; this cache cannot be trusted: remove it (rm -r {folder}) and run `modrm embed` again"
+    )
+
+
 class Cache:
     def __init__(self, folder: str | Path, fingerprint: Fingerprint):
         self.folder = Path(folder)
@@ -53,6 +60,8 @@ class Cache:
         self.index: dict[Key, int] = dict(
             zip(zip(self.texts["role"], self.texts["text_hash"], strict=True), self.texts["row"], strict=True)
         )
+        if self.n_rows:
+            self._check_embeddings()
 
     # -------------------------------------------------------------------------------------- opening
 
@@ -66,8 +75,8 @@ class Cache:
         if manifest is not None:
             check_fingerprint(folder, manifest, fingerprint)
         pending_fp = folder / "pending" / "fingerprint.json"
-        if pending_fp.exists() and Fingerprint(**_load_json(pending_fp)).differences(fingerprint):
-            shutil.rmtree(folder / "pending")  # shards of another encoder can never be merged here
+        if pending_fp.exists() and _pending_differs(pending_fp, fingerprint):
+            shutil.rmtree(folder / "pending")  # shards of another encoder (or unreadable) can never be merged here
         return cls(folder, fingerprint)
 
     @property
@@ -84,8 +93,34 @@ class Cache:
                 "n_tokens": np.array([], dtype=np.int64),
                 "truncated": np.array([], dtype=bool),
             }
-        table = pq.read_table(path)
-        return {name: table.column(name).to_numpy(zero_copy_only=False) for name in TEXT_COLUMNS}
+        try:
+            table = pq.read_table(path)
+            texts = {name: table.column(name).to_numpy(zero_copy_only=False) for name in TEXT_COLUMNS}
+        except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+            raise damaged(self.folder, f"texts.parquet is unreadable ({err})") from None
+        if not np.array_equal(texts["row"], np.arange(len(texts["row"]))):
+            raise damaged(self.folder, "texts.parquet's rows are not 0, 1, 2, ...")
+        return texts
+
+    def _check_embeddings(self) -> None:
+        """embeddings.h5 holds every row texts.parquet lists, at the fingerprint's dimension, all of its bytes."""
+        path = self.folder / "embeddings.h5"
+        if not path.is_file():
+            raise damaged(self.folder, f"embeddings.h5 is missing, but texts.parquet lists {self.n_rows} rows")
+        try:
+            with h5py.File(path, "r") as f:
+                ds = f["embeddings"]
+                shape, offset = ds.shape, ds.id.get_offset()
+        except (OSError, KeyError, ValueError) as err:
+            raise damaged(self.folder, f"embeddings.h5 is unreadable ({err})") from None
+        if len(shape) != 2 or shape[0] < self.n_rows or shape[1] != self.fingerprint.dim:
+            raise damaged(
+                self.folder,
+                f"embeddings.h5 holds {shape}, but texts.parquet lists {self.n_rows} rows of dim "
+                f"{self.fingerprint.dim}",
+            )
+        if offset is not None and path.stat().st_size < offset + shape[0] * shape[1] * 2:
+            raise damaged(self.folder, f"embeddings.h5 is truncated ({path.stat().st_size:,} bytes)")
 
     # -------------------------------------------------------------------------------------- pending
 
@@ -93,12 +128,19 @@ class Cache:
         """Shards a killed run finished; a shard counts once its index file exists (written last)."""
         shards = []
         for index_path in sorted((self.folder / "pending").glob("shard-*.parquet")):
-            table = pq.read_table(index_path)
-            embeddings = np.load(index_path.with_suffix(".npy"), allow_pickle=False)
-            keys = list(zip(table.column("role").to_pylist(), table.column("text_hash").to_pylist(), strict=True))
-            shards.append(
-                Shard(keys, table.column("n_tokens").to_numpy(), table.column("truncated").to_numpy(), embeddings)
-            )
+            try:
+                table = pq.read_table(index_path)
+                embeddings = np.load(index_path.with_suffix(".npy"), allow_pickle=False)
+                roles, hashes = table.column("role").to_pylist(), table.column("text_hash").to_pylist()
+                n_tokens, truncated = table.column("n_tokens").to_numpy(), table.column("truncated").to_numpy()
+            except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+                raise ModrmError(
+                    f"{index_path}: an unfinished run's shard is damaged ({err}); remove {index_path.parent} "
+                    "(its texts are encoded again)"
+                ) from None
+            if embeddings.shape != (len(roles), self.fingerprint.dim):
+                raise ModrmError(f"{index_path}: its embeddings do not match its index; remove {index_path.parent}")
+            shards.append(Shard(list(zip(roles, hashes, strict=True)), n_tokens, truncated, embeddings))
         return shards
 
     def add_shard(self, shard: Shard) -> None:
@@ -211,7 +253,16 @@ class Cache:
         path = self.folder / "pairs.parquet"
         if not path.exists():
             raise ModrmError(f"{self.folder}: no pairs.parquet; run `modrm embed --data FILE --cache {self.folder}`")
-        return pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+            rows = np.stack([table.column(c).to_numpy() for c in ROW_COLUMNS]) if len(table) else np.zeros((4, 0))
+            for column in ("pair_id", "target_module", "task", "split"):
+                table.column(column)
+        except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+            raise damaged(self.folder, f"pairs.parquet is unreadable ({err})") from None
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+            raise damaged(self.folder, "pairs.parquet points at rows embeddings.h5 does not have")
+        return table
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -219,25 +270,46 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(handle, array, allow_pickle=False)
 
 
-def _load_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+def _pending_differs(path: Path, fingerprint: Fingerprint) -> bool:
+    try:
+        return bool(Fingerprint(**json.loads(path.read_text())).differences(fingerprint))
+    except (OSError, ValueError, TypeError):
+        return True
 
 
 def _texts_manifest(folder: Path) -> dict | None:
     """The fingerprint stored with texts.parquet, for a cache whose first run died before its manifest."""
     path = folder / "texts.parquet"
-    metadata = (pq.read_schema(path).metadata or {}) if path.exists() else {}
-    raw = metadata.get(_FINGERPRINT_KEY.encode())
-    return {"encoder": json.loads(raw)} if raw else None
+    try:
+        metadata = (pq.read_schema(path).metadata or {}) if path.exists() else {}
+        raw = metadata.get(_FINGERPRINT_KEY.encode())
+        return {"encoder": json.loads(raw)} if raw else None
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise damaged(folder, f"texts.parquet is unreadable ({err})") from None
 
 
 def read_manifest(folder: str | Path) -> dict | None:
     path = Path(folder) / "manifest.json"
-    return _load_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise damaged(Path(folder), f"manifest.json is not valid JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise damaged(Path(folder), "manifest.json is not a JSON object")
+    return manifest
+
+
+def manifest_fingerprint(folder: Path, manifest: dict) -> Fingerprint:
+    try:
+        return Fingerprint(**manifest["encoder"])
+    except (KeyError, TypeError) as err:
+        raise damaged(folder, f"manifest.json has no valid encoder fingerprint ({err!r})") from None
 
 
 def check_fingerprint(folder: Path, manifest: dict, fingerprint: Fingerprint) -> None:
-    built = Fingerprint(**manifest["encoder"])
+    built = manifest_fingerprint(folder, manifest)
     diffs = built.differences(fingerprint)
     if diffs:
         raise ModrmError(
@@ -251,4 +323,4 @@ def open_existing(folder: str | Path) -> tuple[Cache, dict]:
     manifest = read_manifest(folder)
     if manifest is None:
         raise ModrmError(f"{folder}: not an embedding cache (no manifest.json); run `modrm embed` first")
-    return Cache(folder, Fingerprint(**manifest["encoder"])), manifest
+    return Cache(folder, manifest_fingerprint(Path(folder), manifest)), manifest

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from pipeline.atomic import atomic_write, write_json
 from pipeline.config import Config, config_from_dict
@@ -97,26 +98,37 @@ def save_heads(
 
 
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint, refusing one whose files are missing or whose weights do not match its config."""
+    """Read a checkpoint, refusing one whose files are missing or damaged, or whose weights do not match its
+    config (compared on shapes before any weight is allocated, so a hostile config cannot exhaust memory)."""
     folder = Path(folder)
     for name in (CONFIG_FILE, HEADS_FILE):
         if not (folder / name).is_file():
             raise ModrmError(f"checkpoint {folder}: missing {name} (train one with `modrm train-heads`)")
     try:
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-        config = config_from_dict(meta["config"])
+        meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = config_from_dict(meta["config"], str(folder / CONFIG_FILE))
         fingerprint = Fingerprint(**meta["encoder"])
-        model = RewardHeads(meta["modules"], meta["dim"], config.heads)
+        modules, dim = meta["modules"], meta["dim"]
+        if not (isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):
+            raise ValueError(f"modules must be a list of names, got {modules!r:.60}")
+        if len(set(modules)) != len(modules) or isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"modules {modules} and dim {dim!r}: names must be unique and dim a positive integer")
+        with torch.device("meta"):  # shapes only: nothing allocated until the file agrees
+            expected = {k: tuple(v.shape) for k, v in RewardHeads(modules, dim, config.heads).state_dict().items()}
     except (KeyError, TypeError, ValueError) as err:
         raise ModrmError(f"checkpoint {folder}: {CONFIG_FILE} is malformed ({err})") from None
-    state = load_file(str(folder / HEADS_FILE))
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if expected != found:
-        diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
-        raise ModrmError(
-            f"checkpoint {folder}: {HEADS_FILE} does not match modules {meta['modules']} and dim "
-            f"{meta['dim']} in {CONFIG_FILE} (first differences: {diff})"
-        )
+    try:
+        with safe_open(str(folder / HEADS_FILE), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            if expected != found:
+                diff = sorted(set(expected.items()) ^ set(found.items()))[:3]
+                raise ModrmError(
+                    f"checkpoint {folder}: {HEADS_FILE} does not match modules {modules} and dim {dim} in "
+                    f"{CONFIG_FILE} (first differences: {diff})"
+                )
+            state = {k: f.get_tensor(k) for k in found}
+    except SafetensorError as err:
+        raise ModrmError(f"checkpoint {folder}: {HEADS_FILE} is not a readable safetensors file ({err})") from None
+    model = RewardHeads(modules, dim, config.heads)
     model.load_state_dict(state)
     return Checkpoint(folder, model.to(device).eval(), config, fingerprint, meta.get("stage", 0), meta.get("cache"))

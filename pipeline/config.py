@@ -12,6 +12,8 @@ The TOML file has one table per section below, e.g.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import string
 import tomllib
 from dataclasses import dataclass, field
@@ -132,6 +134,59 @@ def check_template(template: str) -> None:
         )
 
 
+# (low, high, low included, high included); None: unbounded. Integers where the default is an integer.
+_AT_LEAST_1, _AT_LEAST_0, _ABOVE_0 = (1, None, True, True), (0, None, True, True), (0, None, False, True)
+_FRACTION, _BELOW_1 = (0, 1, True, True), (0, 1, True, False)
+RANGES: dict[tuple[str, str], tuple] = {
+    **{("encoder", k): _AT_LEAST_1 for k in ("max_context_tokens", "max_module_tokens", "token_budget")},
+    ("data", "train_fraction"): _FRACTION,
+    ("data", "val_fraction"): _FRACTION,
+    ("heads", "hidden"): _AT_LEAST_1,
+    ("heads", "hidden2"): _AT_LEAST_1,
+    ("heads", "dropout"): _BELOW_1,
+    ("heads", "alpha"): _AT_LEAST_0,
+    ("heads", "margin"): _AT_LEAST_0,
+    **{("train", k): _AT_LEAST_1 for k in ("epochs", "batch_size", "grad_accum", "patience")},
+    **{("train", k): _ABOVE_0 for k in ("lr", "max_grad_norm", "memory_budget_gb")},
+    ("train", "weight_decay"): _AT_LEAST_0,
+    ("train", "warmup_ratio"): _BELOW_1,
+    **{("finetune", k): _AT_LEAST_1 for k in ("epochs", "max_steps", "grad_accum", "token_budget", "save_every")},
+    **{("finetune", k): _AT_LEAST_0 for k in ("encoder_lr", "heads_lr", "weight_decay", "train_layers", "lora_r")},
+    ("finetune", "max_grad_norm"): _ABOVE_0,
+    ("finetune", "warmup_ratio"): _BELOW_1,
+}
+CHOICES = {
+    "dtype": ("auto", "float32", "float16", "bfloat16"),
+    "gradient_checkpointing": ("auto", "on", "off"),
+}
+INTEGERS = {("encoder", "token_budget"), ("finetune", "max_steps"), ("finetune", "train_layers")}  # default None
+
+
+def check_value(section: str, key: str, value: Any) -> None:
+    """Ranges and choices, so a setting that cannot work is refused where it is read, naming it."""
+    name = f"config {section}.{key}"
+    if value is None:
+        return
+    if key == "device" and not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value)):
+        raise ModrmError(f"{name}: {value!r} is not a device (auto, cpu, cuda or cuda:N)")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ModrmError(f"{name}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    if (section, key) in INTEGERS and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ModrmError(f"{name}: expected an integer, got {value!r}")
+    if (section, key) in RANGES:
+        low, high, low_in, high_in = RANGES[section, key]
+        if (
+            not math.isfinite(value)
+            or (low is not None and (value < low or (value == low and not low_in)))
+            or (high is not None and (value > high or (value == high and not high_in)))
+        ):
+            bounds = [f"{'>=' if low_in else '>'} {low}" if low is not None else ""]
+            bounds += [f"{'<=' if high_in else '<'} {high}" if high is not None else ""]
+            raise ModrmError(f"{name}: {value!r} is out of range (needs {' and '.join(b for b in bounds if b)})")
+    if key == "betas" and not (len(value) == 2 and all(isinstance(b, float | int) and 0 <= b < 1 for b in value)):
+        raise ModrmError(f"{name}: {value!r} must be two numbers in [0, 1)")
+
+
 def apply(config: Config, section: str, values: dict[str, Any]) -> None:
     target = getattr(config, section, None)
     if target is None or not dataclasses.is_dataclass(target):
@@ -140,9 +195,13 @@ def apply(config: Config, section: str, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if key not in known:
             raise ModrmError(f"config: unknown key {section}.{key} (known: {', '.join(sorted(known))})")
-        setattr(target, key, _coerce(section, key, value, getattr(target, key)))
+        value = _coerce(section, key, value, getattr(target, key))
+        check_value(section, key, value)
+        setattr(target, key, value)
     if section == "encoder":
         check_template(config.encoder.context_template)
+    if section == "data" and config.data.train_fraction + config.data.val_fraction > 1:
+        raise ModrmError("config data.train_fraction + data.val_fraction: above 1, leaving no room for a split")
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
@@ -153,6 +212,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ModrmError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ModrmError(f"{path}: is a folder, not a config file") from None
+        except UnicodeDecodeError as err:
+            raise ModrmError(f"{path}: not UTF-8 text (byte {err.start})") from None
         except tomllib.TOMLDecodeError as err:
             raise ModrmError(f"{path}: malformed TOML ({err})") from None
         for section, values in raw.items():
@@ -164,9 +227,14 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
     return config
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """The resolved config written beside an output, read back."""
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """The resolved config written beside an output, read back (`source` names the file in errors)."""
     config = Config()
-    for section, values in raw.items():
-        apply(config, section, values)
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ModrmError(f"{source}: the saved config is not a table of sections")
+    try:
+        for section, values in raw.items():
+            apply(config, section, values)
+    except ModrmError as err:
+        raise ModrmError(f"{source}: {err}") from None
     return config

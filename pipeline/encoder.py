@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -24,6 +25,9 @@ from pipeline.config import EncoderConfig
 from pipeline.errors import ModrmError
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+LONG_CHARS_PER_TOKEN = 16  # a text longer than this many characters per token of room is tokenized from cuts
+_BOUNDARY = re.compile(r"(?<=\S)\s")  # a blank after a non-blank: where the usual pre-tokenizers start a new piece
+_SEARCH = 4096  # characters searched for a boundary; without a blank there, the cut falls where it may
 ROLES = ("context", "module")
 _DECODER_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3", "phi3"}
 
@@ -327,10 +331,13 @@ class Encoder(nn.Module):
         prompt (the instruction) and `heads[i]` (the task line that starts text i, up to half the room)
         survive truncation, and the rest is filled from the end."""
         prompt = self.fingerprint.prompt
-        body = self.tokenizer([prompt + t for t in texts] if prompt else list(texts), add_special_tokens=False)[
-            "input_ids"
-        ]
         room = self.max_tokens(role) - len(self.prefix) - len(self.suffix)
+        full = [prompt + t for t in texts] if prompt else list(texts)
+        long = {i: t for i, t in enumerate(full) if len(t) > LONG_CHARS_PER_TOKEN * (room + 1)}
+        short = [full[i] if i not in long else "" for i in range(len(full))]  # long ones: tokenized by their cuts
+        body = self.tokenizer(short, add_special_tokens=False)["input_ids"]
+        for i, text in long.items():
+            body[i] = self._long_ids(text, room, both_ends=role == "context")
         lengths = np.fromiter((len(ids) for ids in body), dtype=np.int64, count=len(body))
         truncated = lengths > room
         cut = np.flatnonzero(truncated)
@@ -348,6 +355,33 @@ class Encoder(nn.Module):
         ids = [self.prefix + b + self.suffix for b in body] if self.prefix or self.suffix else body
         lengths = np.minimum(lengths, room) + len(self.prefix) + len(self.suffix)
         return Tokenized(ids, lengths, truncated)
+
+    def _long_ids(self, text: str, room: int, both_ends: bool) -> list[int]:
+        """A text far longer than the room, tokenized from cuts, so time and memory are bounded by the token limit
+        and not by the text: its first room + 1 tokens (and, for a context, its last room tokens), as the whole
+        text's. A cut ends (or starts) where a pre-token starts, at a blank after a non-blank, and holds at least
+        twice the room, so only tokens far from what truncation keeps could differ from the whole text's (and
+        only for a run without blanks longer than the search window). A text with fewer tokens is taken whole."""
+        head = self._tokens_of_cut(text, room, from_end=False)
+        if head is None:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        tail = self._tokens_of_cut(text, room, from_end=True) if both_ends else []
+        return head[: room + 1] + tail[len(tail) - room :]
+
+    def _tokens_of_cut(self, text: str, room: int, from_end: bool) -> list[int] | None:
+        chars = LONG_CHARS_PER_TOKEN * (room + 1)
+        while chars < len(text):
+            if from_end:
+                starts = [m.start() for m in _BOUNDARY.finditer(text, max(0, len(text) - chars - _SEARCH))]
+                piece = text[max([s for s in starts if s <= len(text) - chars], default=len(text) - chars) :]
+            else:
+                blank = _BOUNDARY.search(text, chars, chars + _SEARCH)
+                piece = text[: blank.start() if blank else chars]
+            ids = self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            if len(ids) >= 2 * (room + 1):
+                return ids
+            chars *= 4
+        return None
 
     def batches(self, lengths: np.ndarray, token_budget: int) -> Iterator[np.ndarray]:
         """Indices sorted by length, longest first, each batch filling the padded-token budget."""

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import write_json
 from pipeline.checkpoint import ENCODER_DIR, Checkpoint, load_checkpoint, save_heads
-from pipeline.config import Config, FinetuneConfig
+from pipeline.config import Config, FinetuneConfig, apply
 from pipeline.data import Pair, load_pairs, task_split
 from pipeline.embed import pair_texts
 from pipeline.encoder import Encoder, Tokenized, describe, pick_device
@@ -264,7 +264,8 @@ def finetune(
 ) -> dict:
     """`modrm finetune`: returns the best epoch's validation metrics; writes a stage-1 checkpoint to `out`."""
     ckpt = load_checkpoint(checkpoint)
-    config = dataclasses.replace(ckpt.config, finetune=dataclasses.replace(ckpt.config.finetune, **(overrides or {})))
+    config = ckpt.config
+    apply(config, "finetune", overrides or {})  # checked like any config: ranges, choices
     fc: FinetuneConfig = config.finetune
     out = Path(out)
     snapshot = out / SNAPSHOT_DIR

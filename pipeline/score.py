@@ -18,9 +18,12 @@ from pipeline.errors import ModrmError
 
 def read_trajectories(path: Path) -> list[dict]:
     """Records of a JSON array or JSON lines; a problem names the file, the record (index) and the field."""
-    text = path.read_text(encoding="utf-8") if path.is_file() else None
-    if text is None:
+    if not path.is_file():
         raise ModrmError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ModrmError(f"{path}: not UTF-8 text (byte {err.start})") from None
     if text.lstrip().startswith("["):
         try:
             records = json.loads(text)

@@ -170,7 +170,7 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
     cache, manifest = open_existing(cache_dir)
     if "config" not in manifest:
         raise ModrmError(f"{cache_dir}: the last `modrm embed` into this cache did not finish; run it again")
-    built = config_from_dict(manifest["config"])  # the encoder and split the cache was made with
+    built = config_from_dict(manifest["config"], f"{cache_dir}/manifest.json")  # the encoder and split it used
     config = dataclasses.replace(config, encoder=built.encoder, data=built.data)
     table = cache.read_pairs()
     modules = module_order(set(table.column("target_module").to_pylist()), config.data.modules)

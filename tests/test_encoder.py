@@ -282,3 +282,58 @@ def test_describe_refuses_a_budget_below_the_context_limit(tiny_qwen3: Path, mak
 def test_describe_names_an_unknown_prompt(tiny_qwen3: Path, make_config) -> None:
     with pytest.raises(ModrmError, match="no prompt named 'nope'"):
         describe(make_config(tiny_qwen3, prompt_name="nope").encoder)
+
+
+# ---------------------------------------------------------------------------------------------- long texts
+
+
+def _random_texts(seed: int, n: int) -> list[str]:
+    """Words, numbers, punctuation, runs of blanks and newlines, non-ASCII: lengths around the long-text threshold."""
+    rng = np.random.default_rng(seed)
+    pieces = ["plan", "step", "Round 3:", "<action>", "tool", "naïve", "数据", "42", ".", ",", "(x)", "'s"]
+    blanks = [" ", " ", " ", "  ", "\n", "\n\n", "\t", " \n "]
+    texts = []
+    for _ in range(n):
+        size = int(rng.choice([50, 400, 1200, 3000, 9000]))
+        parts = []
+        while sum(map(len, parts)) < size:
+            parts += [pieces[rng.integers(len(pieces))], blanks[rng.integers(len(blanks))]]
+        texts.append("".join(parts))
+    return texts
+
+
+@pytest.mark.parametrize("model", ["minilm", "qwen"])
+def test_long_texts_are_tokenized_from_cuts_with_the_same_kept_tokens(model, minilm_id, tiny_qwen3, make_config):
+    import pipeline.encoder as enc_module
+
+    name = minilm_id if model == "minilm" else tiny_qwen3
+    encoder = Encoder.load(make_config(name, max_context_tokens=64, max_module_tokens=64).encoder)
+    heads = [f"Task: {i}\n\n" for i in range(60)]
+    texts = [h + t for h, t in zip(heads, _random_texts(0, 60), strict=True)]
+    for role in ("module", "context"):
+        cut = encoder.tokenize(texts, role, heads)
+        threshold = enc_module.LONG_CHARS_PER_TOKEN
+        enc_module.LONG_CHARS_PER_TOKEN = 10**9  # every text tokenized whole
+        try:
+            whole = encoder.tokenize(texts, role, heads)
+        finally:
+            enc_module.LONG_CHARS_PER_TOKEN = threshold
+        assert sum(len(t) > threshold * 64 for t in texts) > 10  # many took the cut path
+        assert cut.ids == whole.ids and (cut.lengths == whole.lengths).all()
+        assert (cut.truncated == whole.truncated).all() and cut.truncated.any()
+
+
+def test_a_huge_text_costs_what_its_token_limit_costs(minilm, monkeypatch):
+    """50 MB: the tokenizer never sees more than a bounded cut of it."""
+    seen: list[int] = []
+    call = minilm.tokenizer.__class__.__call__
+
+    def spy(self, texts, *args, **kwargs):
+        seen.extend(len(t) for t in ([texts] if isinstance(texts, str) else texts))
+        return call(self, texts, *args, **kwargs)
+
+    monkeypatch.setattr(minilm.tokenizer.__class__, "__call__", spy)
+    huge = "Task: t\n\n" + "read the logs and fix the leak " * 1_700_000
+    tokens = minilm.tokenize([huge], "context", ["Task: t\n\n"])
+    assert tokens.truncated[0] and tokens.lengths[0] == minilm.fingerprint.max_context_tokens
+    assert max(seen) < 100 * minilm.fingerprint.max_context_tokens
