@@ -36,6 +36,7 @@ class EncoderConfig:
     context_template: str = "Task: {task}\n\n{context}"  # what the encoder sees as the trajectory context
     prompt_name: str | None = None  # a prompt from the model's config_sentence_transformers.json
     trust_remote_code: bool = False
+    use_safetensors: bool = True  # false: also load pickled *.bin weights (they can run code; trusted folders only)
 
     def context_text(self, task: str, context: str) -> str:
         return self.context_template.format(task=task, context=context)

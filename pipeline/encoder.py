@@ -155,9 +155,17 @@ def hash_files(folder: Path, names: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def hash_weights(folder: Path) -> str:
-    """sha256 over the weight files, so a fine-tuned copy never passes for its base model."""
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+def hash_weights(folder: Path, use_safetensors: bool = True) -> str:
+    """sha256 over the weight files, so a fine-tuned copy never passes for its base model. Pickled weights
+    (`*.bin`) can run code when loaded: only with `encoder.use_safetensors = false`."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files and sorted(folder.glob("*.bin")):
+        if use_safetensors:
+            raise ModrmError(
+                f"encoder folder {folder}: only pickled weights (*.bin), which can run code when loaded; convert "
+                "them to safetensors, or set encoder.use_safetensors = false if you trust the folder"
+            )
+        files = sorted(folder.glob("*.bin"))
     if not files:
         raise ModrmError(f"encoder folder {folder}: no weight files (*.safetensors)")
     digest = hashlib.sha256()
@@ -216,7 +224,7 @@ def describe(config: EncoderConfig, folder: Path | None = None) -> ModelInfo:
     fingerprint = Fingerprint(
         name=config.name,
         revision=revision,
-        weights_sha256=hash_weights(folder),
+        weights_sha256=hash_weights(folder, config.use_safetensors),
         tokenizer_sha256=hash_files(folder, TOKENIZER_FILES),
         pooling=pooling,
         normalize=normalize,
@@ -293,7 +301,11 @@ class Encoder(nn.Module):
         try:
             tokenizer = AutoTokenizer.from_pretrained(info.folder, trust_remote_code=config.trust_remote_code)
             model = AutoModel.from_pretrained(
-                info.folder, dtype=dtype, attn_implementation="sdpa", trust_remote_code=config.trust_remote_code
+                info.folder,
+                dtype=dtype,
+                attn_implementation="sdpa",
+                trust_remote_code=config.trust_remote_code,
+                use_safetensors=config.use_safetensors,
             )
         except (OSError, ValueError) as err:
             raise ModrmError(f"encoder {config.name!r} at {info.folder}: cannot be loaded ({err})") from None

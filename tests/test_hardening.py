@@ -1,0 +1,181 @@
+"""Damaged files and hostile input: one line naming the file and what is wrong, exit 2, nothing changed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import modrm
+
+from pipeline.checkpoint import load_checkpoint
+from pipeline.config import Config, HeadConfig
+from pipeline.embed import embed_files
+from pipeline.encoder import describe
+from pipeline.errors import ModrmError
+from pipeline.score import score_file
+from pipeline.train_heads import train_heads
+
+SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def config(tiny_qwen3: Path) -> Config:
+    config = Config()
+    config.encoder.name, config.encoder.device = str(tiny_qwen3), "cpu"
+    config.encoder.max_context_tokens = config.encoder.max_module_tokens = 128
+    config.heads = HeadConfig(hidden=16, hidden2=8)
+    config.train.epochs = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def good_cache(tmp_path_factory, config: Config) -> Path:
+    folder = tmp_path_factory.mktemp("good") / "cache"
+    embed_files([SEED_PAIRS], folder, config, progress=False)
+    return folder
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE: dict[str, Callable[[Path], None]] = {
+    "embeddings.h5 missing": lambda c: (c / "embeddings.h5").unlink(),
+    "embeddings.h5 truncated": lambda c: truncate(c / "embeddings.h5"),
+    "texts.parquet truncated": lambda c: truncate(c / "texts.parquet"),
+    "manifest.json garbage": lambda c: (c / "manifest.json").write_text("{not json"),
+    "manifest.json without a fingerprint": lambda c: (c / "manifest.json").write_text('{"encoder": {"dim": 3}}'),
+}
+EXPECTED = {
+    "embeddings.h5 missing": "embeddings.h5 is missing, but texts.parquet lists",
+    "embeddings.h5 truncated": "embeddings.h5",
+    "texts.parquet truncated": "texts.parquet is unreadable",
+    "manifest.json garbage": "manifest.json is not valid JSON",
+    "manifest.json without a fingerprint": "manifest.json has no valid encoder fingerprint",
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_cache_is_refused_with_the_repair_and_left_as_it_is(good_cache, config, tmp_path, damage):
+    cache = tmp_path / "cache"
+    shutil.copytree(good_cache, cache)
+    DAMAGE[damage](cache)
+    before = hashes(cache)
+    for run in (
+        lambda: embed_files([SEED_PAIRS], cache, config, progress=False),
+        lambda: train_heads(cache, tmp_path / "ckpt", config, progress=False),
+    ):
+        with pytest.raises(ModrmError) as err:
+            run()
+        assert EXPECTED[damage] in str(err.value) and f"rm -r {cache}" in str(err.value)
+    assert hashes(cache) == before and not (tmp_path / "ckpt").exists()
+
+
+def test_damaged_pairs_index_and_pending_shard(good_cache, config, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(good_cache, cache)
+    truncate(cache / "pairs.parquet")
+    with pytest.raises(ModrmError, match=r"pairs\.parquet is unreadable"):
+        train_heads(cache, tmp_path / "ckpt", config, progress=False)
+    pending = cache / "pending"
+    pending.mkdir()
+    (pending / "fingerprint.json").write_text(json.dumps(describe(config.encoder).fingerprint.to_dict()))
+    (pending / "shard-000000.parquet").write_bytes(b"PAR1 not really")
+    more = tmp_path / "more.json"
+    records = json.loads(SEED_PAIRS.read_text())[:2]
+    records[0]["positive"]["module_k_all_rounds"] += " (new)"
+    more.write_text(json.dumps(records))
+    with pytest.raises(ModrmError, match=r"shard-000000.parquet: an unfinished run's shard is damaged .*remove"):
+        embed_files([more], cache, config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(good_cache, config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ckpt") / "stage0"
+    train_heads(good_cache, out, config, progress=False)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda c: truncate(c / "heads.safetensors"), "heads.safetensors is not a readable safetensors file"),
+        (
+            lambda c: (c / "heads.safetensors").write_bytes(pickle.dumps({"norm.weight": [1.0]})),
+            "heads.safetensors is not a readable safetensors file",
+        ),
+        (lambda c: (c / "config.json").write_text("[1, 2"), "config.json is malformed"),
+        (lambda c: _edit(c, dim=10**9), r"heads.safetensors does not match modules .* and dim 1000000000"),
+        (lambda c: _edit(c, modules=["planner", "planner"]), "names must be unique"),
+        (lambda c: _edit(c, modules=3), "modules must be a list"),
+    ],
+)
+def test_a_damaged_or_hostile_checkpoint_is_one_line(checkpoint, tmp_path, damage, expected):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    damage(folder)
+    with pytest.raises(ModrmError, match=expected):
+        load_checkpoint(folder)
+
+
+def _edit(folder: Path, **fields) -> None:
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(meta | fields))
+
+
+def test_score_refuses_non_utf8_input_and_a_folder_as_output(checkpoint, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"task": "caf\xe9", "trajectory": "<plan>x</plan>"}\n'.encode("latin-1"))
+    with pytest.raises(ModrmError, match=r"latin1.jsonl: not UTF-8 text \(byte 13\)"):
+        score_file(checkpoint, bad, tmp_path / "out.jsonl", progress=False)
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"task": "t", "trajectory": "<plan>x</plan>"}\n')
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ModrmError, match="folder: is a folder; name a file to write"):
+        score_file(checkpoint, good, tmp_path / "folder", progress=False)
+
+
+def test_pickled_encoder_weights_need_an_explicit_opt_in(tiny_qwen3, config, tmp_path):
+    from transformers import AutoModel
+
+    folder = tmp_path / "bin-only"
+    shutil.copytree(tiny_qwen3, folder)
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(AutoModel.from_pretrained(tiny_qwen3).state_dict(), folder / "pytorch_model.bin")
+    config = Config(**{**vars(config)})
+    config.encoder = type(config.encoder)(**{**vars(config.encoder), "name": str(folder)})
+    with pytest.raises(ModrmError, match=r"only pickled weights \(\*.bin\), which can run code"):
+        embed_files([SEED_PAIRS], tmp_path / "cache", config, progress=False)
+    assert not (tmp_path / "cache").exists()
+    config.encoder.use_safetensors = False  # the user trusts the folder
+    assert embed_files([SEED_PAIRS], tmp_path / "cache", config, progress=False).encoded > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--max-steps", "0"], "config finetune.max_steps: 0 is out of range (needs >= 1)"),
+        (["--lora", "-2"], "config finetune.lora_r: -2 is out of range (needs >= 0)"),
+        (["--gradient-checkpointing", "yes"], "config finetune.gradient_checkpointing: 'yes' is not one of"),
+    ],
+)
+def test_out_of_range_options_are_one_line_errors(checkpoint, tmp_path, flags, expected):
+    done = modrm(
+        "finetune", "--checkpoint", checkpoint, "--data", SEED_PAIRS, "--out", tmp_path / "s1", *flags, cwd=tmp_path
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"error: {expected}" or expected in done.stderr.strip().splitlines()[0]
+    assert not (tmp_path / "s1").exists()
