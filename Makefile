@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
 DATA ?= data/generated/synth.jsonl
-CACHE ?= cache/demo
 ENCODER ?= Qwen/Qwen3-Embedding-0.6B
+# one cache folder per encoder, so no target points one encoder at another's cache
+CACHE ?= cache/$(subst /,--,$(ENCODER))
 CHECKPOINT ?= artifacts/heads
 OUT ?= artifacts/eval
 DEVICE ?= auto

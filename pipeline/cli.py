@@ -69,6 +69,7 @@ def embed(
     cache: Annotated[Path, typer.Option("--cache", help="cache folder")],
     encoder: EncoderOpt = None,
     device: DeviceOpt = None,
+    append: Annotated[bool, typer.Option("--append", help="add these pairs to the cache's pairs index")] = False,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -76,7 +77,7 @@ def embed(
     from pipeline.embed import embed_files
 
     cfg = _config(config, encoder={"name": encoder, "device": device})
-    summary = embed_files(data, cache, cfg, progress=not quiet)
+    summary = embed_files(data, cache, cfg, progress=not quiet, append=append)
     typer.echo(f"cache {cache}:")
     for line in summary.lines():
         typer.echo("  " + line)

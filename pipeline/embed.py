@@ -17,10 +17,11 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.atomic import write_json
-from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard
+from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard, read_manifest
 from pipeline.config import Config, EncoderConfig
 from pipeline.data import Pair, load_pairs, task_split
 from pipeline.encoder import Encoder, ModelInfo, describe
+from pipeline.errors import ModrmError
 
 SHARD_TEXTS = 4096  # texts per resumable shard: a kill loses at most this much work
 
@@ -36,6 +37,7 @@ class EmbedSummary:
     fp32_fallbacks: int = 0
     seconds: float = 0.0
     splits: dict[str, int] = field(default_factory=dict)
+    index: str = ""  # what became of an earlier pairs index (replaced, appended to); empty for a new one
 
     def lines(self) -> list[str]:
         encoded = "nothing to encode: every text was already in the cache"
@@ -50,6 +52,7 @@ class EmbedSummary:
             encoded,
             f"truncated: {self.truncated}  texts re-encoded in fp32: {self.fp32_fallbacks}",
             "splits: " + "  ".join(f"{k} {v}" for k, v in self.splits.items()),
+            *([f"pairs index: {self.index}"] if self.index else []),
         ]
 
 
@@ -135,23 +138,58 @@ def versions() -> dict[str, str]:
 
 
 def embed_files(
-    paths: Sequence[str | Path], cache_dir: str | Path, config: Config, progress: bool = True
+    paths: Sequence[str | Path], cache_dir: str | Path, config: Config, progress: bool = True, append: bool = False
 ) -> EmbedSummary:
-    """`modrm embed`: load and validate the pairs, encode what the cache lacks, write the pairs index."""
+    """`modrm embed`: load and validate the pairs, encode what the cache lacks, write the pairs index. The index
+    holds these files' pairs (and says so when it replaced others), or with `append` the earlier ones too."""
     pairs = load_pairs(paths, config.data.modules)
     info = describe(config.encoder)
     cache = Cache.open(cache_dir, info.fingerprint)
+    manifest = read_manifest(cache.folder) or {}
+    previous = cache.read_pairs() if (cache.folder / "pairs.parquet").exists() else None
+    earlier_files = list(manifest.get("data_files", [])) if previous is not None else []
+    if append and previous is not None:
+        check_appendable(previous, pairs, manifest, config, cache.folder)
     summary = EmbedSummary(n_pairs=len(pairs))
     rows = ensure_embedded(pairs, cache, config, info, summary, progress)
     table = pairs_table(pairs, rows, config)
+    if append and previous is not None:
+        table = pa.concat_tables([previous.select(table.column_names), table])
+        summary.index = f"appended {len(pairs)} pairs to the {len(previous)} already indexed"
+    elif previous is not None and earlier_files != [str(p) for p in paths]:
+        summary.index = (
+            f"replaced: it held {len(previous)} pairs from {', '.join(earlier_files) or 'other files'} "
+            "(--append keeps them)"
+        )
     cache.write_pairs(table)
     splits = table.column("split").to_pylist()
     summary.splits = {s: splits.count(s) for s in ("train", "val", "test")}
-    write_manifest(cache, config, paths, summary)
+    files = [*earlier_files, *map(str, paths)] if append else list(map(str, paths))
+    write_manifest(cache, config, files, summary, len(table))
     return summary
 
 
-def write_manifest(cache: Cache, config: Config, paths: Sequence[str | Path], summary: EmbedSummary) -> None:
+def check_appendable(previous: pa.Table, pairs: Sequence[Pair], manifest: dict, config: Config, folder: Path) -> None:
+    """Appended pairs keep their ids distinct and are split as the indexed ones were."""
+    built = manifest.get("config", {}).get("data", {})
+    for key in ("train_fraction", "val_fraction", "split_seed"):
+        if key in built and built[key] != getattr(config.data, key):
+            raise ModrmError(
+                f"{folder}: --append with data.{key} = {getattr(config.data, key)!r}, but the index was split with "
+                f"{built[key]!r}; use the same setting, or embed without --append to replace the index"
+            )
+    indexed = set(previous.column("pair_id").to_pylist())
+    clash = next((p.pair_id for p in pairs if p.pair_id in indexed), None)
+    if clash is not None:
+        raise ModrmError(
+            f"{folder}: --append: pair_id {clash!r} is already in the pairs index; give distinct ids, or embed "
+            "without --append to replace the index"
+        )
+
+
+def write_manifest(
+    cache: Cache, config: Config, paths: Sequence[str | Path], summary: EmbedSummary, n_pairs: int
+) -> None:
     import torch
 
     from pipeline.encoder import pick_device, pick_dtype
@@ -164,7 +202,7 @@ def write_manifest(cache: Cache, config: Config, paths: Sequence[str | Path], su
             "compute_dtype": str(pick_dtype(config.encoder.dtype, device)).removeprefix("torch."),
             "storage_dtype": "float16",
             "n_texts": cache.n_rows,
-            "n_pairs": summary.n_pairs,
+            "n_pairs": n_pairs,
             "splits": summary.splits,
             "data_files": [str(p) for p in paths],
             "config": config.to_dict(),

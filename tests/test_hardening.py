@@ -89,6 +89,9 @@ def test_damaged_pairs_index_and_pending_shard(good_cache, config, tmp_path):
     truncate(cache / "pairs.parquet")
     with pytest.raises(ModrmError, match=r"pairs\.parquet is unreadable"):
         train_heads(cache, tmp_path / "ckpt", config, progress=False)
+    with pytest.raises(ModrmError, match=r"pairs\.parquet is unreadable"):  # embed reads the index it replaces
+        embed_files([SEED_PAIRS], cache, config, progress=False)
+    (cache / "pairs.parquet").unlink()
     pending = cache / "pending"
     pending.mkdir()
     (pending / "fingerprint.json").write_text(json.dumps(describe(config.encoder).fingerprint.to_dict()))
@@ -179,3 +182,40 @@ def test_out_of_range_options_are_one_line_errors(checkpoint, tmp_path, flags, e
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip() == f"error: {expected}" or expected in done.stderr.strip().splitlines()[0]
     assert not (tmp_path / "s1").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the pairs index
+
+
+def test_a_second_embed_says_it_replaced_the_index_or_appends_to_it(config, tmp_path):
+    import pyarrow.parquet as pq
+
+    records = json.loads(SEED_PAIRS.read_text())
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(records[:16]))
+    b.write_text(json.dumps(records[16:]))
+    cache = tmp_path / "cache"
+    assert embed_files([a], cache, config, progress=False).index == ""
+    replaced = embed_files([b], cache, config, progress=False)
+    assert replaced.index == f"replaced: it held 16 pairs from {a} (--append keeps them)"
+    assert pq.read_table(cache / "pairs.parquet").column("pair_id").to_pylist() == [r["pair_id"] for r in records[16:]]
+
+    embed_files([a], cache, config, progress=False)
+    appended = embed_files([b], cache, config, progress=False, append=True)
+    assert appended.index == "appended 16 pairs to the 16 already indexed" and "pairs index: appended" in "\n".join(
+        appended.lines()
+    )
+    assert pq.read_table(cache / "pairs.parquet").column("pair_id").to_pylist() == [r["pair_id"] for r in records]
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["data_files"] == [str(a), str(b)] and manifest["n_pairs"] == 32
+
+    before = hashes(cache)
+    with pytest.raises(ModrmError, match=r"--append: pair_id '.+' is already in the pairs index"):
+        embed_files([a], cache, config, progress=False, append=True)
+    other_split = Config(**{**vars(config)})
+    other_split.data = type(config.data)(**{**vars(config.data), "split_seed": 7})
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps([{**r, "pair_id": r["pair_id"] + "-c"} for r in records[:2]]))
+    with pytest.raises(ModrmError, match=r"--append with data.split_seed = 7, but the index was split with 0"):
+        embed_files([c], cache, other_split, progress=False, append=True)
+    assert hashes(cache) == before
