@@ -265,7 +265,8 @@ def portability(workdir: Path) -> dict:
     config.train.epochs = 5
     embed_files([data], workdir / "cache", config, progress=False)
     train_heads(workdir / "cache", workdir / "stage0", config, progress=False)
-    finetune(workdir / "stage0", [data], workdir / "stage1", {"max_steps": 5, "device": DEVICE}, progress=False)
+    settings = {"finetune": {"max_steps": 5, "device": DEVICE}}
+    finetune(workdir / "stage0", [data], workdir / "stage1", settings, progress=False)
     ckpts = [workdir / "stage0", workdir / "stage1"]
     # first without a GPU, so the fine-tuned encoder embeds the test texts on the CPU (stage 0 reads its cache)
     env = os.environ | {"CUDA_VISIBLE_DEVICES": ""}

@@ -97,16 +97,25 @@ def save_heads(
     )
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint, refusing one whose files are missing or damaged, or whose weights do not match its
-    config (compared on shapes before any weight is allocated, so a hostile config cannot exhaust memory)."""
+def read_checkpoint_config(folder: str | Path) -> tuple[dict, Config]:
+    """config.json's metadata and the resolved config that trained the checkpoint (no weights read)."""
     folder = Path(folder)
     for name in (CONFIG_FILE, HEADS_FILE):
         if not (folder / name).is_file():
             raise ModrmError(f"checkpoint {folder}: missing {name} (train one with `modrm train-heads`)")
     try:
         meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-        config = config_from_dict(meta["config"], str(folder / CONFIG_FILE))
+        return meta, config_from_dict(meta["config"], str(folder / CONFIG_FILE))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModrmError(f"checkpoint {folder}: {CONFIG_FILE} is malformed ({err})") from None
+
+
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint, refusing one whose files are missing or damaged, or whose weights do not match its
+    config (compared on shapes before any weight is allocated, so a hostile config cannot exhaust memory)."""
+    folder = Path(folder)
+    meta, config = read_checkpoint_config(folder)
+    try:
         fingerprint = Fingerprint(**meta["encoder"])
         modules, dim = meta["modules"], meta["dim"]
         if not (isinstance(modules, list) and modules and all(isinstance(m, str) and m for m in modules)):

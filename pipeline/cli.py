@@ -30,6 +30,16 @@ def _config(path: Path | None, **sections: dict) -> Config:
     return load_config(path, sections)
 
 
+def _cache_config(cache: Path, path: Path | None, fixed: dict, **sections: dict) -> Config:
+    """Defaults < the config saved with the cache (if it has one) < --config < flags."""
+    from pipeline.cache import read_manifest
+    from pipeline.config import config_from_dict
+
+    manifest = (read_manifest(cache) if cache.is_dir() else None) or {}
+    saved = config_from_dict(manifest["config"], f"{cache}/manifest.json") if "config" in manifest else None
+    return load_config(path, sections, saved, f"cache {cache}", fixed)
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option("--out", help="pairs file to write (.jsonl or .json)")],
@@ -74,9 +84,10 @@ def embed(
     quiet: QuietOpt = False,
 ) -> None:
     """Precompute context and module embeddings into the cache (only texts it lacks)."""
+    from pipeline.config import ENCODER_IDENTITY
     from pipeline.embed import embed_files
 
-    cfg = _config(config, encoder={"name": encoder, "device": device})
+    cfg = _cache_config(cache, config, {"encoder": ENCODER_IDENTITY}, encoder={"name": encoder, "device": device})
     summary = embed_files(data, cache, cfg, progress=not quiet, append=append)
     typer.echo(f"cache {cache}:")
     for line in summary.lines():
@@ -94,9 +105,10 @@ def train_heads_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Stage 0: train one reward head per module from the cached embeddings."""
+    from pipeline.config import FIXED_BY_CACHE
     from pipeline.train_heads import train_heads
 
-    cfg = _config(config, train={"epochs": epochs, "seed": seed, "device": device})
+    cfg = _cache_config(cache, config, FIXED_BY_CACHE, train={"epochs": epochs, "seed": seed, "device": device})
     summary = train_heads(cache, out, cfg, progress=not quiet)
     val = summary["val"]
     typer.echo(
@@ -138,10 +150,12 @@ def finetune_cmd(
         "device": device,
         "seed": seed,
     }
-    overrides = (
-        vars(_config(config, finetune=flags).finetune) if config else {k: v for k, v in flags.items() if v is not None}
-    )
-    result = finetune(checkpoint, data, out, overrides, resume=resume, progress=not quiet)
+    from pipeline.checkpoint import read_checkpoint_config
+    from pipeline.config import FIXED_BY_CHECKPOINT
+
+    saved = read_checkpoint_config(checkpoint)[1]
+    cfg = load_config(config, {"finetune": flags}, saved, f"checkpoint {checkpoint}", FIXED_BY_CHECKPOINT)
+    result = finetune(checkpoint, data, out, cfg.to_dict(), resume=resume, progress=not quiet)
     best = result["best"]
     typer.echo(
         f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.3f} "

@@ -11,11 +11,13 @@ The TOML file has one table per section below, e.g.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
 import string
 import tomllib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,27 +207,77 @@ def apply(config: Config, section: str, values: dict[str, Any]) -> None:
         raise ModrmError("config data.train_fraction + data.val_fraction: above 1, leaving no room for a split")
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
-    """Defaults, then the TOML file, then CLI flags (None values are flags the user did not give)."""
-    config = Config()
-    if path is not None:
-        try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModrmError(f"{path}: no such config file") from None
-        except IsADirectoryError:
-            raise ModrmError(f"{path}: is a folder, not a config file") from None
-        except UnicodeDecodeError as err:
-            raise ModrmError(f"{path}: not UTF-8 text (byte {err.start})") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ModrmError(f"{path}: malformed TOML ({err})") from None
-        for section, values in raw.items():
-            if not isinstance(values, dict):
-                raise ModrmError(f"{path}: '{section}' must be a table like [{section}]")
-            apply(config, section, values)
-    for section, values in (overrides or {}).items():
-        apply(config, section, {k: v for k, v in values.items() if v is not None})
+# What a cache or checkpoint fixes: a file or flag may repeat these, never change them.
+ENCODER_IDENTITY = (
+    "name",
+    "revision",
+    "max_context_tokens",
+    "max_module_tokens",
+    "context_template",
+    "prompt_name",
+    "trust_remote_code",
+)
+SPLIT = ("modules", "train_fraction", "val_fraction", "split_seed")
+FIXED_BY_CACHE = {"encoder": ENCODER_IDENTITY, "data": SPLIT}
+FIXED_BY_CHECKPOINT = {**FIXED_BY_CACHE, "heads": ("hidden", "hidden2")}
+# Where a run happened is not part of what it made: never inherited from a saved config.
+RUN_SETTINGS = {"encoder": ("device", "dtype", "token_budget"), "train": ("device",), "finetune": ("device",)}
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModrmError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise ModrmError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError as err:
+        raise ModrmError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ModrmError(f"{path}: malformed TOML ({err})") from None
+    return raw
+
+
+def resolve_config(
+    layers: Sequence[tuple[str, Mapping[str, Any]]],
+    saved: Config | None = None,
+    saved_by: str = "",
+    fixed: Mapping[str, Sequence[str]] | None = None,
+) -> Config:
+    """The one precedence rule of every command: built-in defaults < the config saved with the cache or
+    checkpoint it reads (`saved`, less its run settings) < each layer in order (a --config file, then flags).
+    A field the saved config fixes may be repeated with its value, never changed: that is an error naming
+    the layer, the field and both values."""
+    config = copy.deepcopy(saved) if saved is not None else Config()
+    for section, keys in RUN_SETTINGS.items():
+        for key in keys:
+            setattr(getattr(config, section), key, getattr(getattr(Config(), section), key))
+    for source, sections in layers:
+        for section, values in sections.items():
+            if not isinstance(values, Mapping):
+                raise ModrmError(f"{source}: '{section}' must be a table like [{section}]")
+            apply(config, section, {k: v for k, v in values.items() if v is not None})
+        for section, keys in (fixed or {}).items() if saved is not None else ():
+            for key in keys:
+                now, before = getattr(getattr(config, section), key), getattr(getattr(saved, section), key)
+                if now != before:
+                    raise ModrmError(
+                        f"{source}: {section}.{key} = {now!r}, but {saved_by} was made with {before!r}; "
+                        "it cannot change there (leave it out, or make a new one)"
+                    )
     return config
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    saved: Config | None = None,
+    saved_by: str = "",
+    fixed: Mapping[str, Sequence[str]] | None = None,
+) -> Config:
+    """`resolve_config` over a TOML file and command-line flags (None values are flags the user did not give)."""
+    layers = [(str(path), read_toml(path))] if path is not None else []
+    return resolve_config([*layers, ("the command line", overrides or {})], saved, saved_by, fixed)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:

@@ -14,6 +14,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import write_json
 from pipeline.checkpoint import ENCODER_DIR, Checkpoint, load_checkpoint, save_heads
-from pipeline.config import Config, FinetuneConfig, apply
+from pipeline.config import FIXED_BY_CHECKPOINT, Config, FinetuneConfig, resolve_config
 from pipeline.data import Pair, load_pairs, task_split
 from pipeline.embed import pair_texts
 from pipeline.encoder import Encoder, Tokenized, describe, pick_device
@@ -258,14 +259,17 @@ def finetune(
     checkpoint: str | Path,
     data: list[Path],
     out: str | Path,
-    overrides: dict | None = None,
+    overrides: Mapping[str, Mapping] | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> dict:
-    """`modrm finetune`: returns the best epoch's validation metrics; writes a stage-1 checkpoint to `out`."""
+    """`modrm finetune`: returns the best epoch's validation metrics; writes a stage-1 checkpoint to `out`.
+
+    `overrides` are config sections ({"finetune": {"epochs": 2}, ...}) over the checkpoint's own config; what
+    the checkpoint fixes (encoder, split, head sizes) may not change."""
     ckpt = load_checkpoint(checkpoint)
-    config = ckpt.config
-    apply(config, "finetune", overrides or {})  # checked like any config: ranges, choices
+    layers = [("the given settings", overrides or {})]
+    config = resolve_config(layers, ckpt.config, f"checkpoint {checkpoint}", FIXED_BY_CHECKPOINT)
     fc: FinetuneConfig = config.finetune
     out = Path(out)
     snapshot = out / SNAPSHOT_DIR

@@ -6,7 +6,6 @@ each step scores a batch of pairs of mixed modules with one forward pass per mod
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_write
 from pipeline.cache import ROW_COLUMNS, Cache, open_existing
 from pipeline.checkpoint import save_heads
-from pipeline.config import Config, config_from_dict
+from pipeline.config import FIXED_BY_CACHE, Config, config_from_dict, resolve_config
 from pipeline.encoder import pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads, preference_loss
@@ -171,7 +170,7 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
     if "config" not in manifest:
         raise ModrmError(f"{cache_dir}: the last `modrm embed` into this cache did not finish; run it again")
     built = config_from_dict(manifest["config"], f"{cache_dir}/manifest.json")  # the encoder and split it used
-    config = dataclasses.replace(config, encoder=built.encoder, data=built.data)
+    config = resolve_config([("the given config", config.to_dict())], built, f"cache {cache_dir}", FIXED_BY_CACHE)
     table = cache.read_pairs()
     modules = module_order(set(table.column("target_module").to_pylist()), config.data.modules)
     sets = split_sets(table, modules, cache_dir)

@@ -126,7 +126,7 @@ def test_embed_with_a_different_encoder_setting_is_one_line(cli_cache, seed_pair
     done = modrm("embed", "--data", seed_pairs_path, "--cache", cache, *args, "--config", toml, cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
-    assert "max_context_tokens: 128 vs 256" in done.stderr
+    assert f"longer.toml: encoder.max_context_tokens = 256, but cache {cache} was made with 128" in done.stderr
     assert _file_hashes(cache) == before
 
 

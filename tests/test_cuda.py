@@ -112,7 +112,7 @@ def test_stage1_steps_in_mixed_precision_and_evaluates_on_the_cpu(
     out = tmp_path / "stage1"
     # 12 steps: fp16's scaler starts at 2**16 and skips the first few steps while it backs off
     settings = {"epochs": 4, "max_steps": 12, "token_budget": 4096, "encoder_lr": 1e-3, "heads_lr": 1e-3}
-    ft.finetune(stage0, [SEED_PAIRS], out, settings | {"device": "cuda", "dtype": dtype}, progress=False)
+    ft.finetune(stage0, [SEED_PAIRS], out, {"finetune": settings | {"device": "cuda", "dtype": dtype}}, progress=False)
     after = load_file(str(out / ft.SNAPSHOT_DIR / "model.safetensors"))
     before = load_file(str(next((stage0.parent / "qwen").glob("*.safetensors"))))
     moved = [k for k in before if not torch.equal(before[k], after[f"encoder.model.{k}"].to(before[k].dtype))]

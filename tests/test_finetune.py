@@ -22,7 +22,7 @@ SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 
 def run(stage0: Path, out: Path, **overrides) -> dict:
     settings = {"epochs": 1, "token_budget": 4096, "save_every": 1, "encoder_lr": 1e-3, "heads_lr": 1e-3} | overrides
-    return ft.finetune(stage0, [SEED_PAIRS], out, settings, progress=False)
+    return ft.finetune(stage0, [SEED_PAIRS], out, {"finetune": settings}, progress=False)
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -116,7 +116,7 @@ def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch):
         stage0,
         [SEED_PAIRS],
         tmp_path / "resumed",
-        {"epochs": 2, "token_budget": 4096, "save_every": 1, "encoder_lr": 1e-3, "heads_lr": 1e-3},
+        {"finetune": {"epochs": 2, "token_budget": 4096, "save_every": 1, "encoder_lr": 1e-3, "heads_lr": 1e-3}},
         resume=True,
         progress=False,
     )

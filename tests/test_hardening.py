@@ -219,3 +219,57 @@ def test_a_second_embed_says_it_replaced_the_index_or_appends_to_it(config, tmp_
     with pytest.raises(ModrmError, match=r"--append with data.split_seed = 7, but the index was split with 0"):
         embed_files([c], cache, other_split, progress=False, append=True)
     assert hashes(cache) == before
+
+
+# ---------------------------------------------------------------------------------------------- one config rule
+
+
+def test_one_precedence_rule_defaults_saved_file_flags(tmp_path):
+    from pipeline.config import FIXED_BY_CHECKPOINT, load_config
+
+    saved = Config()
+    saved.encoder.name, saved.encoder.device, saved.heads.hidden = "my/encoder", "cpu", 64
+    saved.finetune.epochs = 3
+    toml = tmp_path / "run.toml"
+    toml.write_text('[finetune]\nepochs = 4\nencoder_lr = 5e-5\n[encoder]\nname = "my/encoder"\ndevice = "cuda"\n')
+    config = load_config(
+        toml, {"finetune": {"epochs": 5, "heads_lr": None}}, saved, "checkpoint c", FIXED_BY_CHECKPOINT
+    )
+    assert config.finetune.epochs == 5  # flags over the file over the saved config
+    assert config.finetune.encoder_lr == 5e-5 and config.heads.hidden == 64  # file; saved
+    assert config.encoder.name == "my/encoder" and config.encoder.device == "cuda"  # a repeat is fine; a run setting
+    assert load_config(None, None, saved, "checkpoint c", FIXED_BY_CHECKPOINT).encoder.device == "auto"  # not inherited
+
+    toml.write_text("[heads]\nhidden = 99\n")
+    with pytest.raises(ModrmError, match=r"run.toml: heads.hidden = 99, but checkpoint c was made with 64"):
+        load_config(toml, None, saved, "checkpoint c", FIXED_BY_CHECKPOINT)
+    with pytest.raises(ModrmError, match=r"the command line: encoder.name = 'other', but checkpoint c was made"):
+        load_config(None, {"encoder": {"name": "other"}}, saved, "checkpoint c", FIXED_BY_CHECKPOINT)
+
+
+def test_commands_start_from_the_cache_or_checkpoint_they_read(good_cache, checkpoint, tmp_path):
+    """embed into a cache without --encoder uses the cache's encoder; train-heads and finetune refuse a
+    --config that changes what the cache or checkpoint fixed, naming the file."""
+    cache = tmp_path / "cache"
+    shutil.copytree(good_cache, cache)
+    done = modrm("embed", "--data", SEED_PAIRS, "--cache", cache, "--quiet", cwd=tmp_path)
+    assert done.returncode == 0 and "nothing to encode" in done.stdout, done.stderr
+    toml = tmp_path / "other.toml"
+    toml.write_text("[data]\nsplit_seed = 3\n")
+    done = modrm("train-heads", "--cache", cache, "--out", tmp_path / "h", "--config", toml, cwd=tmp_path)
+    assert done.returncode == 2 and f"other.toml: data.split_seed = 3, but cache {cache} was made with 0" in done.stderr
+    toml.write_text("[heads]\nhidden2 = 4\n")
+    done = modrm(
+        "finetune",
+        "--checkpoint",
+        checkpoint,
+        "--data",
+        SEED_PAIRS,
+        "--out",
+        tmp_path / "s",
+        "--config",
+        toml,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2 and "other.toml: heads.hidden2 = 4, but checkpoint" in done.stderr
+    assert not (tmp_path / "h").exists() and not (tmp_path / "s").exists()

@@ -39,3 +39,16 @@ def test_every_import_is_a_declared_dependency():
         if not dists & (required | optional["lora"] | optional["offline"]):
             undeclared.append(f"{module} ({', '.join(sorted(dists))})")
     assert not undeclared, f"imported but not declared in pyproject.toml: {undeclared}"
+
+
+def test_make_gives_each_encoder_its_own_cache():
+    import subprocess
+
+    def embed_line(*variables: str) -> str:
+        done = subprocess.run(["make", "-n", "embed", *variables], cwd=ROOT, capture_output=True, text=True)
+        return done.stdout.strip().splitlines()[-1]
+
+    assert "--cache cache/Qwen--Qwen3-Embedding-0.6B --encoder Qwen/Qwen3-Embedding-0.6B" in embed_line()
+    mini = embed_line("ENCODER=sentence-transformers/all-MiniLM-L6-v2")
+    assert "--cache cache/sentence-transformers--all-MiniLM-L6-v2 " in mini
+    assert "--cache cache/mine " in embed_line("CACHE=cache/mine")

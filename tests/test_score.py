@@ -177,7 +177,7 @@ def test_cli_scores_and_reports_bad_input_in_one_line(stage0, inputs, scored, tm
 def test_stage1_checkpoint_scores_with_its_fine_tuned_encoder(stage0, inputs, scored, tmp_path):
     stage1 = tmp_path / "stage1"
     settings = {"epochs": 1, "token_budget": 4096, "encoder_lr": 1e-3}
-    finetune(stage0, [SEED_PAIRS], stage1, settings, progress=False)
+    finetune(stage0, [SEED_PAIRS], stage1, {"finetune": settings}, progress=False)
     out = tmp_path / "rewards.jsonl"
     score_file(stage1, inputs, out, progress=False)
     got = [line["rewards"] for line in read_jsonl(out)]
