@@ -45,8 +45,9 @@ def test_make_gives_each_encoder_its_own_cache():
     import subprocess
 
     def embed_line(*variables: str) -> str:
-        done = subprocess.run(["make", "-n", "embed", *variables], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip().splitlines()[-1]
+        command = ["make", "--no-print-directory", "-n", "embed", *variables]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        return next(line for line in done.stdout.splitlines() if "modrm embed" in line)
 
     assert "--cache cache/Qwen--Qwen3-Embedding-0.6B --encoder Qwen/Qwen3-Embedding-0.6B" in embed_line()
     mini = embed_line("ENCODER=sentence-transformers/all-MiniLM-L6-v2")
