@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.atomic import atomic_write, write_json
+from pipeline.atomic import commit, recover
 from pipeline.config import Config, config_from_dict
 from pipeline.data import Pair
 from pipeline.encoder import Fingerprint, ModelInfo, describe, pick_device
@@ -78,28 +78,48 @@ def save_heads(
     cache: str | None,
     metrics: dict,
 ) -> None:
-    """Write the three files atomically; config.json last, so a folder with it is complete."""
-    folder = Path(folder)
+    """Replace the three files together (`commit`): a kill leaves the old checkpoint or the new one."""
+    commit(folder, HEADS_FILES, lambda staging: write_heads(staging, model, config, fingerprint, stage, cache, metrics))
+
+
+HEADS_FILES = [HEADS_FILE, METRICS_FILE, CONFIG_FILE]
+
+
+def write_heads(
+    folder: Path,
+    model: RewardHeads,
+    config: Config,
+    fingerprint: Fingerprint,
+    stage: int,
+    cache: str | None,
+    metrics: dict,
+) -> None:
+    """The heads' files, written plainly into `folder` (a staging folder of `commit`)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(folder / HEADS_FILE, lambda tmp: save_file(tensors, str(tmp)))
-    write_json(folder / METRICS_FILE, metrics)
-    write_json(
-        folder / CONFIG_FILE,
-        {
-            "stage": stage,
-            "modules": model.module_names,
-            "dim": model.dim,
-            "heads": config.to_dict()["heads"],
-            "encoder": fingerprint.to_dict(),
-            "cache": cache,
-            "config": config.to_dict(),
-        },
+    save_file(tensors, str(folder / HEADS_FILE))
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    (folder / CONFIG_FILE).write_text(
+        json.dumps(
+            {
+                "stage": stage,
+                "modules": model.module_names,
+                "dim": model.dim,
+                "heads": config.to_dict()["heads"],
+                "encoder": fingerprint.to_dict(),
+                "cache": cache,
+                "config": config.to_dict(),
+            },
+            indent=2,
+        )
+        + "\n"
     )
 
 
 def read_checkpoint_config(folder: str | Path) -> tuple[dict, Config]:
     """config.json's metadata and the resolved config that trained the checkpoint (no weights read)."""
     folder = Path(folder)
+    if folder.is_dir():
+        recover(folder)  # a save a kill interrupted: finished if it had committed, else dropped
     for name in (CONFIG_FILE, HEADS_FILE):
         if not (folder / name).is_file():
             raise ModrmError(f"checkpoint {folder}: missing {name} (train one with `modrm train-heads`)")

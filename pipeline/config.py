@@ -92,6 +92,7 @@ class FinetuneConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is sized to them)
     encoder_lr: float = 1e-5
     heads_lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
     grad_accum: int = 1
@@ -100,6 +101,7 @@ class FinetuneConfig:
     gradient_checkpointing: str = "auto"  # auto (on when contexts may exceed 512 tokens) | on | off
     train_layers: int | None = None  # train only the top K encoder layers (None: all)
     lora_r: int = 0  # > 0: LoRA adapters of this rank instead of full encoder weights (needs peft)
+    encoder_dropout: float | None = None  # dropout in the trained encoder blocks; None: the model's own
     save_every: int = 50  # optimizer steps between resumable snapshots
     seed: int = 0
     device: str = "auto"
@@ -157,12 +159,14 @@ RANGES: dict[tuple[str, str], tuple] = {
     **{("finetune", k): _AT_LEAST_0 for k in ("encoder_lr", "heads_lr", "weight_decay", "train_layers", "lora_r")},
     ("finetune", "max_grad_norm"): _ABOVE_0,
     ("finetune", "warmup_ratio"): _BELOW_1,
+    ("finetune", "encoder_dropout"): _BELOW_1,
 }
 CHOICES = {
     "dtype": ("auto", "float32", "float16", "bfloat16"),
     "gradient_checkpointing": ("auto", "on", "off"),
 }
 INTEGERS = {("encoder", "token_budget"), ("finetune", "max_steps"), ("finetune", "train_layers")}  # default None
+FLOATS = {("finetune", "encoder_dropout")}  # default None
 
 
 def check_value(section: str, key: str, value: Any) -> None:
@@ -176,6 +180,8 @@ def check_value(section: str, key: str, value: Any) -> None:
         raise ModrmError(f"{name}: {value!r} is not one of {', '.join(CHOICES[key])}")
     if (section, key) in INTEGERS and (isinstance(value, bool) or not isinstance(value, int)):
         raise ModrmError(f"{name}: expected an integer, got {value!r}")
+    if (section, key) in FLOATS and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise ModrmError(f"{name}: expected a number, got {value!r}")
     if (section, key) in RANGES:
         low, high, low_in, high_in = RANGES[section, key]
         if (

@@ -421,7 +421,7 @@ class Encoder(nn.Module):
     # -------------------------------------------------------------------------------------- forward
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.model(**batch).last_hidden_state
+        hidden = self.model(**batch, use_cache=False).last_hidden_state  # a KV cache would only cost memory
         pooled = pool(hidden, batch["attention_mask"], self.fingerprint.pooling)
         return F.normalize(pooled.float(), dim=-1) if self.fingerprint.normalize else pooled.float()
 

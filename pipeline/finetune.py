@@ -1,9 +1,11 @@
 """Stage 1: reload the encoder and train encoder and heads end to end on the raw texts.
 
 Starts from a stage-0 checkpoint (heads + LayerNorm) and the encoder its cache was built with. Steps are
-filled to a token budget (all four texts of each pair counted, padded), and every `save_every` optimizer
-steps and at each epoch's end a snapshot (weights, optimizer, scheduler, RNG; safetensors + JSON, no pickle)
-lets `--resume` continue a killed run from that snapshot exactly as the uninterrupted run went on.
+filled to a token budget from length buckets (all four texts of each pair counted, padded); `grad_accum` steps
+make one optimizer step, over which every pair weighs the same. Every `save_every` optimizer steps and at each
+epoch's end a snapshot (weights, optimizer, scheduler, RNG; safetensors + JSON, no pickle) lets `--resume`
+continue a killed run from that snapshot exactly as the uninterrupted run went on. Checkpoints and snapshots
+are replaced with `commit`, so a kill at any instant leaves the old ones or the new ones, loadable.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import shutil
 import time
 from collections.abc import Mapping
@@ -24,15 +25,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.atomic import write_json
-from pipeline.checkpoint import ENCODER_DIR, Checkpoint, load_checkpoint, save_heads
+from pipeline.atomic import commit, recover, write_json
+from pipeline.checkpoint import ENCODER_DIR, HEADS_FILES, Checkpoint, load_checkpoint, write_heads
 from pipeline.config import FIXED_BY_CHECKPOINT, Config, FinetuneConfig, resolve_config
 from pipeline.data import Pair, load_pairs, task_split
 from pipeline.embed import pair_texts
 from pipeline.encoder import Encoder, Tokenized, describe, pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import preference_loss
-from pipeline.train_heads import PairSet, autocast_dtype, validate, warmup_then_linear
+from pipeline.train_heads import PairSet, validate
+from pipeline.training import Optimization, module_counts, param_groups, windows
 
 ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "1_Pooling")
 SNAPSHOT_DIR = "resume"
@@ -70,27 +72,40 @@ def tokenize_pairs(encoder: Encoder, pairs: list[Pair], modules: list[str]) -> T
     return TokenizedPairs(tokenized["context"], tokenized["module"], rows, module_idx)
 
 
+BUCKET_STEPS = 16  # a bucket holds about this many steps' worth of pairs, of similar lengths
+
+
 def plan_steps(data: TokenizedPairs, budget: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Shuffled pairs, cut greedily into steps that fit the token budget (deterministic per seed and epoch)."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(data.module_idx))
-    steps, current = [], []
-    for i in order:
-        if current and data.cost(np.array([*current, i])) > budget:
+    """Pairs cut into steps that fit the token budget, from length buckets: the shuffled pairs are taken in
+    buckets, each sorted by length and cut greedily, so a step's pairs have similar lengths and little of it is
+    padding; then the steps are shuffled. Deterministic per seed and epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(data.module_idx))
+    length = data.contexts.lengths[data.rows[:, [0, 2]]].max(1) + data.modules.lengths[data.rows[:, [1, 3]]].max(1)
+    per_step = max(1, budget // (2 * int(np.median(length))))
+    bucket = BUCKET_STEPS * per_step
+    steps = []
+    for lo in range(0, len(order), bucket):
+        chunk = order[lo : lo + bucket]
+        current: list[int] = []
+        for i in chunk[np.argsort(-length[chunk], kind="stable")]:
+            if current and data.cost(np.array([*current, i])) > budget:
+                steps.append(np.array(current))
+                current = []
+            current.append(i)
+        if current:
             steps.append(np.array(current))
-            current = []
-        current.append(i)
-    if current:
-        steps.append(np.array(current))
-    return steps
+    return [steps[k] for k in rng.permutation(len(steps))]
 
 
-def cap_steps(plans: list[list[np.ndarray]], n_steps: int) -> list[list[np.ndarray]]:
+def cap_windows(plans: list[list[list]], n_windows: int) -> list[list[list]]:
+    """The first `n_windows` optimizer steps of the plan (`--max-steps`)."""
     capped = []
-    for steps in plans:
-        if n_steps <= 0:
+    for epoch in plans:
+        if n_windows <= 0:
             break
-        capped.append(steps[:n_steps])
-        n_steps -= len(steps)
+        capped.append(epoch[:n_windows])
+        n_windows -= len(epoch)
     return capped
 
 
@@ -160,6 +175,7 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 
 def add_lora(encoder: Encoder, rank: int) -> None:
+    """LoRA adapters on every linear layer; their initialisation draws from torch's RNG (seeded by the caller)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
@@ -167,39 +183,70 @@ def add_lora(encoder: Encoder, rank: int) -> None:
     encoder.model = get_peft_model(encoder.model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
 
 
+def set_encoder_dropout(model: nn.Module, p: float) -> None:
+    """One dropout rate for the encoder: its dropout layers and the attention dropout that architectures keep as
+    a plain number (Qwen3's `attention_dropout`, BERT's SDPA `dropout_prob`)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        for name in ("attention_dropout", "dropout_prob"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, p)
+
+
+def frozen_blocks(model: nn.Module) -> list[nn.Module]:
+    """The encoder's blocks with nothing to train (the embedding block, lower layers): kept in eval mode, as the
+    dropout there is noise that nothing learns from."""
+    blocks = [*encoder_layers(model), model.get_input_embeddings()]
+    embeddings = next((m for n, m in model.named_modules() if n.endswith("embeddings") and m is not model), None)
+    blocks += [embeddings] if embeddings is not None else []
+    return [b for b in blocks if not any(p.requires_grad for p in b.parameters())]
+
+
+def train_mode(model: EndToEnd, frozen: list[nn.Module]) -> None:
+    model.train()
+    for block in frozen:
+        block.eval()
+
+
 # ---------------------------------------------------------------------------------------------- snapshots
 
 
-def save_snapshot(folder: Path, model: EndToEnd, optimizer, scheduler, scaler, progress: dict) -> None:
+SNAPSHOT_FORMAT = 2  # progress counted in optimizer steps (windows); older snapshots are refused
+
+
+def save_snapshot(out: Path, model: EndToEnd, opt: Optimization, progress: dict) -> None:
     """Everything needed to continue bit-for-bit: weights, AdamW moments, schedule, RNG, position."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    opt = optimizer.state_dict()
-    tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in opt["state"].items() for k, v in s.items()}
-    tensors["torch_rng"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        tensors["cuda_rng"] = torch.cuda.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(
-        json.dumps(
-            {
-                "param_groups": opt["param_groups"],
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "progress": progress,
-            }
+
+    def write(staging: Path) -> None:
+        folder = staging / SNAPSHOT_DIR
+        folder.mkdir()
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors")
         )
-    )
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+        state = opt.optimizer.state_dict()
+        tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
+        tensors["torch_rng"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors["cuda_rng"] = torch.cuda.get_rng_state()
+        save_file(tensors, str(folder / "optimizer.safetensors"))
+        meta = {
+            "param_groups": state["param_groups"],
+            "scheduler": opt.scheduler.state_dict(),
+            "scaler": opt.scaler.state_dict(),
+            "progress": progress | {"format": SNAPSHOT_FORMAT},
+        }
+        (folder / "state.json").write_text(json.dumps(meta))
+
+    commit(out, [SNAPSHOT_DIR], write)
 
 
-def load_snapshot(folder: Path, model: EndToEnd, optimizer, scheduler, scaler) -> dict:
+def load_snapshot(folder: Path, model: EndToEnd, opt: Optimization) -> dict:
+    state = json.loads((folder / "state.json").read_text())
+    if state["progress"].get("format") != SNAPSHOT_FORMAT:
+        raise ModrmError(f"{folder}: a snapshot of an older modrm; run without --resume (into a new --out)")
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     tensors = load_file(str(folder / "optimizer.safetensors"))
-    state = json.loads((folder / "state.json").read_text())
     torch.set_rng_state(tensors.pop("torch_rng"))
     cuda_rng = tensors.pop("cuda_rng", None)
     if cuda_rng is not None and torch.cuda.is_available():
@@ -208,35 +255,35 @@ def load_snapshot(folder: Path, model: EndToEnd, optimizer, scheduler, scaler) -
     for key, value in tensors.items():
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
+    opt.optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    opt.scheduler.load_state_dict(state["scheduler"])
+    opt.scaler.load_state_dict(state["scaler"])
     return state["progress"]
 
 
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def save_stage1(out: Path, model: EndToEnd, ckpt: Checkpoint, config: Config, source: Path, metrics: dict) -> None:
-    """encoder/ (save_pretrained, safetensors, tokenizer, pooling files) and the heads, as a stage-1 checkpoint."""
-    encoder = model.encoder
-    tmp = out / (ENCODER_DIR + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_model = encoder.model
-    if hasattr(hf_model, "merge_and_unload"):  # LoRA: save plain merged weights, from a copy (training goes on)
-        hf_model = copy.deepcopy(hf_model).merge_and_unload()
-    hf_model.save_pretrained(tmp, safe_serialization=True)
-    encoder.tokenizer.save_pretrained(tmp)
-    for name in ST_FILES:
-        src = source / name
-        if src.is_dir():
-            shutil.copytree(src, tmp / name)
-        elif src.is_file():
-            shutil.copy2(src, tmp / name)
-    shutil.rmtree(out / ENCODER_DIR, ignore_errors=True)
-    tmp.rename(out / ENCODER_DIR)
-    fingerprint = describe(config.encoder, folder=out / ENCODER_DIR).fingerprint
-    save_heads(out, model.heads, config, fingerprint, stage=1, cache=None, metrics=metrics)
+def save_stage1(out: Path, model: EndToEnd, config: Config, source: Path, metrics: dict) -> None:
+    """encoder/ (save_pretrained, safetensors, tokenizer, pooling files) and the heads, as a stage-1 checkpoint,
+    replaced together with `commit`."""
+
+    def write(staging: Path) -> None:
+        hf_model = model.encoder.model
+        if hasattr(hf_model, "merge_and_unload"):  # LoRA: save plain merged weights, from a copy (training goes on)
+            hf_model = copy.deepcopy(hf_model).merge_and_unload()
+        hf_model.save_pretrained(staging / ENCODER_DIR, safe_serialization=True)
+        model.encoder.tokenizer.save_pretrained(staging / ENCODER_DIR)
+        for name in ST_FILES:
+            src = source / name
+            if src.is_dir():
+                shutil.copytree(src, staging / ENCODER_DIR / name)
+            elif src.is_file():
+                shutil.copy2(src, staging / ENCODER_DIR / name)
+        fingerprint = describe(config.encoder, folder=staging / ENCODER_DIR).fingerprint
+        write_heads(staging, model.heads, config, fingerprint, stage=1, cache=None, metrics=metrics)
+
+    commit(out, [ENCODER_DIR, *HEADS_FILES], write)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -271,7 +318,11 @@ def finetune(
     layers = [("the given settings", overrides or {})]
     config = resolve_config(layers, ckpt.config, f"checkpoint {checkpoint}", FIXED_BY_CHECKPOINT)
     fc: FinetuneConfig = config.finetune
+    if fc.lora_r > 0 and fc.train_layers is not None:
+        raise ModrmError("finetune: --lora and --train-layers both choose what trains; give one of them")
     out = Path(out)
+    if out.is_dir():
+        recover(out)  # a save a kill interrupted: finished if it had committed, else dropped
     snapshot = out / SNAPSHOT_DIR
     if resume and not snapshot.is_dir():
         raise ModrmError(f"{out}: nothing to resume (no {SNAPSHOT_DIR}/ snapshot); run without --resume")
@@ -284,33 +335,32 @@ def finetune(
     val = tokenize_pairs(encoder, splits["val"], modules)
     check_budget(train, fc.token_budget)
 
+    torch.manual_seed(fc.seed)  # before LoRA: its initialisation is random
     if fc.lora_r > 0:
         add_lora(encoder, fc.lora_r)
     elif fc.train_layers is not None:
         freeze_layers(encoder.model, fc.train_layers)
+    if fc.encoder_dropout is not None:
+        set_encoder_dropout(encoder.model, fc.encoder_dropout)
     checkpointing = fc.gradient_checkpointing == "on" or (
         fc.gradient_checkpointing == "auto" and encoder.fingerprint.max_context_tokens > 512
     )
     if checkpointing:
         enable_checkpointing(encoder.model)
     model = EndToEnd(encoder, ckpt.model.to(device))
-    torch.manual_seed(fc.seed)
-    groups = [
-        {"params": [p for p in encoder.parameters() if p.requires_grad], "lr": fc.encoder_lr},
-        {"params": list(model.heads.parameters()), "lr": fc.heads_lr},
-    ]
-    optimizer = torch.optim.AdamW(groups, weight_decay=fc.weight_decay)
-    plans = [plan_steps(train, fc.token_budget, fc.seed, epoch) for epoch in range(fc.epochs)]
+    frozen = frozen_blocks(encoder.model)
+    plans = [windows(plan_steps(train, fc.token_budget, fc.seed, epoch), fc.grad_accum) for epoch in range(fc.epochs)]
     if fc.max_steps:  # a short run: the first max_steps optimizer steps, validated at the end
-        plans = cap_steps(plans, fc.max_steps * fc.grad_accum)
-    total = sum(math.ceil(len(p) / fc.grad_accum) for p in plans)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_linear(total, fc.warmup_ratio))
-    autocast = autocast_dtype(fc.dtype, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
+        plans = cap_windows(plans, fc.max_steps)
+    groups = param_groups(
+        [(encoder.parameters(), fc.encoder_lr), (model.heads.parameters(), fc.heads_lr)], fc.weight_decay
+    )
+    total = sum(len(p) for p in plans)
+    opt = Optimization(groups, total, device, fc.dtype, fc.betas, fc.warmup_ratio, fc.max_grad_norm)
 
     out.mkdir(parents=True, exist_ok=True)
     if resume:
-        state = load_snapshot(snapshot, model, optimizer, scheduler, scaler)
+        state = load_snapshot(snapshot, model, opt)
     else:  # the stage-0 starting point is a candidate too: stage 1 never returns worse val loss than it
         start = validate_end_to_end(model, val, config)
         record = {
@@ -319,11 +369,11 @@ def finetune(
             "val_accuracy": start["accuracy"],
             "val_modules": start["modules"],
         }
-        state = {"epoch": 0, "step": 0, "optimizer_steps": 0, "best": record, "history": [record]}
-        save_stage1(out, model, ckpt, config, encoder.folder, {"best": record, "history": state["history"]})
+        state = {"epoch": 0, "window": 0, "optimizer_steps": 0, "best": record, "history": [record], "steps": []}
+        save_stage1(out, model, config, encoder.folder, history_metrics(state))
     bar = tqdm(
-        total=sum(len(p) for p in plans),
-        initial=sum(len(p) for p in plans[: state["epoch"]]) + state["step"],
+        total=total,
+        initial=state["optimizer_steps"],
         desc="finetune",
         unit="step",
         disable=not progress,
@@ -331,30 +381,36 @@ def finetune(
     )
     try:
         for epoch in range(state["epoch"], len(plans)):
-            model.train()
-            steps = plans[epoch]
+            train_mode(model, frozen)
             start = time.perf_counter()
-            for step in range(state["step"], len(steps)):
-                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    r_pos, r_neg, module_idx = model(train, steps[step])
-                    loss = preference_loss(
-                        r_pos, r_neg, module_idx, len(modules), config.heads.alpha, config.heads.margin
-                    )
-                scaler.scale(loss / fc.grad_accum).backward()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-                if (step + 1) % fc.grad_accum and step + 1 != len(steps):
-                    continue
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], fc.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+            for w in range(state["window"], len(plans[epoch])):
+                window = plans[epoch][w]
+                counts = module_counts((train.module_idx[idx] for idx in window), len(modules))
+                window_loss = 0.0
+                for idx in window:
+                    with opt.autocast():
+                        r_pos, r_neg, module_idx = model(train, idx)
+                        loss = preference_loss(
+                            r_pos, r_neg, module_idx, len(modules), config.heads.alpha, config.heads.margin, counts
+                        )
+                    opt.backward(loss)
+                    window_loss += loss.item()
+                opt.step()
                 state["optimizer_steps"] += 1
-                state["step"] = step + 1
-                if state["optimizer_steps"] % fc.save_every == 0 and step + 1 < len(steps):
-                    save_snapshot(snapshot, model, optimizer, scheduler, scaler, state)
+                state["window"] = w + 1
+                state["steps"].append(
+                    {
+                        "step": state["optimizer_steps"],
+                        "epoch": epoch + 1,
+                        "loss": window_loss,
+                        "pairs": int(sum(len(idx) for idx in window)),
+                        "lr": opt.lrs,
+                    }
+                )
+                bar.update(1)
+                bar.set_postfix(loss=f"{window_loss:.4f}")
+                if state["optimizer_steps"] % fc.save_every == 0 and w + 1 < len(plans[epoch]):
+                    save_snapshot(out, model, opt, state)
             val_metrics = validate_end_to_end(model, val, config)
             record = {
                 "epoch": epoch + 1,
@@ -364,11 +420,11 @@ def finetune(
                 "val_modules": val_metrics["modules"],
             }
             state["history"].append(record)
-            state["epoch"], state["step"] = epoch + 1, 0
+            state["epoch"], state["window"] = epoch + 1, 0
             if record["val_loss"] < state["best"]["val_loss"]:
                 state["best"] = record
-                save_stage1(out, model, ckpt, config, encoder.folder, {"best": record, "history": state["history"]})
-            save_snapshot(snapshot, model, optimizer, scheduler, scaler, state)
+                save_stage1(out, model, config, encoder.folder, history_metrics(state))
+            save_snapshot(out, model, opt, state)
     except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
@@ -378,13 +434,19 @@ def finetune(
             "(--train-layers K); --resume continues from the last snapshot"
         ) from None
     bar.close()
-    write_json(out / "finetune_history.json", state["history"])
+    write_json(out / "finetune_history.json", {"epochs": state["history"], "steps": state["steps"]})
     return {
         "best": state["best"],
         "history": state["history"],
+        "steps": state["steps"],
         "n_train": len(train.module_idx),
         "n_val": len(val.module_idx),
     }
+
+
+def history_metrics(state: dict) -> dict:
+    """metrics.json of a stage-1 checkpoint: the best epoch and the curves so far."""
+    return {"best": state["best"], "history": state["history"], "steps": state["steps"]}
 
 
 def is_out_of_memory(err: BaseException) -> bool:

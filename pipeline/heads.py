@@ -57,14 +57,26 @@ class RewardHeads(nn.Module):
 
 
 def preference_loss(
-    r_pos: torch.Tensor, r_neg: torch.Tensor, module_idx: torch.Tensor, n_modules: int, alpha: float, margin: float
+    r_pos: torch.Tensor,
+    r_neg: torch.Tensor,
+    module_idx: torch.Tensor,
+    n_modules: int,
+    alpha: float,
+    margin: float,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bradley-Terry BCEWithLogits(r+ - r-, 1) + alpha * ReLU(margin - (r+ - r-)): mean per module, then
-    mean over the modules in the batch, so a module with few pairs still counts fully."""
+    mean over the modules present, so a module with few pairs still counts fully.
+
+    `counts` (pairs per module over a whole accumulation window) makes every step of the window use the same
+    normalisers: the steps' losses sum to the loss of the window as one batch, so a pair's weight does not
+    depend on how the window was packed into steps."""
     diff = (r_pos - r_neg).float()
     per_pair = F.binary_cross_entropy_with_logits(diff, torch.ones_like(diff), reduction="none")
     per_pair = per_pair + alpha * F.relu(margin - diff)
     sums = torch.zeros(n_modules, device=diff.device).index_add(0, module_idx, per_pair)
-    counts = torch.zeros(n_modules, device=diff.device).index_add(0, module_idx, torch.ones_like(per_pair))
+    if counts is None:
+        counts = torch.zeros(n_modules, device=diff.device).index_add(0, module_idx, torch.ones_like(per_pair))
+    counts = counts.to(diff.device)
     present = (counts > 0).float()  # arithmetic, not boolean indexing: no device sync
     return (sums / counts.clamp(min=1) * present).sum() / present.sum()

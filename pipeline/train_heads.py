@@ -24,6 +24,7 @@ from pipeline.config import FIXED_BY_CACHE, Config, config_from_dict, resolve_co
 from pipeline.encoder import pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads, preference_loss
+from pipeline.training import Optimization, module_counts, param_groups, validation_metrics, windows
 
 
 @dataclass
@@ -106,11 +107,6 @@ def pair_rewards(
     return rewards[: len(idx)], rewards[len(idx) :], module_idx.to(ctx.device)
 
 
-def pairwise_accuracy(r_pos: torch.Tensor, r_neg: torch.Tensor) -> float:
-    """r+ > r- counts 1, a tie 1/2 (as in eval), so identical sides never decide a comparison by noise."""
-    return ((r_pos > r_neg).float() + 0.5 * (r_pos == r_neg).float()).mean().item()
-
-
 @torch.inference_mode()
 def validate(model: RewardHeads, table: EmbeddingTable, pairs: PairSet, cfg: Config, batch: int = 4096) -> dict:
     """Val loss (the training objective) and pairwise accuracy, overall and per module."""
@@ -120,46 +116,9 @@ def validate(model: RewardHeads, table: EmbeddingTable, pairs: PairSet, cfg: Con
         p, n, _ = pair_rewards(model, table, pairs, torch.arange(lo, min(lo + batch, len(pairs))))
         r_pos.append(p.cpu())
         r_neg.append(n.cpu())
-    r_pos, r_neg, module_idx = torch.cat(r_pos), torch.cat(r_neg), pairs.module_idx
-    n_modules = len(model.module_names)
-    loss = preference_loss(r_pos, r_neg, module_idx, n_modules, cfg.heads.alpha, cfg.heads.margin).item()
-    per_module = {}
-    for i, name in enumerate(model.module_names):
-        sel = module_idx == i
-        if sel.any():
-            m_loss = preference_loss(
-                r_pos[sel], r_neg[sel], module_idx[sel], n_modules, cfg.heads.alpha, cfg.heads.margin
-            )
-            per_module[name] = {
-                "n_pairs": int(sel.sum()),
-                "loss": m_loss.item(),
-                "accuracy": pairwise_accuracy(r_pos[sel], r_neg[sel]),
-            }
-    return {"loss": loss, "accuracy": pairwise_accuracy(r_pos, r_neg), "modules": per_module}
-
-
-def warmup_then_linear(total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-    return factor
-
-
-def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a training step (None: plain fp32). "auto" is mixed precision on CUDA only: bf16
-    where the GPU has it, else fp16 (which needs the grad scaler); on a CPU autocast only slows things down."""
-    if setting == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[setting]
-    except KeyError:
-        raise ModrmError(f"dtype {setting!r}: use auto, float32, bfloat16 or float16") from None
+    return validation_metrics(
+        torch.cat(r_pos), torch.cat(r_neg), pairs.module_idx, model.module_names, cfg.heads.alpha, cfg.heads.margin
+    )
 
 
 def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, progress: bool = True) -> dict:
@@ -180,57 +139,55 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
 
     torch.manual_seed(tc.seed)
     model = RewardHeads(modules, cache.fingerprint.dim, config.heads).to(device)
-    # fused: one kernel for all parameters (CPU and CUDA); the unfused loop costs as much as the heads here
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay, fused=True
+    n_train, n_modules = len(sets["train"]), len(modules)
+    steps_per_epoch = math.ceil(math.ceil(n_train / tc.batch_size) / tc.grad_accum)
+    opt = Optimization(
+        param_groups([(model.parameters(), tc.lr)], tc.weight_decay),
+        steps_per_epoch * tc.epochs,
+        device,
+        tc.dtype,
+        tc.betas,
+        tc.warmup_ratio,
+        tc.max_grad_norm,
+        fused=True,  # one kernel for all parameters (CPU and CUDA): the unfused loop costs as much as the heads
     )
-    steps_per_epoch = math.ceil(math.ceil(len(sets["train"]) / tc.batch_size) / tc.grad_accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_then_linear(steps_per_epoch * tc.epochs, tc.warmup_ratio)
-    )
-    autocast = autocast_dtype(tc.dtype, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)
     generator = torch.Generator().manual_seed(tc.seed)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "metrics.jsonl"
     atomic_write(log_path, lambda tmp: tmp.write_text(""))
     best, best_state, since_best = None, None, 0
-    n_train = len(sets["train"])
     bar = tqdm(total=tc.epochs * n_train, desc="train-heads", unit="pair", disable=not progress, dynamic_ncols=True)
     for epoch in range(1, tc.epochs + 1):
         model.train()
         start = time.perf_counter()
         # running sums stay on the device: a .item() per step would stall the GPU queue every step
         loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.int64)
-        order = torch.randperm(n_train, generator=generator)
-        batches = order.split(tc.batch_size)
-        for step, idx in enumerate(batches):
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                r_pos, r_neg, module_idx = pair_rewards(model, emb, sets["train"], idx)
-                loss = preference_loss(r_pos, r_neg, module_idx, len(modules), config.heads.alpha, config.heads.margin)
-            scaler.scale(loss / tc.grad_accum).backward()
-            if (step + 1) % tc.grad_accum == 0 or step + 1 == len(batches):
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (r_pos > r_neg).sum()
-            bar.update(len(idx))
+        correct = torch.zeros((), device=device)
+        steps = windows(torch.randperm(n_train, generator=generator).split(tc.batch_size), tc.grad_accum)
+        for window in steps:
+            counts = module_counts((sets["train"].module_idx[idx] for idx in window), n_modules)
+            for idx in window:
+                with opt.autocast():
+                    r_pos, r_neg, module_idx = pair_rewards(model, emb, sets["train"], idx)
+                    loss = preference_loss(
+                        r_pos, r_neg, module_idx, n_modules, config.heads.alpha, config.heads.margin, counts
+                    )
+                opt.backward(loss)
+                loss_sum += loss.detach()
+                correct += (r_pos > r_neg).float().sum() + 0.5 * (r_pos == r_neg).float().sum()
+                bar.update(len(idx))
+            opt.step()
         seconds = time.perf_counter() - start
         val = validate(model, emb, sets["val"], config)
         record = {
             "epoch": epoch,
-            "train_loss": loss_sum.item() / n_train,
+            "train_loss": loss_sum.item() / len(steps),  # mean over optimizer steps of the window's loss
             "train_accuracy": correct.item() / n_train,
             "val_loss": val["loss"],
             "val_accuracy": val["accuracy"],
             "val_modules": val["modules"],
-            "lr": scheduler.get_last_lr()[0],
+            "lr": opt.lrs[0],
             "seconds": seconds,
             "pairs_per_s": n_train / seconds,
         }

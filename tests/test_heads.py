@@ -17,7 +17,8 @@ from pipeline.config import Config, HeadConfig
 from pipeline.encoder import Fingerprint
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads, preference_loss
-from pipeline.train_heads import autocast_dtype, train_heads
+from pipeline.train_heads import train_heads
+from pipeline.training import autocast_dtype
 
 MODULES = ["reflection", "planner", "executor", "memory"]
 
