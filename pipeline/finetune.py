@@ -395,6 +395,7 @@ def finetune(
                         )
                     opt.backward(loss)
                     window_loss += loss.item()
+                lrs = opt.lrs  # the rates this step uses (the scheduler moves on in opt.step)
                 opt.step()
                 state["optimizer_steps"] += 1
                 state["window"] = w + 1
@@ -404,7 +405,7 @@ def finetune(
                         "epoch": epoch + 1,
                         "loss": window_loss,
                         "pairs": int(sum(len(idx) for idx in window)),
-                        "lr": opt.lrs,
+                        "lr": lrs,
                     }
                 )
                 bar.update(1)

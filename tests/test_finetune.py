@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
+import math
+import os
 import shutil
 from pathlib import Path
 
@@ -12,10 +16,12 @@ import torch
 from safetensors.torch import load_file
 
 import pipeline.finetune as ft
+from pipeline.atomic import recover
 from pipeline.checkpoint import load_checkpoint
 from pipeline.encoder import Encoder, describe
 from pipeline.errors import ModrmError
 from pipeline.heads import preference_loss
+from pipeline.training import warmup_then_linear
 
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 
@@ -74,18 +80,64 @@ def test_gradient_checkpointing_gives_the_same_gradients(stage0):
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6)
 
 
-def test_loss_decreases_over_a_few_steps(stage0):
-    model, data, ckpt = _setup(stage0, False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(8):
-        r_pos, r_neg, idx = model(data, np.arange(6))
-        loss = preference_loss(r_pos, r_neg, idx, len(ckpt.model.module_names), 0.1, 0.1)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0] * 0.5
+def test_finetune_lowers_the_training_loss_and_logs_every_step(stage0, tmp_path):
+    result = run(stage0, tmp_path, epochs=4, warmup_ratio=0.25, heads_lr=3e-3)
+    steps = result["steps"]
+    per_epoch = [np.mean([s["loss"] for s in steps if s["epoch"] == e]) for e in (1, 4)]
+    assert per_epoch[1] < per_epoch[0]
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))
+    factor = warmup_then_linear(len(steps), 0.25)
+    for i, s in enumerate(steps):  # the learning rate each step used (encoder group) follows the schedule
+        assert s["lr"][0] == pytest.approx(1e-3 * factor(i))
+    history = json.loads((tmp_path / "finetune_history.json").read_text())
+    assert history["steps"] == steps and [e["epoch"] for e in history["epochs"]] == [0, 1, 2, 3, 4]
+
+
+def test_max_steps_and_grad_accum_count_optimizer_steps(stage0, tmp_path):
+    one = run(stage0, tmp_path / "a", epochs=2)["steps"]
+    two = run(stage0, tmp_path / "b", epochs=2, grad_accum=2)["steps"]
+    assert len(two) == sum(math.ceil(sum(1 for _ in g) / 2) for _, g in itertools.groupby(one, lambda s: s["epoch"]))
+    assert sum(s["pairs"] for s in two) == sum(s["pairs"] for s in one)  # every pair, once an epoch
+    capped = run(stage0, tmp_path / "c", epochs=3, max_steps=3)
+    assert len(capped["steps"]) == 3 and capped["history"][-1]["epoch"] == 1
+
+
+def test_the_encoder_runs_without_a_kv_cache(stage0, monkeypatch):
+    model, data, _ = _setup(stage0, False)
+    seen = []
+    forward = model.encoder.model.forward
+    monkeypatch.setattr(
+        model.encoder.model, "forward", lambda *a, **k: seen.append(k.get("use_cache")) or forward(*a, **k)
+    )
+    model(data, np.arange(2))
+    assert seen and all(flag is False for flag in seen)
+
+
+def test_encoder_dropout_setting_and_frozen_blocks_in_eval_mode(minilm_id, make_config):
+    encoder = Encoder.load(make_config(minilm_id).encoder)
+    batch = encoder.collate(encoder.tokenize(["read the logs", "fix the leak"], "module").ids)
+    encoder.train()
+    assert not torch.equal(encoder(batch), encoder(batch))  # MiniLM's own dropout, 0.1
+    ft.set_encoder_dropout(encoder.model, 0.0)
+    torch.testing.assert_close(encoder(batch), encoder(batch))
+    ft.set_encoder_dropout(encoder.model, 0.3)
+    ft.freeze_layers(encoder.model, 1)
+    frozen = ft.frozen_blocks(encoder.model)
+    layers = ft.encoder_layers(encoder.model)
+    assert all(layer in frozen for layer in layers[:-1]) and layers[-1] not in frozen
+    assert encoder.model.embeddings in frozen
+    ft.train_mode(ft.EndToEnd(encoder, torch.nn.Linear(1, 1)), frozen)
+    assert not encoder.model.embeddings.training and not layers[0].training and layers[-1].training
+
+
+def test_lora_is_seeded_and_exclusive_with_train_layers(stage0, tmp_path):
+    pytest.importorskip("peft")
+    a, b = run(stage0, tmp_path / "a", lora_r=2, max_steps=1), run(stage0, tmp_path / "b", lora_r=2, max_steps=1)
+    assert [s["loss"] for s in a["steps"]] == [s["loss"] for s in b["steps"]]
+    for k, v in latest(tmp_path / "a").items():
+        assert torch.equal(v, latest(tmp_path / "b")[k]), k
+    with pytest.raises(ModrmError, match="--lora and --train-layers both choose"):
+        run(stage0, tmp_path / "c", lora_r=2, train_layers=1)
 
 
 def test_partial_freezing_leaves_frozen_layers_identical(stage0, tmp_path):
@@ -99,7 +151,15 @@ def test_partial_freezing_leaves_frozen_layers_identical(stage0, tmp_path):
 
 
 def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch):
-    run(stage0, tmp_path / "full", epochs=2)
+    """With dropout on (encoder and heads), so a wrong RNG restore would show."""
+    dropout = {"encoder_dropout": 0.2}
+    heads = {"heads": {"dropout": 0.2}}
+
+    def go(out: Path, resume: bool = False) -> dict:
+        settings = {"epochs": 2, "token_budget": 4096, "save_every": 1, "encoder_lr": 1e-3, "heads_lr": 1e-3}
+        return ft.finetune(stage0, [SEED_PAIRS], out, {"finetune": settings | dropout, **heads}, resume, progress=False)
+
+    go(tmp_path / "full")
     real_save, calls = ft.save_snapshot, []
 
     def crash_after_two(*args, **kwargs):
@@ -110,21 +170,44 @@ def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ft, "save_snapshot", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
-        run(stage0, tmp_path / "resumed", epochs=2)
+        go(tmp_path / "resumed")
     monkeypatch.setattr(ft, "save_snapshot", real_save)
-    ft.finetune(
-        stage0,
-        [SEED_PAIRS],
-        tmp_path / "resumed",
-        {"finetune": {"epochs": 2, "token_budget": 4096, "save_every": 1, "encoder_lr": 1e-3, "heads_lr": 1e-3}},
-        resume=True,
-        progress=False,
-    )
+    go(tmp_path / "resumed", resume=True)
     for read in (weights, latest):
         full, resumed = read(tmp_path / "full"), read(tmp_path / "resumed")
         assert full.keys() == resumed.keys()
         for k in full:
             assert torch.equal(full[k], resumed[k]), k
+
+
+@pytest.mark.parametrize("crash_at", [1, 4, 9, 14, 22, 31])
+def test_a_kill_at_any_save_leaves_a_loadable_checkpoint_and_snapshot(stage0, tmp_path, monkeypatch, crash_at):
+    """Every file operation of every save is a point where the process may die; after any of them the
+    checkpoint loads, and --resume finishes the run."""
+    import pipeline.atomic as atomic
+
+    calls = []
+    real_replace = os.replace
+
+    def replace(*args):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
+        return real_replace(*args)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        run(stage0, tmp_path, epochs=2, save_every=2)
+    monkeypatch.undo()
+    recover(tmp_path)  # what the next run or reader does first
+    if not (tmp_path / "config.json").exists():  # killed before the first checkpoint was committed: nothing half there
+        assert not any((tmp_path / name).exists() for name in ("encoder", "heads.safetensors", "metrics.json"))
+        return
+    load_checkpoint(tmp_path)  # the old checkpoint or the new one
+    if (tmp_path / ft.SNAPSHOT_DIR).is_dir():
+        settings = {"epochs": 2, "token_budget": 4096, "save_every": 2, "encoder_lr": 1e-3, "heads_lr": 1e-3}
+        ft.finetune(stage0, [SEED_PAIRS], tmp_path, {"finetune": settings}, resume=True, progress=False)
+        assert load_checkpoint(tmp_path).stage == 1
 
 
 def test_bad_input_is_a_clear_error(stage0, tmp_path):

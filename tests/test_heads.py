@@ -209,3 +209,49 @@ def test_a_module_without_train_pairs_is_refused(tmp_path):
     with pytest.raises(ModrmError, match="critic have no train pairs"):
         train_heads(folder, tmp_path / "out", small_config(1), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the loop's options
+
+
+def _log(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_early_stopping_waits_patience_epochs_after_the_best(tmp_path):
+    """Val pairs with their sides swapped: the better training fits, the worse val gets, so it stops."""
+    import pyarrow.parquet as pq
+
+    folder = make_cache(tmp_path / "cache")
+    table = pq.read_table(folder / "pairs.parquet").to_pydict()
+    for i, split in enumerate(table["split"]):
+        if split == "val":
+            for a, b in (("pos_ctx_row", "neg_ctx_row"), ("pos_mod_row", "neg_mod_row")):
+                table[a][i], table[b][i] = table[b][i], table[a][i]
+    pq.write_table(pa.table(table), folder / "pairs.parquet")
+    config = small_config(epochs=40)
+    config.train.patience = 2
+    summary = train_heads(folder, tmp_path / "out", config, progress=False)
+    log = _log(tmp_path / "out")
+    best = min(range(len(log)), key=lambda i: log[i]["val_loss"])
+    assert summary["epochs_run"] == len(log) == best + 1 + 2 < 40 and summary["best_epoch"] == best + 1
+
+
+def test_the_memory_mapped_table_trains_as_the_in_memory_one(trained, tmp_path):
+    folder, _, summary = trained
+    config = small_config()
+    config.train.memory_budget_gb = 1e-9  # nothing fits: rows are gathered from the memory-mapped file
+    mapped = train_heads(folder, tmp_path, config, progress=False)
+    assert mapped["val"] == summary["val"]
+
+
+def test_grad_accum_and_cpu_bf16_autocast_train(trained, tmp_path):
+    folder, _, _ = trained
+    config = small_config()
+    config.train.grad_accum, config.train.batch_size = 3, 8
+    assert train_heads(folder, tmp_path / "accum", config, progress=False)["val"]["val_accuracy"] >= 0.9
+    config = small_config()
+    config.train.dtype = "bfloat16"
+    summary = train_heads(folder, tmp_path / "bf16", config, progress=False)
+    log = _log(tmp_path / "bf16")
+    assert log[-1]["train_loss"] < log[0]["train_loss"] and summary["val"]["val_accuracy"] >= 0.9

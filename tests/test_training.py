@@ -1,0 +1,135 @@
+"""The training core both stages share: pair weights that packing cannot change, decay groups, the schedule,
+length-bucketed steps, and commit (several files replaced together, whatever instant a kill comes)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline.atomic as atomic
+import pipeline.finetune as ft
+from pipeline.atomic import commit, recover
+from pipeline.config import HeadConfig
+from pipeline.heads import RewardHeads, preference_loss
+from pipeline.training import module_counts, param_groups, warmup_then_linear
+
+
+def test_a_pairs_weight_does_not_depend_on_how_its_window_was_packed():
+    """One window of 7 pairs cut into steps two ways: the gradients are those of the window as one batch."""
+    torch.manual_seed(0)
+    model = RewardHeads(["a", "b", "c"], 8, HeadConfig(hidden=16, hidden2=8, dropout=0.0))
+    ctx, mod = torch.randn(14, 8), torch.randn(14, 8)
+    module_idx = torch.tensor([0, 0, 1, 2, 0, 1, 0])
+
+    def gradients(packing: list[list[int]]) -> list[torch.Tensor]:
+        model.zero_grad()
+        counts = module_counts([module_idx[step] for step in packing], 3)
+        for step in packing:
+            idx = torch.tensor(step)
+            r = model(
+                torch.cat([ctx[idx], ctx[idx + 7]]), torch.cat([mod[idx], mod[idx + 7]]), module_idx[idx].repeat(2)
+            )
+            preference_loss(r[: len(idx)], r[len(idx) :], module_idx[idx], 3, 0.1, 0.1, counts).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    whole = gradients([list(range(7))])
+    for packing in ([[0, 1, 2], [3, 4, 5, 6]], [[6], [0, 5], [1, 2, 3, 4]]):
+        for got, want in zip(gradients(packing), whole, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_norms_and_biases_do_not_decay():
+    model = RewardHeads(["a"], 4, HeadConfig(hidden=8, hidden2=4))
+    groups = param_groups([(model.parameters(), 1e-3)], 0.01)
+    decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.ndim >= 2), name
+    assert all(g["lr"] == 1e-3 for g in groups)
+
+
+def test_warmup_then_linear_schedule():
+    factor = warmup_then_linear(10, 0.2)
+    assert [round(factor(s), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
+
+
+def test_length_buckets_pad_less_and_use_every_pair_once(stage0, tmp_path):
+    from test_finetune import _setup
+
+    model, _, ckpt = _setup(stage0, False)
+    split = ft.load_split([Path(__file__).parent / "fixtures" / "seed_training_pairs.json"], ckpt)
+    data = ft.tokenize_pairs(model.encoder, split["train"] + split["val"], ckpt.model.module_names)
+    budget = 2048
+    steps = ft.plan_steps(data, budget, seed=0, epoch=0)
+    assert sorted(np.concatenate(steps).tolist()) == list(range(len(data.module_idx)))
+    assert all(data.cost(s) <= budget or len(s) == 1 for s in steps)
+    assert [s.tolist() for s in ft.plan_steps(data, budget, 0, 0)] == [s.tolist() for s in steps]  # deterministic
+    assert [s.tolist() for s in ft.plan_steps(data, budget, 0, 1)] != [s.tolist() for s in steps]  # per epoch
+
+    def padding(plan) -> float:
+        def real(s: np.ndarray) -> int:
+            rows = data.rows[s]
+            return int(data.contexts.lengths[rows[:, [0, 2]]].sum() + data.modules.lengths[rows[:, [1, 3]]].sum())
+
+        return sum(data.cost(s) for s in plan) / sum(real(s) for s in plan)
+
+    rng = np.random.default_rng(0)  # the old way: shuffled pairs cut greedily
+    order, shuffled, current = rng.permutation(len(data.module_idx)), [], []
+    for i in order:
+        if current and data.cost(np.array([*current, i])) > budget:
+            shuffled.append(np.array(current))
+            current = []
+        current.append(i)
+    shuffled.append(np.array(current))
+    assert padding(steps) < padding(shuffled)
+
+
+# ---------------------------------------------------------------------------------------------- commit
+
+
+def _write(version: str):
+    def write(staging: Path) -> None:
+        (staging / "a.txt").write_text(version)
+        (staging / "folder").mkdir()
+        (staging / "folder" / "b.txt").write_text(version)
+
+    return write
+
+
+def _state(folder: Path) -> str:
+    a, b = (folder / "a.txt").read_text(), (folder / "folder" / "b.txt").read_text()
+    assert a == b, "a mix of two versions"
+    return a
+
+
+@pytest.mark.parametrize("crash_at", range(1, 12))
+def test_commit_leaves_the_old_set_or_the_new_one_whatever_instant_a_kill_comes(tmp_path, monkeypatch, crash_at):
+    commit(tmp_path, ["a.txt", "folder"], _write("old"))
+    calls = []
+    real_replace, real_rmtree, real_fsync = os.replace, shutil.rmtree, os.fsync
+
+    def crash(real):
+        def op(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == crash_at:
+                raise KeyboardInterrupt  # the process dies here: nothing after this runs
+            return real(*args, **kwargs)
+
+        return op
+
+    monkeypatch.setattr(atomic.os, "replace", crash(real_replace))
+    monkeypatch.setattr(atomic.shutil, "rmtree", crash(real_rmtree))
+    monkeypatch.setattr(atomic.os, "fsync", crash(real_fsync))
+    try:
+        commit(tmp_path, ["a.txt", "folder"], _write("new"))
+        finished = True
+    except KeyboardInterrupt:
+        finished = False
+    monkeypatch.undo()
+    recover(tmp_path)  # what the next reader does
+    assert _state(tmp_path) in ({"new"} if finished else {"old", "new"})
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nothing left behind
