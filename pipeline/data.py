@@ -33,6 +33,11 @@ class Pair:
     task: str
     positive: Side
     negative: Side
+    group: str | None = None  # what the split is decided by; None: the task (variants of one goal: one group)
+
+    @property
+    def split_key(self) -> str:
+        return self.group if self.group is not None else self.task
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +145,8 @@ def _pair_header(check: _Checker, record: dict, modules: Sequence[str]) -> tuple
     if module is not None and modules and module not in modules:
         check.fail("target_module", f"unknown module {module!r} (configured modules: {', '.join(modules)})")
         module = None
+    if "group" in record and check.text(record, "group") is None:
+        return None
     if pair_id is None or module is None or task is None:
         return None
     return pair_id, module, task
@@ -157,7 +164,7 @@ def _parse_pair(check: _Checker, record: dict, modules: Sequence[str]) -> Pair |
             sides.append(check.side(value, prefix=f"{key}."))
     if header is None or None in sides:
         return None
-    return Pair(*header, *sides)
+    return Pair(*header, *sides, group=record.get("group"))
 
 
 def _join_flat(file: str, flat: list[tuple[int, dict]], modules: Sequence[str]) -> tuple[list[Pair], list[Problem]]:
@@ -185,12 +192,12 @@ def _join_flat(file: str, flat: list[tuple[int, dict]], modules: Sequence[str]) 
         else:
             pos, neg = slot[True][1], slot[False][1]
             header = _pair_header(check, pos, modules)
-            for key in ("task", "target_module"):
+            for key in ("task", "target_module", "group"):
                 if pos.get(key) != neg.get(key):
                     check.fail(key, "differs between the positive and negative records")
             sides = [check.side(pos, "positive."), check.side(neg, "negative.")]
             if header is not None and None not in sides and not check.problems:
-                pairs.append(Pair(*header, *sides))
+                pairs.append(Pair(*header, *sides, group=pos.get("group")))
         problems += check.problems
     return pairs, problems
 
@@ -269,21 +276,23 @@ def pair_to_record(pair: Pair) -> dict:
     def side(s: Side) -> dict:
         return {"trajectory_full_context": s.context, "module_k_all_rounds": s.module_text, "outcome": s.outcome}
 
-    return {
+    record = {
         "pair_id": pair.pair_id,
         "target_module": pair.target_module,
         "task": pair.task,
         "positive": side(pair.positive),
         "negative": side(pair.negative),
     }
+    return record | ({"group": pair.group} if pair.group is not None else {})
 
 
 # ---------------------------------------------------------------------------------------------- splits
 
 
-def task_split(task: str, train_fraction: float, val_fraction: float, seed: int = 0) -> str:
-    """A pure function of the task, so one task never lands in two splits, in any file or run."""
-    digest = hashlib.sha256(f"{seed}\x00{task}".encode()).digest()
+def assign_split(key: str, train_fraction: float, val_fraction: float, seed: int = 0) -> str:
+    """A pure function of a pair's split key (its group, else its task), so one group never lands in two
+    splits, in any file or run."""
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2**64
     if u < train_fraction:
         return "train"

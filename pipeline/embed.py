@@ -19,7 +19,7 @@ import pyarrow as pa
 from pipeline.atomic import write_json
 from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard, read_manifest
 from pipeline.config import Config, EncoderConfig
-from pipeline.data import Pair, load_pairs, task_split
+from pipeline.data import Pair, assign_split, load_pairs
 from pipeline.encoder import Encoder, ModelInfo, describe
 from pipeline.errors import ModrmError
 
@@ -124,7 +124,8 @@ def pairs_table(pairs: Sequence[Pair], rows: dict[str, np.ndarray], config: Conf
             "pair_id": [p.pair_id for p in pairs],
             "target_module": [p.target_module for p in pairs],
             "task": [p.task for p in pairs],
-            "split": [task_split(p.task, d.train_fraction, d.val_fraction, d.split_seed) for p in pairs],
+            "group": [p.split_key for p in pairs],
+            "split": [assign_split(p.split_key, d.train_fraction, d.val_fraction, d.split_seed) for p in pairs],
             **{column: rows[column] for column in ROW_COLUMNS},
             "pos_outcome": pa.array([p.positive.outcome for p in pairs], type=pa.float64()),
             "neg_outcome": pa.array([p.negative.outcome for p in pairs], type=pa.float64()),

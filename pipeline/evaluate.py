@@ -21,7 +21,7 @@ from pipeline.atomic import atomic_write, write_json
 from pipeline.cache import ROW_COLUMNS, Cache
 from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.config import Config
-from pipeline.data import SPLITS, Pair, load_pairs, task_split
+from pipeline.data import SPLITS, Pair, assign_split, load_pairs
 from pipeline.embed import EmbedSummary, ensure_embedded
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
@@ -62,7 +62,7 @@ def select_split(pairs: Sequence[Pair], split: str, config: Config, data: Path) 
     if split == "all":
         return list(pairs)
     d = config.data
-    chosen = [p for p in pairs if task_split(p.task, d.train_fraction, d.val_fraction, d.split_seed) == split]
+    chosen = [p for p in pairs if assign_split(p.split_key, d.train_fraction, d.val_fraction, d.split_seed) == split]
     if not chosen:
         raise ModrmError(f"{data}: no pair falls in the {split} split (by task); use --split all")
     return chosen
@@ -131,15 +131,16 @@ def plot_distributions(path: Path, groups: dict[str, tuple[np.ndarray, np.ndarra
 
 
 def plot_roc(path: Path, groups: dict[str, tuple[np.ndarray, np.ndarray]], aucs: dict[str, float | None]) -> None:
-    """One ROC curve per module and overall: positives labelled 1, negatives 0."""
+    """One ROC curve per module (positives labelled 1, negatives 0); no pooled curve: the heads' scales differ."""
     fig = Figure(figsize=(6, 5.5))
     ax = fig.subplots()
     for name, (r_pos, r_neg) in groups.items():
         labels = np.concatenate([np.ones(len(r_pos)), np.zeros(len(r_neg))])
         fpr, tpr, _ = roc_curve(labels, np.concatenate([r_pos, r_neg]))
-        ax.plot(fpr, tpr, label=f"{name} (AUC {_fmt(aucs[name])})", linewidth=2.5 if name == "overall" else 1.5)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {_fmt(aucs[name])})", linewidth=1.5)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC: positive vs negative side")
+    title = f"ROC per module; overall AUC (their mean) {_fmt(aucs.get('overall'))}"
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right")
     _save(fig, path)
 
@@ -246,7 +247,7 @@ def write_outputs(folder: Path, ckpt: Checkpoint, pairs: Sequence[Pair], scored:
     groups = {m: g for m, g in groups.items() if m in metrics["modules"]}
     plot_distributions(folder / PLOTS[0], groups)
     aucs = {m: metrics["modules"][m]["auc"] for m in groups} | {"overall": metrics["overall"]["auc"]}
-    plot_roc(folder / PLOTS[1], groups | {"overall": (pp, nn)}, aucs)
+    plot_roc(folder / PLOTS[1], groups, aucs)
     write_scores(folder / "scores.jsonl", pairs, scored.scores)
     write_json(folder / "config.json", ckpt.config.to_dict())
     write_json(folder / "metrics.json", metrics)

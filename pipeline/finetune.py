@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import commit, recover, write_json
 from pipeline.checkpoint import ENCODER_DIR, HEADS_FILES, Checkpoint, load_checkpoint, write_heads
 from pipeline.config import FIXED_BY_CHECKPOINT, Config, FinetuneConfig, resolve_config
-from pipeline.data import Pair, load_pairs, task_split
+from pipeline.data import Pair, assign_split, load_pairs
 from pipeline.embed import pair_texts
 from pipeline.encoder import Encoder, Tokenized, describe, pick_device
 from pipeline.errors import ModrmError
@@ -295,7 +295,7 @@ def load_split(paths: list[Path], ckpt: Checkpoint) -> dict[str, list[Pair]]:
     d = ckpt.config.data
     split = {"train": [], "val": []}
     for pair in pairs:
-        split.setdefault(task_split(pair.task, d.train_fraction, d.val_fraction, d.split_seed), []).append(pair)
+        split.setdefault(assign_split(pair.split_key, d.train_fraction, d.val_fraction, d.split_seed), []).append(pair)
     for name in ("train", "val"):
         if not split[name]:
             raise ModrmError(f"{paths[0]}: no {name} pairs under the checkpoint's split by task")

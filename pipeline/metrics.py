@@ -60,13 +60,18 @@ def bootstrap_ci(r_pos: np.ndarray, r_neg: np.ndarray, n_resamples: int = 1000, 
     return [float(lo), float(hi)]
 
 
-def length_correlation(rewards: np.ndarray, lengths: np.ndarray) -> float | None:
-    """Spearman correlation of reward with module-text length in tokens: near 1 means the reward may be
-    counting tokens rather than judging content. None when undefined (under 3 points or a constant input)."""
-    rewards, lengths = np.asarray(rewards, dtype=np.float64), np.asarray(lengths, dtype=np.float64)
-    if len(rewards) < 3 or np.ptp(rewards) == 0 or np.ptp(lengths) == 0:
+def length_correlation(
+    r_pos: np.ndarray, r_neg: np.ndarray, lengths_pos: np.ndarray, lengths_neg: np.ndarray
+) -> float | None:
+    """Within pairs: Spearman correlation of the reward gap (r+ - r-) with the module texts' length gap in
+    tokens. Near 1 means the reward follows length, not content. Measured within pairs, so a correct reward is
+    not flagged when the worse texts merely happen to be shorter. None when undefined (under 3 pairs, or a
+    constant gap)."""
+    gaps = np.asarray(r_pos, dtype=np.float64) - np.asarray(r_neg, dtype=np.float64)
+    length_gaps = np.asarray(lengths_pos, dtype=np.float64) - np.asarray(lengths_neg, dtype=np.float64)
+    if len(gaps) < 3 or np.ptp(gaps) == 0 or np.ptp(length_gaps) == 0:
         return None
-    rho = spearmanr(rewards, lengths).statistic
+    rho = spearmanr(gaps, length_gaps).statistic
     return float(rho) if np.isfinite(rho) else None
 
 
@@ -92,9 +97,7 @@ def _group_metrics(
     """Every metric for one group of pairs (a module, or all of them)."""
     out = pairwise_metrics(r_pos, r_neg)
     out["accuracy_ci95"] = bootstrap_ci(r_pos, r_neg, seed=seed)
-    out["length_correlation"] = length_correlation(
-        np.concatenate([r_pos, r_neg]), np.concatenate([lengths_pos, lengths_neg])
-    )
+    out["length_correlation"] = length_correlation(r_pos, r_neg, lengths_pos, lengths_neg)
     if swap is not None:
         out |= swap_check(r_pos, swap["pn"], swap["np"], r_neg)
     return out
@@ -132,4 +135,9 @@ def summarize(
         mask = pair_module == index
         if mask.any():
             modules[name] = group(mask)
-    return {"n_pairs": len(pair_module), "overall": group(np.ones(len(pair_module), dtype=bool)), "modules": modules}
+    overall = group(np.ones(len(pair_module), dtype=bool))
+    # The heads' offsets are arbitrary (Bradley-Terry is shift-invariant), so pooling four heads' rewards into
+    # one ROC mixes scales: the overall AUC is the mean of the modules' AUCs.
+    aucs = [m["auc"] for m in modules.values() if m["auc"] is not None]
+    overall["auc"] = float(np.mean(aucs)) if aucs else None
+    return {"n_pairs": len(pair_module), "overall": overall, "modules": modules}

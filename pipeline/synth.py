@@ -349,7 +349,7 @@ def _draw_task(rng: random.Random) -> tuple[str, dict[str, str], dict[str, str]]
         "wrong_fix": other["fix"],
         "wrong_tool": rng.choice(_WRONG_TOOLS),
     }
-    return f"{slots['task'].format(c=slots['c'])} {stack}", slots, other
+    return f"{slots['task'].format(c=slots['c'])} {stack}", slots, other  # the stack varies; goal + component: group
 
 
 def _phase(r: int, n: int) -> str:
@@ -417,6 +417,7 @@ def _pair(module: str, index: int, rng: random.Random) -> Pair:
         task,
         _side("\n".join(positive), module, 1.0),
         _side("\n".join(negative), module, 0.0),
+        group=f"{slots['goal']} in {slots['c']}",  # variants differing in the stack only stay in one split
     )
 
 

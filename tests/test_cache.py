@@ -21,14 +21,14 @@ import pytest
 import pipeline.embed
 from pipeline.cache import ROW_COLUMNS, TEXT_COLUMNS, Cache, open_existing
 from pipeline.config import Config
-from pipeline.data import Pair, load_pairs, pair_to_record, task_split
+from pipeline.data import Pair, assign_split, load_pairs, pair_to_record
 from pipeline.embed import embed_files, pair_texts, text_hash
 from pipeline.encoder import Encoder
 from pipeline.errors import ModrmError
 from pipeline.random_qwen3 import build_random_qwen3
 
 SEED_UNIQUE_TEXTS = 98  # 63 contexts + 35 module texts for the 128 text slots of the 32 seed pairs
-PAIR_COLUMNS = ("pair_id", "target_module", "task", "split", *ROW_COLUMNS, "pos_outcome", "neg_outcome")
+PAIR_COLUMNS = ("pair_id", "target_module", "task", "group", "split", *ROW_COLUMNS, "pos_outcome", "neg_outcome")
 FINGERPRINT_KEYS = {
     "name",
     "revision",
@@ -132,7 +132,7 @@ def test_round_trip_and_file_layout(seed_cache, seed_pairs_path: Path, tiny_conf
     splits: dict[str, set[str]] = {}
     for row in table:
         d = tiny_config.data
-        assert row["split"] == task_split(row["task"], d.train_fraction, d.val_fraction, d.split_seed)
+        assert row["split"] == assign_split(row["task"], d.train_fraction, d.val_fraction, d.split_seed)
         splits.setdefault(row["task"], set()).add(row["split"])
     assert all(len(s) == 1 for s in splits.values())
     assert summary.splits == {s: [r["split"] for r in table].count(s) for s in ("train", "val", "test")}

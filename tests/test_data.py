@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import DEFAULT_MODULES, DataError, Problem, check_file, load_pairs, pair_to_record, task_split
+from pipeline.data import DEFAULT_MODULES, DataError, Problem, assign_split, check_file, load_pairs, pair_to_record
 
 
 def _by_id(pairs: list) -> dict:
@@ -205,21 +205,43 @@ def test_the_same_file_given_twice_is_an_error(seed_pairs_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- splits
 
 
-def test_task_split_is_deterministic_and_seeded() -> None:
+def test_assign_split_is_deterministic_and_seeded() -> None:
     tasks = [f"task number {i}" for i in range(3000)]
-    first = [task_split(t, 0.8, 0.1) for t in tasks]
-    assert first == [task_split(t, 0.8, 0.1) for t in tasks]
-    assert first == [task_split(t, 0.8, 0.1, seed=0) for t in reversed(tasks)][::-1]
+    first = [assign_split(t, 0.8, 0.1) for t in tasks]
+    assert first == [assign_split(t, 0.8, 0.1) for t in tasks]
+    assert first == [assign_split(t, 0.8, 0.1, seed=0) for t in reversed(tasks)][::-1]
     counts = {s: first.count(s) for s in ("train", "val", "test")}
     assert 0.75 < counts["train"] / 3000 < 0.85 and 0.07 < counts["val"] / 3000 < 0.13
-    assert first != [task_split(t, 0.8, 0.1, seed=1) for t in tasks]
-    assert {task_split(t, 1.0, 0.0) for t in tasks} == {"train"}
+    assert first != [assign_split(t, 0.8, 0.1, seed=1) for t in tasks]
+    assert {assign_split(t, 1.0, 0.0) for t in tasks} == {"train"}
 
 
 def test_a_task_never_lands_in_two_splits(seed_pairs_path: Path) -> None:
     splits: dict[str, set[str]] = defaultdict(set)
     for pair in load_pairs([seed_pairs_path]):
-        splits[pair.task].add(task_split(pair.task, 0.5, 0.25))
+        splits[pair.task].add(assign_split(pair.split_key, 0.5, 0.25))
     assert len(splits) == 16
     assert all(len(s) == 1 for s in splits.values())
     assert len(set().union(*splits.values())) >= 2  # more than one split is used, or the check proves nothing
+
+
+def test_a_group_decides_the_split_and_synth_keeps_a_goals_variants_together(tmp_path: Path) -> None:
+    from pipeline.synth import generate_pairs, write_pairs
+
+    pairs = generate_pairs(60, seed=0)
+    groups: dict[str, set[str]] = defaultdict(set)
+    for pair in pairs:
+        assert (pair.group is not None and pair.group in pair.positive.context + pair.task) or pair.group
+        groups[pair.group].add(assign_split(pair.split_key, 0.8, 0.1))
+    assert all(len(s) == 1 for s in groups.values()) and len(groups) > 20
+    # tasks that differ only in the stack share a group, so they are never split apart
+    by_group: dict[str, set[str]] = defaultdict(set)
+    for pair in pairs:
+        by_group[pair.group].add(pair.task)
+    assert any(len(tasks) > 1 for tasks in by_group.values())
+    again = load_pairs([write_pairs(tmp_path / "synth.jsonl", pairs)])
+    assert [p.group for p in again] == [p.group for p in pairs]  # the field round-trips through a file
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(pair_to_record(pairs[0]) | {"group": 3}) + "\n")
+    with pytest.raises(DataError, match="field 'group': must be a string"):
+        load_pairs([bad])

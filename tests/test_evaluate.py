@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from pipeline.cache import ROW_COLUMNS
 from pipeline.checkpoint import HEADS_FILE, save_heads
 from pipeline.config import HeadConfig
-from pipeline.data import DEFAULT_MODULES, task_split
+from pipeline.data import DEFAULT_MODULES, assign_split
 from pipeline.embed import embed_files
 from pipeline.encoder import describe
 from pipeline.errors import ModrmError
@@ -55,13 +55,17 @@ def test_bootstrap_ci_contains_estimate_and_is_deterministic():
     assert bootstrap_ci(np.ones(4), np.zeros(4)) == [1.0, 1.0]
 
 
-def test_length_correlation_flags_length_driven_reward():
-    lengths = np.array([10, 50, 20, 80, 30, 60])
-    assert length_correlation(np.log(lengths) * 2 + 1, lengths) == pytest.approx(1.0)
-    assert length_correlation(-lengths.astype(float), lengths) == pytest.approx(-1.0)
-    assert length_correlation(np.ones(6), lengths) is None
-    assert length_correlation(np.arange(6.0), np.full(6, 7)) is None
-    assert length_correlation(np.array([1.0, 2.0]), np.array([3, 4])) is None
+def test_length_correlation_is_measured_within_pairs():
+    len_pos, len_neg = np.array([60, 90, 70, 80, 65, 95]), np.array([50, 40, 60, 20, 55, 30])
+    gap = (len_pos - len_neg).astype(float)
+    assert length_correlation(np.log(gap) * 2 + 1, np.zeros(6), len_pos, len_neg) == pytest.approx(1.0)
+    assert length_correlation(-gap, np.zeros(6), len_pos, len_neg) == pytest.approx(-1.0)
+    # a correct reward whose gap does not follow the length gap is not flagged, though every worse text is
+    # shorter (pooling both sides would correlate reward with length strongly here)
+    r_pos, r_neg = np.array([2.0, 2.1, 1.9, 2.0, 2.05, 1.95]), np.array([0.1, 0.0, 0.2, 0.15, 0.05, 0.1])
+    assert abs(length_correlation(r_pos, r_neg, len_pos, len_neg)) < 0.5
+    assert length_correlation(np.ones(6), np.zeros(6), len_pos, len_neg) is None
+    assert length_correlation(np.array([1.0, 2.0]), np.zeros(2), np.array([3, 4]), np.array([1, 1])) is None
 
 
 def test_swap_check_on_hand_made_arrays():
@@ -79,9 +83,9 @@ def test_summarize_groups_by_module_and_omits_empty_ones():
     m = summarize(["a", "b", "c"], pair_module, r_pos, r_neg, swap, lengths, lengths + 1)
     assert m["n_pairs"] == 5 and list(m["modules"]) == ["a", "c"]
     assert m["modules"]["a"]["accuracy"] == 0.5 and m["modules"]["c"]["accuracy"] == 1.0
-    assert (
-        m["overall"] == summarize(["all"], np.zeros(5, int), r_pos, r_neg, swap, lengths, lengths + 1)["modules"]["all"]
-    )
+    pooled = summarize(["all"], np.zeros(5, int), r_pos, r_neg, swap, lengths, lengths + 1)["modules"]["all"]
+    assert {k: v for k, v in m["overall"].items() if k != "auc"} == {k: v for k, v in pooled.items() if k != "auc"}
+    assert m["overall"]["auc"] == pytest.approx((m["modules"]["a"]["auc"] + m["modules"]["c"]["auc"]) / 2)
     assert set(m["overall"]) >= METRIC_KEYS and set(m["modules"]["c"]) >= METRIC_KEYS
 
 
@@ -211,7 +215,7 @@ def test_evaluate_two_checkpoints_side_by_side(_eval_setup):
 def test_evaluate_split_uses_the_checkpoint_split(_eval_setup):
     s = _eval_setup
     d = s["config"].data
-    expected = Counter(task_split(r["task"], d.train_fraction, d.val_fraction, d.split_seed) for r in s["records"])
+    expected = Counter(assign_split(r["task"], d.train_fraction, d.val_fraction, d.split_seed) for r in s["records"])
     result = evaluate([s["ckpts"][0]], s["data"], s["root"] / "test_split", split="test", progress=False)
     assert result["stage0"]["n_pairs"] == expected["test"] > 0
 

@@ -105,7 +105,7 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
             f["embeddings"][1, 0] = np.nan
     config = Config()
     d = config.data
-    from pipeline.data import task_split
+    from pipeline.data import assign_split
 
     cache.write_pairs(
         pa.table(
@@ -113,7 +113,7 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
                 "pair_id": [r[0] for r in records],
                 "target_module": [r[1] for r in records],
                 "task": [r[2] for r in records],
-                "split": [task_split(r[2], d.train_fraction, d.val_fraction, d.split_seed) for r in records],
+                "split": [assign_split(r[2], d.train_fraction, d.val_fraction, d.split_seed) for r in records],
                 "pos_ctx_row": [r[3] for r in records],
                 "pos_mod_row": [r[3] + 1 for r in records],
                 "neg_ctx_row": [r[3] + 2 for r in records],

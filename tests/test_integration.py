@@ -118,7 +118,8 @@ def test_short_finetune_keeps_or_improves_val_accuracy(synth_run):
     stage1 = read_json(root / "stage1" / "metrics.json")
     assert stage0["n_val"] >= 5
     scores = [json.loads(line) for line in (root / "eval" / "stage0" / "scores.jsonl").read_text().splitlines()]
-    assert all(s["r_pos"] != s["r_neg"] for s in scores), "a val pair is a tie: the comparison would be noise"
+    # a tie (both sides identical after truncation to MiniLM's 256 tokens) counts half; few, or it is noise
+    assert sum(s["r_pos"] == s["r_neg"] for s in scores) <= len(scores) // 10
     assert stage1["best"]["val_accuracy"] >= stage0["val"]["val_accuracy"]
 
 
