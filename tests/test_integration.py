@@ -117,9 +117,13 @@ def test_short_finetune_keeps_or_improves_val_accuracy(synth_run):
     stage0 = read_json(root / "stage0" / "metrics.json")
     stage1 = read_json(root / "stage1" / "metrics.json")
     assert stage0["n_val"] >= 5
-    scores = [json.loads(line) for line in (root / "eval" / "stage0" / "scores.jsonl").read_text().splitlines()]
-    # a tie (both sides identical after truncation to MiniLM's 256 tokens) counts half; few, or it is noise
-    assert sum(s["r_pos"] == s["r_neg"] for s in scores) <= len(scores) // 10
+    # a tie (both sides identical after truncation to MiniLM's 256 tokens) is exact in both stages, so it counts
+    # half in both and cannot tip the comparison
+    ties = {}
+    for stage in ("stage0", "stage1"):
+        lines = (root / "eval" / stage / "scores.jsonl").read_text().splitlines()
+        ties[stage] = {s["pair_id"] for s in map(json.loads, lines) if s["r_pos"] == s["r_neg"]}
+    assert ties["stage0"] == ties["stage1"] and len(ties["stage0"]) < stage0["n_val"] / 2
     assert stage1["best"]["val_accuracy"] >= stage0["val"]["val_accuracy"]
 
 
