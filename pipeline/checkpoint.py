@@ -32,6 +32,7 @@ class Checkpoint:
     fingerprint: Fingerprint  # of the encoder whose embeddings the heads read
     stage: int
     cache: str | None  # the cache stage 0 trained from
+    trained_on: list[dict]  # {"path", "sha256"} of every data file whose train and val pairs it learned from
 
     @property
     def encoder_folder(self) -> Path | None:
@@ -77,9 +78,14 @@ def save_heads(
     stage: int,
     cache: str | None,
     metrics: dict,
+    trained_on: list[dict],
 ) -> None:
     """Replace the three files together (`commit`): a kill leaves the old checkpoint or the new one."""
-    commit(folder, HEADS_FILES, lambda staging: write_heads(staging, model, config, fingerprint, stage, cache, metrics))
+
+    def write(staging: Path) -> None:
+        write_heads(staging, model, config, fingerprint, stage, cache, metrics, trained_on)
+
+    commit(folder, HEADS_FILES, write)
 
 
 HEADS_FILES = [HEADS_FILE, METRICS_FILE, CONFIG_FILE]
@@ -93,6 +99,7 @@ def write_heads(
     stage: int,
     cache: str | None,
     metrics: dict,
+    trained_on: list[dict],
 ) -> None:
     """The heads' files, written plainly into `folder` (a staging folder of `commit`)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -107,6 +114,7 @@ def write_heads(
                 "heads": config.to_dict()["heads"],
                 "encoder": fingerprint.to_dict(),
                 "cache": cache,
+                "trained_on": trained_on,
                 "config": config.to_dict(),
             },
             indent=2,
@@ -160,4 +168,6 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> C
         raise ModrmError(f"checkpoint {folder}: {HEADS_FILE} is not a readable safetensors file ({err})") from None
     model = RewardHeads(modules, dim, config.heads)
     model.load_state_dict(state)
-    return Checkpoint(folder, model.to(device).eval(), config, fingerprint, meta.get("stage", 0), meta.get("cache"))
+    trained_on = [t for t in meta.get("trained_on", []) if isinstance(t, dict) and isinstance(t.get("sha256"), str)]
+    stage, cache = meta.get("stage", 0), meta.get("cache")
+    return Checkpoint(folder, model.to(device).eval(), config, fingerprint, stage, cache, trained_on)

@@ -172,7 +172,9 @@ def eval_cmd(
     data: Annotated[Path, typer.Option("--data", help="pairs file to score")],
     out: Annotated[Path, typer.Option("--out", help="folder for metrics.json, report.md and plots")],
     cache: Annotated[Path | None, typer.Option("--cache", help="embedding cache (default: the checkpoint's)")] = None,
-    split: Annotated[str, typer.Option("--split", help="all | train | val | test (split by task)")] = "all",
+    split: Annotated[
+        str, typer.Option("--split", help="auto (leave out what the checkpoint trained on) | all | train | val | test")
+    ] = "auto",
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
 ) -> None:

@@ -289,6 +289,15 @@ def pair_to_record(pair: Pair) -> dict:
 # ---------------------------------------------------------------------------------------------- splits
 
 
+def file_sha256(path: str | Path) -> str:
+    """A data file's identity: what a checkpoint trained on is recognised by content, wherever the file moved."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def assign_split(key: str, train_fraction: float, val_fraction: float, seed: int = 0) -> str:
     """A pure function of a pair's split key (its group, else its task), so one group never lands in two
     splits, in any file or run."""

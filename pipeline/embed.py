@@ -19,7 +19,7 @@ import pyarrow as pa
 from pipeline.atomic import write_json
 from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard, read_manifest
 from pipeline.config import Config, EncoderConfig
-from pipeline.data import Pair, assign_split, load_pairs
+from pipeline.data import Pair, assign_split, file_sha256, load_pairs
 from pipeline.encoder import Encoder, ModelInfo, describe
 from pipeline.errors import ModrmError
 
@@ -166,7 +166,8 @@ def embed_files(
     splits = table.column("split").to_pylist()
     summary.splits = {s: splits.count(s) for s in ("train", "val", "test")}
     files = [*earlier_files, *map(str, paths)] if append else list(map(str, paths))
-    write_manifest(cache, config, files, summary, len(table))
+    earlier_sha = list(manifest.get("data_sha256", [])) if append and previous is not None else []
+    write_manifest(cache, config, files, [*earlier_sha, *map(file_sha256, paths)], summary, len(table))
     return summary
 
 
@@ -189,7 +190,12 @@ def check_appendable(previous: pa.Table, pairs: Sequence[Pair], manifest: dict, 
 
 
 def write_manifest(
-    cache: Cache, config: Config, paths: Sequence[str | Path], summary: EmbedSummary, n_pairs: int
+    cache: Cache,
+    config: Config,
+    paths: Sequence[str | Path],
+    sha256: Sequence[str],
+    summary: EmbedSummary,
+    n_pairs: int,
 ) -> None:
     import torch
 
@@ -206,6 +212,7 @@ def write_manifest(
             "n_pairs": n_pairs,
             "splits": summary.splits,
             "data_files": [str(p) for p in paths],
+            "data_sha256": list(sha256),  # what the pairs index holds, by content (eval leaves it out by default)
             "config": config.to_dict(),
             "versions": versions() | {"cuda": torch.version.cuda or "none"},
         },

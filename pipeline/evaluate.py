@@ -21,7 +21,7 @@ from pipeline.atomic import atomic_write, write_json
 from pipeline.cache import ROW_COLUMNS, Cache
 from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.config import Config
-from pipeline.data import SPLITS, Pair, assign_split, load_pairs
+from pipeline.data import SPLITS, Pair, assign_split, file_sha256, load_pairs
 from pipeline.embed import EmbedSummary, ensure_embedded
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
@@ -57,8 +57,20 @@ def score_pairs(
 # ---------------------------------------------------------------------------------------------- checks
 
 
+def resolve_split(ckpt: Checkpoint, data: Path, split: str) -> tuple[str, str]:
+    """(the split to score, why). `auto`: a file the checkpoint trained on is scored on its test split only (the
+    pairs it trained or validated on are left out); a file it never saw is scored whole."""
+    if split != "auto":
+        return split, f"--split {split}"
+    digest = file_sha256(data)
+    seen = next((t["path"] for t in ckpt.trained_on if t["sha256"] == digest), None)
+    if seen is not None:
+        return "test", f"the checkpoint trained on this file (as {seen}): its train and val pairs are left out"
+    return "all", "the checkpoint never trained on this file: every pair is scored"
+
+
 def select_split(pairs: Sequence[Pair], split: str, config: Config, data: Path) -> list[Pair]:
-    """The pairs of one split, by task with the checkpoint's own split settings (so test stays unseen)."""
+    """The pairs of one split, by split key with the checkpoint's own split settings (so test stays unseen)."""
     if split == "all":
         return list(pairs)
     d = config.data
@@ -196,8 +208,14 @@ def format_table(results: dict[str, dict]) -> str:
 
 
 def write_report(out: Path, results: dict[str, dict], folders: dict[str, Path], data: Path, split: str) -> None:
-    lines = [f"# modrm evaluation\n\ndata: `{data}`  split: {split}\n"]
-    lines += [f"- {label}: checkpoint `{m['checkpoint']}`" for label, m in results.items()]
+    lines = [f"# modrm evaluation\n\ndata: `{data}`  --split {split}\n"]
+    lines += [
+        f"- {label}: checkpoint `{m['checkpoint']}`; scored {m['n_pairs']} pairs, split {m['split']}: "
+        f"{m['split_reason']}"
+        for label, m in results.items()
+    ]
+    lines += ["", "Overall AUC is the mean of the modules' AUCs (each head's reward has its own offset); the length"]
+    lines += ["correlation is within pairs: reward gap against module-text length gap.", ""]
     lines += ["", format_table(results), "", "## plots", ""]
     for label, folder in folders.items():
         for plot in PLOTS:
@@ -258,6 +276,7 @@ def evaluate_checkpoint(
 ) -> dict:
     """Score one checkpoint's split of the pairs and write its metrics, scores and plots to `folder`."""
     ckpt.check_modules(pairs, data)
+    split, reason = resolve_split(ckpt, data, split)
     chosen = select_split(pairs, split, ckpt.config, data)
     scored = score_checkpoint(ckpt, chosen, cache, progress)
     s = scored.scores
@@ -269,6 +288,7 @@ def evaluate_checkpoint(
         "stage": ckpt.stage,
         "data": str(data),
         "split": split,
+        "split_reason": reason,
         "cache": str(scored.cache),
         "embed": {"cached": scored.embed.cached, "encoded": scored.embed.encoded},
     }
@@ -281,7 +301,7 @@ def evaluate(
     data: Path,
     out: Path,
     cache: Path | None = None,
-    split: str = "all",
+    split: str = "auto",
     progress: bool = True,
     device: str = "auto",
 ) -> dict[str, dict]:
@@ -289,8 +309,8 @@ def evaluate(
 
     One checkpoint writes straight into `out`; several write into out/<label>/ and the report compares them.
     """
-    if split not in ("all", *SPLITS):
-        raise ModrmError(f"split {split!r}: use all, {', '.join(SPLITS)}")
+    if split not in ("auto", "all", *SPLITS):
+        raise ModrmError(f"split {split!r}: use auto, all, {', '.join(SPLITS)}")
     if not checkpoint_dirs:
         raise ModrmError("eval: give at least one --checkpoint")
     data, out = Path(data), Path(out)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import commit, recover, write_json
 from pipeline.checkpoint import ENCODER_DIR, HEADS_FILES, Checkpoint, load_checkpoint, write_heads
 from pipeline.config import FIXED_BY_CHECKPOINT, Config, FinetuneConfig, resolve_config
-from pipeline.data import Pair, assign_split, load_pairs
+from pipeline.data import Pair, assign_split, file_sha256, load_pairs
 from pipeline.embed import pair_texts
 from pipeline.encoder import Encoder, Tokenized, describe, pick_device
 from pipeline.errors import ModrmError
@@ -264,7 +264,9 @@ def load_snapshot(folder: Path, model: EndToEnd, opt: Optimization) -> dict:
 # ---------------------------------------------------------------------------------------------- saving
 
 
-def save_stage1(out: Path, model: EndToEnd, config: Config, source: Path, metrics: dict) -> None:
+def save_stage1(
+    out: Path, model: EndToEnd, config: Config, source: Path, metrics: dict, trained_on: list[dict]
+) -> None:
     """encoder/ (save_pretrained, safetensors, tokenizer, pooling files) and the heads, as a stage-1 checkpoint,
     replaced together with `commit`."""
 
@@ -281,7 +283,7 @@ def save_stage1(out: Path, model: EndToEnd, config: Config, source: Path, metric
             elif src.is_file():
                 shutil.copy2(src, staging / ENCODER_DIR / name)
         fingerprint = describe(config.encoder, folder=staging / ENCODER_DIR).fingerprint
-        write_heads(staging, model.heads, config, fingerprint, stage=1, cache=None, metrics=metrics)
+        write_heads(staging, model.heads, config, fingerprint, 1, None, metrics, trained_on)
 
     commit(out, [ENCODER_DIR, *HEADS_FILES], write)
 
@@ -327,6 +329,7 @@ def finetune(
     if resume and not snapshot.is_dir():
         raise ModrmError(f"{out}: nothing to resume (no {SNAPSHOT_DIR}/ snapshot); run without --resume")
     splits = load_split(data, ckpt)
+    trained_on = ckpt.trained_on + [{"path": str(p), "sha256": file_sha256(p)} for p in data]
     device = pick_device(fc.device)
     enc_cfg = dataclasses.replace(config.encoder, device=str(device), dtype="float32")  # fp32 master weights
     encoder = Encoder.load(enc_cfg, ckpt.encoder_info())
@@ -370,7 +373,7 @@ def finetune(
             "val_modules": start["modules"],
         }
         state = {"epoch": 0, "window": 0, "optimizer_steps": 0, "best": record, "history": [record], "steps": []}
-        save_stage1(out, model, config, encoder.folder, history_metrics(state))
+        save_stage1(out, model, config, encoder.folder, history_metrics(state), trained_on)
     bar = tqdm(
         total=total,
         initial=state["optimizer_steps"],
@@ -424,7 +427,7 @@ def finetune(
             state["epoch"], state["window"] = epoch + 1, 0
             if record["val_loss"] < state["best"]["val_loss"]:
                 state["best"] = record
-                save_stage1(out, model, config, encoder.folder, history_metrics(state))
+                save_stage1(out, model, config, encoder.folder, history_metrics(state), trained_on)
             save_snapshot(out, model, opt, state)
     except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):

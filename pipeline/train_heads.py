@@ -210,5 +210,9 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
         "n_train": n_train,
         "n_val": len(sets["val"]),
     }
-    save_heads(out_dir, model, config, cache.fingerprint, stage=0, cache=str(cache_dir.resolve()), metrics=summary)
+    files, hashes = manifest.get("data_files", []), manifest.get("data_sha256", [])
+    known = len(files) == len(hashes)  # a cache embedded before hashes were recorded knows only paths
+    trained_on = [{"path": p, "sha256": h} for p, h in zip(files, hashes, strict=True)] if known else []
+    cache_path = str(cache_dir.resolve())
+    save_heads(out_dir, model, config, cache.fingerprint, 0, cache_path, summary, trained_on)
     return summary

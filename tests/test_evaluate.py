@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from pipeline.cache import ROW_COLUMNS
-from pipeline.checkpoint import HEADS_FILE, save_heads
+from pipeline.checkpoint import HEADS_FILE, load_checkpoint, save_heads
 from pipeline.config import HeadConfig
 from pipeline.data import DEFAULT_MODULES, assign_split
 from pipeline.embed import embed_files
@@ -151,7 +151,7 @@ def _eval_setup(tmp_path_factory, tiny_qwen3, seed_pairs_path, make_config):
         torch.manual_seed(seed)
         model = RewardHeads(list(DEFAULT_MODULES), fingerprint.dim, SMALL_HEADS)
         folder = root / f"ckpt{seed}"
-        save_heads(folder, model, config, fingerprint, stage=0, cache=str(cache), metrics={})
+        save_heads(folder, model, config, fingerprint, 0, str(cache), {}, trained_on=[])
         ckpts.append(folder)
     records = json.loads(seed_pairs_path.read_text())
     for record in records[::4]:
@@ -242,7 +242,7 @@ def test_evaluate_refuses_a_broken_checkpoint_or_another_encoder(_eval_setup, tm
     fingerprint = dataclasses.replace(describe(config.encoder).fingerprint, weights_sha256="0" * 64)
     other = tmp_path / "other"
     save_heads(
-        other, RewardHeads(list(DEFAULT_MODULES), fingerprint.dim, SMALL_HEADS), config, fingerprint, 0, None, {}
+        other, RewardHeads(list(DEFAULT_MODULES), fingerprint.dim, SMALL_HEADS), config, fingerprint, 0, None, {}, []
     )
     with pytest.raises(ModrmError, match="weights_sha256"):
         evaluate([other], s["data"], tmp_path / "out", cache=s["cache"], progress=False)
@@ -265,3 +265,27 @@ def test_a_checkpoint_trained_on_a_gpu_evaluates_anywhere(_eval_setup, tmp_path)
     assert got["stage0"]["embed"]["encoded"] > 0  # the encoder was loaded: on the device given, not "cuda"
     for key in ("accuracy", "auc", "separation"):
         assert got["stage0"]["overall"][key] == pytest.approx(expected["stage0"]["overall"][key], abs=1e-5)
+
+
+def test_auto_split_leaves_out_what_the_checkpoint_trained_on(stage0, seed_pairs_path, tmp_path):
+    """stage0 trained on the seed pairs: by default only their test split is scored, and the report says why;
+    the same pairs in a file the checkpoint never saw are scored whole."""
+    config = load_checkpoint(stage0).config.data
+    test = [
+        r
+        for r in json.loads(seed_pairs_path.read_text())
+        if assign_split(r["task"], config.train_fraction, config.val_fraction, config.split_seed) == "test"
+    ]
+    own = evaluate([stage0], seed_pairs_path, tmp_path / "own", progress=False)["stage0"]
+    assert own["split"] == "test" and own["n_pairs"] == len(test) > 0
+    assert "trained on this file" in own["split_reason"]
+    assert "trained on this file" in (tmp_path / "own" / "report.md").read_text()
+    copy = tmp_path / "renamed.json"
+    copy.write_bytes(seed_pairs_path.read_bytes())  # the same content under another name is still recognised
+    assert evaluate([stage0], copy, tmp_path / "copy", progress=False)["stage0"]["n_pairs"] == len(test)
+    other = tmp_path / "other.json"
+    other.write_text(
+        json.dumps([{**r, "pair_id": r["pair_id"] + "-x"} for r in json.loads(seed_pairs_path.read_text())])
+    )
+    unseen = evaluate([stage0], other, tmp_path / "unseen", progress=False)["stage0"]
+    assert unseen["split"] == "all" and unseen["n_pairs"] == 32 and "never trained" in unseen["split_reason"]

@@ -37,7 +37,7 @@ def items_of(records: list[dict], side: str) -> list[dict]:
 def test_rewards_equal_modrm_eval_on_the_same_pairs(rm, stage0, seed_records, tmp_path):
     """A pair's sides, given as raw trajectories, score as `modrm eval` scores the pair (eval reads fp16 cached
     embeddings, the API encodes in fp32: equal to that rounding)."""
-    evaluate([stage0], SEED_PAIRS, tmp_path, progress=False)
+    evaluate([stage0], SEED_PAIRS, tmp_path, split="all", progress=False)
     scores = {s["pair_id"]: s for s in map(json.loads, (tmp_path / "scores.jsonl").read_text().splitlines())}
     assert rm.modules == MODULES
     for side, key in (("positive", "r_pos"), ("negative", "r_neg")):

@@ -126,7 +126,7 @@ def test_get_reward_speaks_openrlhf_and_equals_the_python_api_and_eval(server, r
     # /score with the tasks as the pairs have them: the target module's reward is eval's r_pos
     pair_items = [{"task": r["task"], "trajectory": s} for r, s in zip(records, sides, strict=False)]
     status, scored, _ = server.post("/score", {"items": pair_items})
-    evaluate([stage0], SEED_PAIRS, tmp_path, progress=False)
+    evaluate([stage0], SEED_PAIRS, tmp_path, split="all", progress=False)
     r_pos = {s["pair_id"]: s["r_pos"] for s in map(json.loads, (tmp_path / "scores.jsonl").read_text().splitlines())}
     for record, rewards in zip(records, scored["rewards"], strict=False):
         assert rewards[record["target_module"]] == pytest.approx(r_pos[record["pair_id"]], abs=2e-3)
