@@ -29,7 +29,7 @@ from pipeline.metrics import summarize
 from pipeline.reward import head_rewards
 
 SCORE_KEYS = ("pp", "nn", "pn", "np")  # context side, module-text side: p = positive, n = negative
-PLOTS = ("score_distributions.png", "roc_curves.png")
+PLOTS = ("score_distributions.png", "roc_curves.png", "training_curves.png")
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -157,6 +157,42 @@ def plot_roc(path: Path, groups: dict[str, tuple[np.ndarray, np.ndarray]], aucs:
     _save(fig, path)
 
 
+def training_curves(ckpt: Checkpoint) -> dict[str, tuple[list[float], list[float]]]:
+    """What the checkpoint's training wrote: stage 0 one point per epoch (metrics.jsonl), stage 1 one training
+    point per optimizer step and one validation point per epoch (epoch 0: its stage-0 start), on one x axis
+    in epochs."""
+    if ckpt.stage == 0:
+        log_path = ckpt.folder / "metrics.jsonl"
+        log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
+        epochs = [float(r["epoch"]) for r in log]
+        return {
+            "train loss": (epochs, [r["train_loss"] for r in log]),
+            "val loss": (epochs, [r["val_loss"] for r in log]),
+        }
+    metrics = json.loads((ckpt.folder / "metrics.json").read_text())
+    steps, history = metrics.get("steps", []), metrics.get("history", [])
+    per_epoch = Counter(s["epoch"] for s in steps)
+    seen: Counter = Counter()
+    x = []
+    for s in steps:  # step k of an epoch of n steps sits at epoch - 1 + k / n
+        seen[s["epoch"]] += 1
+        x.append(s["epoch"] - 1 + seen[s["epoch"]] / per_epoch[s["epoch"]])
+    return {
+        "train loss": (x, [s["loss"] for s in steps]),
+        "val loss": ([float(h["epoch"]) for h in history], [h["val_loss"] for h in history]),
+    }
+
+
+def plot_training(path: Path, curves: dict[str, tuple[list[float], list[float]]], stage: int) -> None:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, marker="o" if name == "val loss" else None, markersize=4, label=name, linewidth=1.2)
+    ax.set(xlabel="epoch", ylabel="loss", title=f"stage {stage} training")
+    ax.legend()
+    _save(fig, path)
+
+
 def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "n/a"
@@ -266,6 +302,7 @@ def write_outputs(folder: Path, ckpt: Checkpoint, pairs: Sequence[Pair], scored:
     plot_distributions(folder / PLOTS[0], groups)
     aucs = {m: metrics["modules"][m]["auc"] for m in groups} | {"overall": metrics["overall"]["auc"]}
     plot_roc(folder / PLOTS[1], groups, aucs)
+    plot_training(folder / PLOTS[2], training_curves(ckpt), ckpt.stage)
     write_scores(folder / "scores.jsonl", pairs, scored.scores)
     write_json(folder / "config.json", ckpt.config.to_dict())
     write_json(folder / "metrics.json", metrics)

@@ -4,6 +4,7 @@ on a randomly initialised checkpoint over a tiny cache (quality is meaningless; 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -289,3 +290,20 @@ def test_auto_split_leaves_out_what_the_checkpoint_trained_on(stage0, seed_pairs
     )
     unseen = evaluate([stage0], other, tmp_path / "unseen", progress=False)["stage0"]
     assert unseen["split"] == "all" and unseen["n_pairs"] == 32 and "never trained" in unseen["split_reason"]
+
+
+def test_training_curves_of_both_stages(stage0, tmp_path):
+    from pipeline.evaluate import training_curves
+    from pipeline.finetune import finetune
+
+    ckpt0 = load_checkpoint(stage0)
+    curves = training_curves(ckpt0)
+    log = [json.loads(line) for line in (stage0 / "metrics.jsonl").read_text().splitlines()]
+    assert curves["val loss"] == ([float(r["epoch"]) for r in log], [r["val_loss"] for r in log])
+    settings = {"finetune": {"epochs": 2, "token_budget": 4096, "encoder_lr": 1e-3}}
+    result = finetune(
+        stage0, [Path(__file__).parent / "fixtures" / "seed_training_pairs.json"], tmp_path, settings, progress=False
+    )
+    x, y = training_curves(load_checkpoint(tmp_path))["train loss"]
+    assert y == [s["loss"] for s in result["steps"]] and x[-1] == 2.0 and all(a < b for a, b in itertools.pairwise(x))
+    assert training_curves(load_checkpoint(tmp_path))["val loss"][0] == [0.0, 1.0, 2.0]
