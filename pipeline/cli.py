@@ -45,13 +45,16 @@ def synth(
     out: Annotated[Path, typer.Option("--out", help="pairs file to write (.jsonl or .json)")],
     pairs_per_module: Annotated[int, typer.Option("--pairs-per-module", min=1)] = 100,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    holdout_phrasings: Annotated[
+        bool, typer.Option("--holdout-phrasings", help="word the test split's pairs in a wording train never uses")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Write synthetic preference pairs: varied multi-round trajectories, negatives differing in one module."""
     from pipeline.synth import generate_pairs, write_pairs
 
     cfg = _config(config)
-    pairs = generate_pairs(pairs_per_module, seed, cfg.data.modules)
+    pairs = generate_pairs(pairs_per_module, seed, cfg.data.modules, cfg.data if holdout_phrasings else None)
     write_pairs(out, pairs)
     typer.echo(f"wrote {len(pairs)} pairs to {out}")
 

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.atomic import atomic_write
-from pipeline.data import DEFAULT_MODULES, Pair, Side, pair_to_record
+from pipeline.data import DEFAULT_MODULES, Pair, Side, assign_split, pair_to_record
 from pipeline.errors import ModrmError
 from pipeline.trajectory import module_view
+
+if TYPE_CHECKING:
+    from pipeline.config import DataConfig
 
 # ---------------------------------------------------------------------------------------------- task bank
 
@@ -421,16 +426,52 @@ def _pair(module: str, index: int, rng: random.Random) -> Pair:
     )
 
 
+# Held-out phrasing: the words of the templates' wording replaced by others that no template uses, applied to the
+# test split's pairs (both sides alike, so what separates them is unchanged). A model that learned the training
+# phrasing rather than what a module's output says shows it there. Tag names are left alone (the map has none).
+_HELDOUT_WORDING = {
+    "Step": "Stage", "Plan": "Outline", "First": "Initially", "Then": "Afterwards", "Finally": "Ultimately",
+    "reproduce": "recreate", "locate": "pinpoint", "write": "compose", "record": "chronicle", "findings": "discoveries",
+    "failing": "breaking", "captures": "exposes", "symptom": "manifestation", "Using": "Invoking",
+    "params": "arguments", "execution": "invocation", "successful": "completed", "Looking": "Peering",
+    "earlier": "prior", "notes": "jottings", "Found": "Retrieved", "relevant": "pertinent", "entries": "items",
+    "similar": "comparable", "report": "incident", "traced": "attributed", "Storing": "Saving",
+    "Checking": "Weighing", "reasoning": "thinking", "against": "versus", "last": "latest", "shown": "demonstrated",
+    "claiming": "declaring", "success": "victory", "cause": "provenance", "causes": "produces", "Searching": "Scanning",
+    "past": "bygone", "regression": "backslide", "suite": "battery", "tests": "trials", "test": "trial",
+    "passes": "clears", "fix": "remedy", "change": "edit", "applied": "enacted", "Calling": "Invoking",
+    "Saved": "Kept", "closest": "nearest", "related": "linked", "Given": "Considering", "So": "Thus",
+    "far": "hitherto", "next": "subsequent", "still": "yet again", "need": "require", "run": "execute",
+    "new": "fresh", "existing": "extant", "target": "objective", "empty": "blank", "input": "submission",
+    "behaviour": "conduct", "failures": "breakages", "Exit": "Termination", "order": "sequence", "review": "audit",
+}  # fmt: skip
+_HELDOUT_RE = re.compile(r"\b(" + "|".join(map(re.escape, _HELDOUT_WORDING)) + r")\b")
+_TAG_OR_ROUND = re.compile(r"(<[^>]*>|^Round \d+:)", re.MULTILINE)
+
+
+def heldout_wording(text: str) -> str:
+    """`text` in the held-out wording: every mapped word outside tags and round lines replaced."""
+    parts = _TAG_OR_ROUND.split(text)
+    return "".join(p if i % 2 else _HELDOUT_RE.sub(lambda m: _HELDOUT_WORDING[m[1]], p) for i, p in enumerate(parts))
+
+
 def _side(context: str, module: str, outcome: float) -> Side:
     """The module text is the parser's view of the context: one source of truth for training and scoring."""
     return Side(context, module_view(context, module), outcome)
 
 
-def generate_pairs(pairs_per_module: int, seed: int, modules: Sequence[str] = DEFAULT_MODULES) -> list[Pair]:
+def generate_pairs(
+    pairs_per_module: int,
+    seed: int,
+    modules: Sequence[str] = DEFAULT_MODULES,
+    heldout_split: DataConfig | None = None,
+) -> list[Pair]:
     """`pairs_per_module` pairs per module, the same for the same seed.
 
     Each module has its own `random.Random(f"{seed}/{module}")`, so a module's pairs do not change when other
-    modules are added or removed, and the first n pairs are the same whatever `pairs_per_module` is.
+    modules are added or removed, and the first n pairs are the same whatever `pairs_per_module` is. With
+    `heldout_split` (the split settings the pairs will be trained under), the pairs of its test split are written
+    in the held-out wording, which no train or val pair uses.
     """
     unknown = [m for m in modules if m not in MODULE_KEYS]
     if unknown:
@@ -443,7 +484,21 @@ def generate_pairs(pairs_per_module: int, seed: int, modules: Sequence[str] = DE
     for module in modules:
         rng = random.Random(f"{seed}/{module}")
         pairs += [_pair(module, i, rng) for i in range(pairs_per_module)]
-    return pairs
+    if heldout_split is None:
+        return pairs
+    d = heldout_split
+    return [
+        _reworded(p) if assign_split(p.split_key, d.train_fraction, d.val_fraction, d.split_seed) == "test" else p
+        for p in pairs
+    ]
+
+
+def _reworded(pair: Pair) -> Pair:
+    side = {
+        s: _side(heldout_wording(getattr(pair, s).context), pair.target_module, getattr(pair, s).outcome)
+        for s in ("positive", "negative")
+    }
+    return Pair(pair.pair_id, pair.target_module, pair.task, side["positive"], side["negative"], pair.group)
 
 
 def write_pairs(path: str | Path, pairs: Sequence[Pair]) -> Path:

@@ -96,3 +96,28 @@ def test_bad_arguments_raise_modrm_error() -> None:
         generate_pairs(1, seed=0, modules=["planner", "planner"])
     with pytest.raises(ModrmError, match=">= 0"):
         generate_pairs(-1, seed=0)
+
+
+def test_held_out_wording_reaches_only_the_test_split():
+    import re
+
+    from pipeline.config import DataConfig
+    from pipeline.data import assign_split
+    from pipeline.synth import _HELDOUT_WORDING, generate_pairs
+
+    split = DataConfig()
+    plain, reworded = generate_pairs(40, 3), generate_pairs(40, 3, heldout_split=split)
+
+    def where(p) -> str:
+        return assign_split(p.split_key, split.train_fraction, split.val_fraction, split.split_seed)
+
+    words = re.compile(r"\b(" + "|".join(map(re.escape, set(_HELDOUT_WORDING.values()))) + r")\b")
+    for before, after in zip(plain, reworded, strict=True):
+        sides = (after.positive.context, after.negative.context, after.positive.module_text)
+        if where(after) == "test":
+            assert all(words.search(text) for text in sides)
+            assert after.positive.module_text != after.negative.module_text
+            assert after.positive.module_text == module_view(after.positive.context, after.target_module)
+        else:
+            assert after == before and not any(words.search(text) for text in sides)
+    assert sum(where(p) == "test" for p in reworded) > 5
