@@ -28,7 +28,6 @@ MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 LONG_CHARS_PER_TOKEN = 16  # a text longer than this many characters per token of room is tokenized from cuts
 _BOUNDARY = re.compile(r"(?<=\S)\s")  # a blank after a non-blank: where the usual pre-tokenizers start a new piece
 _SEARCH = 4096  # characters searched for a boundary; without a blank there, the cut falls where it may
-ROLES = ("context", "module")
 _DECODER_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3", "phi3"}
 
 

@@ -4,7 +4,7 @@ Input: JSON lines (or a JSON array) of {"id": ..., "task": ..., "trajectory": "R
 Scoring is `RewardModel.score` (pipeline/reward.py): each trajectory is split into module views by the tag
 parser, every unique text is encoded once, and each module's head scores (task + trajectory, that module's
 view). Output: one JSON line per input record, {"id": ..., "rewards": {"planner": 0.73, ...}}; a module
-absent from a trajectory gets null.
+absent from a trajectory gets null, and "warnings" lists what the parser tolerated (an unclosed tag, say).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.atomic import atomic_write
 from pipeline.errors import ModrmError
+from pipeline.trajectory import parse_trajectory
 
 
 def read_trajectories(path: Path) -> list[dict]:
@@ -54,9 +55,10 @@ def score_file(checkpoint: Path, input_path: Path, out_path: Path, device: str =
     records = read_trajectories(input_path)
     rm = RewardModel.load(checkpoint, device)
     rewards = rm.score(records, progress=progress)
-    lines = [
-        json.dumps({"id": rec.get("id", i), "rewards": r})
-        for i, (rec, r) in enumerate(zip(records, rewards, strict=True))
-    ]
+    lines = []
+    for i, (record, reward) in enumerate(zip(records, rewards, strict=True)):
+        warnings = parse_trajectory(record["trajectory"]).warnings  # what the parser tolerated, for the user
+        line = {"id": record.get("id", i), "rewards": reward} | ({"warnings": warnings} if warnings else {})
+        lines.append(json.dumps(line))
     atomic_write(out_path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return len(records)

@@ -192,3 +192,17 @@ def test_stage1_checkpoint_scores_with_its_fine_tuned_encoder(stage0, inputs, sc
     stale = expected_rewards(ckpt, trajectories(), base)
     diffs = [abs(g[m] - s[m]) for g, s in zip(got, stale, strict=True) for m in MODULES if g[m] is not None]
     assert max(diffs) > 1e-3
+
+
+def test_parser_warnings_reach_the_output(stage0, tmp_path):
+    records = [
+        {"id": "clean", "task": "t", "trajectory": "Round 1:\n<plan> read the logs </plan>"},
+        {"id": "unclosed", "task": "t", "trajectory": "Round 1:\n<plan> read the logs\nRound 2:\n<plan> fix </plan>"},
+    ]
+    out = tmp_path / "rewards.jsonl"
+    score_file(stage0, write_jsonl(tmp_path / "in.jsonl", records), out, progress=False)
+    lines = {line["id"]: line for line in read_jsonl(out)}
+    assert "warnings" not in lines["clean"]
+    assert lines["unclosed"]["warnings"] == [
+        "round 1: <plan> is not closed; took its text up to the next 'Round N:' line"
+    ]
