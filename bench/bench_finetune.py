@@ -172,6 +172,28 @@ def config_cells(result: dict) -> list:
     return [result["length"], "on" if result["checkpointing"] else "off"]
 
 
+def kv_cache_bytes(length: int = 256) -> dict:
+    """What the KV cache that transformers builds by default (use_cache=True) holds for the 0.6B Qwen3, per
+    token, measured on a forward over one text; modrm's encoder asks for none (use_cache=False)."""
+    from transformers import Qwen3Model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_random_qwen3(Path(tmp) / "qwen3-0.6b", size="0.6b")
+        model = Qwen3Model.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.randint(0, 1000, (1, length))
+    with torch.inference_mode():
+        cached = model(input_ids=ids, use_cache=True).past_key_values
+        uncached = model(input_ids=ids, use_cache=False).past_key_values
+    tensors = [t for layer in cached.layers for t in (layer.keys, layer.values)]
+    per_token_fp32 = sum(t.numel() * t.element_size() for t in tensors) / length
+    return {
+        "bytes_per_token_fp32": per_token_fp32,
+        "cache_without_use_cache": uncached is not None,
+        "cuda_batch_32768_fp16_gib": per_token_fp32 / 2 * 32768 / 2**30,
+        "cpu_batch_4096_fp32_gib": per_token_fp32 * 4096 / 2**30,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--pairs", type=int, default=8, help="pairs per step on CPU")
@@ -236,7 +258,16 @@ def main() -> None:
                 ],
             )
         )
-    write_results("bench_finetune", {"cpu_minilm": cpu, "cuda_qwen3": gpu}, started, busy)
+    kv = kv_cache_bytes()
+    per_token = kv["bytes_per_token_fp32"] / 1024
+    print(
+        f"\nKV cache of the 0.6B Qwen3 with transformers' default use_cache=True: {per_token:.0f} KiB per token (fp32)"
+    )
+    print(
+        f"= {kv['cuda_batch_32768_fp16_gib']:.2f} GiB for a 32,768-token fp16 batch (the CUDA default), "
+        f"{kv['cpu_batch_4096_fp32_gib']:.2f} GiB for 4,096 tokens in fp32 (CPU); modrm's encoder passes use_cache=False"
+    )
+    write_results("bench_finetune", {"cpu_minilm": cpu, "cuda_qwen3": gpu, "kv_cache": kv}, started, busy)
 
 
 if __name__ == "__main__":
