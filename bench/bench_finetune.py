@@ -265,7 +265,7 @@ def main() -> None:
     )
     print(
         f"= {kv['cuda_batch_32768_fp16_gib']:.2f} GiB for a 32,768-token fp16 batch (the CUDA default), "
-        f"{kv['cpu_batch_4096_fp32_gib']:.2f} GiB for 4,096 tokens in fp32 (CPU); modrm's encoder passes use_cache=False"
+        f"{kv['cpu_batch_4096_fp32_gib']:.2f} GiB for 4,096 tokens in fp32 (CPU); modrm passes use_cache=False"
     )
     write_results("bench_finetune", {"cpu_minilm": cpu, "cuda_qwen3": gpu, "kv_cache": kv}, started, busy)
 
