@@ -339,17 +339,7 @@ def finetune(
     check_budget(train, fc.token_budget)
 
     torch.manual_seed(fc.seed)  # before LoRA: its initialisation is random
-    if fc.lora_r > 0:
-        add_lora(encoder, fc.lora_r)
-    elif fc.train_layers is not None:
-        freeze_layers(encoder.model, fc.train_layers)
-    if fc.encoder_dropout is not None:
-        set_encoder_dropout(encoder.model, fc.encoder_dropout)
-    checkpointing = fc.gradient_checkpointing == "on" or (
-        fc.gradient_checkpointing == "auto" and encoder.fingerprint.max_context_tokens > 512
-    )
-    if checkpointing:
-        enable_checkpointing(encoder.model)
+    prepare_encoder(encoder, fc)
     model = EndToEnd(encoder, ckpt.model.to(device))
     frozen = frozen_blocks(encoder.model)
     plans = [windows(plan_steps(train, fc.token_budget, fc.seed, epoch), fc.grad_accum) for epoch in range(fc.epochs)]
@@ -365,13 +355,7 @@ def finetune(
     if resume:
         state = load_snapshot(snapshot, model, opt)
     else:  # the stage-0 starting point is a candidate too: stage 1 never returns worse val loss than it
-        start = validate_end_to_end(model, val, config)
-        record = {
-            "epoch": 0,
-            "val_loss": start["loss"],
-            "val_accuracy": start["accuracy"],
-            "val_modules": start["modules"],
-        }
+        record = epoch_record(0, validate_end_to_end(model, val, config))
         state = {"epoch": 0, "window": 0, "optimizer_steps": 0, "best": record, "history": [record], "steps": []}
         save_stage1(out, model, config, encoder.folder, history_metrics(state), trained_on)
     bar = tqdm(
@@ -415,14 +399,7 @@ def finetune(
                 bar.set_postfix(loss=f"{window_loss:.4f}")
                 if state["optimizer_steps"] % fc.save_every == 0 and w + 1 < len(plans[epoch]):
                     save_snapshot(out, model, opt, state)
-            val_metrics = validate_end_to_end(model, val, config)
-            record = {
-                "epoch": epoch + 1,
-                "seconds": time.perf_counter() - start,
-                "val_loss": val_metrics["loss"],
-                "val_accuracy": val_metrics["accuracy"],
-                "val_modules": val_metrics["modules"],
-            }
+            record = epoch_record(epoch + 1, validate_end_to_end(model, val, config), time.perf_counter() - start)
             state["history"].append(record)
             state["epoch"], state["window"] = epoch + 1, 0
             if record["val_loss"] < state["best"]["val_loss"]:
@@ -445,6 +422,26 @@ def finetune(
         "steps": state["steps"],
         "n_train": len(train.module_idx),
         "n_val": len(val.module_idx),
+    }
+
+
+def prepare_encoder(encoder: Encoder, fc: FinetuneConfig) -> None:
+    """What trains (LoRA adapters, the top layers, or all), its dropout, and activation checkpointing."""
+    if fc.lora_r > 0:
+        add_lora(encoder, fc.lora_r)
+    elif fc.train_layers is not None:
+        freeze_layers(encoder.model, fc.train_layers)
+    if fc.encoder_dropout is not None:
+        set_encoder_dropout(encoder.model, fc.encoder_dropout)
+    if fc.gradient_checkpointing == "on" or (
+        fc.gradient_checkpointing == "auto" and encoder.fingerprint.max_context_tokens > 512
+    ):
+        enable_checkpointing(encoder.model)
+
+
+def epoch_record(epoch: int, val: dict, seconds: float | None = None) -> dict:
+    return {"epoch": epoch, **({"seconds": seconds} if seconds is not None else {})} | {
+        f"val_{k}": val[k] for k in ("loss", "accuracy", "modules")
     }
 
 
