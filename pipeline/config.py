@@ -82,6 +82,7 @@ class TrainConfig:
     memory_budget_gb: float = 4.0  # embeddings larger than this are memory-mapped, not loaded
     device: str = "auto"
     dtype: str = "auto"  # autocast: auto (bf16 on CUDA where supported, else fp16 + grad scaler; fp32 on CPU)
+    report_to: list[str] = field(default_factory=list)  # stream training numbers: "tensorboard"
 
 
 @dataclass
@@ -106,6 +107,7 @@ class FinetuneConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # autocast, as train.dtype; the weights stay fp32 (master weights)
+    report_to: list[str] = field(default_factory=list)  # as train.report_to
 
 
 @dataclass

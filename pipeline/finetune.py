@@ -33,6 +33,7 @@ from pipeline.embed import pair_texts
 from pipeline.encoder import Encoder, Tokenized, describe, pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import preference_loss
+from pipeline.reporting import Reporter
 from pipeline.train_heads import PairSet, validate
 from pipeline.training import Optimization, module_counts, param_groups, windows
 
@@ -358,6 +359,7 @@ def finetune(
         record = epoch_record(0, validate_end_to_end(model, val, config))
         state = {"epoch": 0, "window": 0, "optimizer_steps": 0, "best": record, "history": [record], "steps": []}
         save_stage1(out, model, config, encoder.folder, history_metrics(state), trained_on)
+    reporter = Reporter(fc.report_to, out / "runs")
     bar = tqdm(
         total=total,
         initial=state["optimizer_steps"],
@@ -395,11 +397,14 @@ def finetune(
                         "lr": lrs,
                     }
                 )
+                reporter.log({"train/loss": window_loss, "train/lr": lrs[0]}, state["optimizer_steps"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{window_loss:.4f}")
                 if state["optimizer_steps"] % fc.save_every == 0 and w + 1 < len(plans[epoch]):
                     save_snapshot(out, model, opt, state)
-            record = epoch_record(epoch + 1, validate_end_to_end(model, val, config), time.perf_counter() - start)
+            val_metrics = validate_end_to_end(model, val, config)
+            reporter.log_validation(val_metrics, state["optimizer_steps"])
+            record = epoch_record(epoch + 1, val_metrics, time.perf_counter() - start)
             state["history"].append(record)
             state["epoch"], state["window"] = epoch + 1, 0
             if record["val_loss"] < state["best"]["val_loss"]:
@@ -415,6 +420,7 @@ def finetune(
             "(--train-layers K); --resume continues from the last snapshot"
         ) from None
     bar.close()
+    reporter.close()
     write_json(out / "finetune_history.json", {"epochs": state["history"], "steps": state["steps"]})
     return {
         "best": state["best"],

@@ -24,6 +24,7 @@ from pipeline.config import FIXED_BY_CACHE, Config, config_from_dict, resolve_co
 from pipeline.encoder import pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads, preference_loss
+from pipeline.reporting import Reporter
 from pipeline.training import Optimization, module_counts, param_groups, validation_metrics, windows
 
 
@@ -157,6 +158,7 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
     log_path = out_dir / "metrics.jsonl"
     atomic_write(log_path, lambda tmp: tmp.write_text(""))
     best, best_state, since_best = None, None, 0
+    reporter = Reporter(tc.report_to, out_dir / "runs")
     bar = tqdm(total=tc.epochs * n_train, desc="train-heads", unit="pair", disable=not progress, dynamic_ncols=True)
     for epoch in range(1, tc.epochs + 1):
         model.train()
@@ -193,6 +195,8 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
         }
         with log_path.open("a") as log:
             log.write(json.dumps(record) + "\n")
+        reporter.log({"train/loss": record["train_loss"], "train/lr": record["lr"]}, epoch)
+        reporter.log_validation(val, epoch)
         bar.set_postfix(val_loss=f"{val['loss']:.4f}", val_acc=f"{val['accuracy']:.3f}")
         if best is None or val["loss"] < best["val_loss"]:
             best, since_best = record, 0
@@ -202,6 +206,7 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
             if since_best >= tc.patience:
                 break
     bar.close()
+    reporter.close()
     model.load_state_dict(best_state)
     summary = {
         "best_epoch": best["epoch"],

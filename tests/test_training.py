@@ -3,6 +3,7 @@ length-bucketed steps, and commit (several files replaced together, whatever ins
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,9 +15,12 @@ import torch
 import pipeline.atomic as atomic
 import pipeline.finetune as ft
 from pipeline.atomic import commit, recover
+from pipeline.checkpoint import load_checkpoint, read_checkpoint_config
 from pipeline.config import HeadConfig
 from pipeline.heads import RewardHeads, preference_loss
 from pipeline.training import module_counts, param_groups, warmup_then_linear
+
+SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 
 
 def test_a_pairs_weight_does_not_depend_on_how_its_window_was_packed():
@@ -133,3 +137,31 @@ def test_commit_leaves_the_old_set_or_the_new_one_whatever_instant_a_kill_comes(
     recover(tmp_path)  # what the next reader does
     assert _state(tmp_path) in ({"new"} if finished else {"old", "new"})
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nothing left behind
+
+
+def test_report_to_tensorboard_streams_both_stages(stage0, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.errors import ModrmError
+    from pipeline.train_heads import train_heads
+
+    def scalars(folder: Path) -> dict[str, list[float]]:
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    config = read_checkpoint_config(stage0)[1]
+    config.train.report_to, config.train.epochs = ["tensorboard"], 2
+    train_heads(Path(load_checkpoint(stage0).cache), tmp_path / "s0", config, progress=False)
+    logged = scalars(tmp_path / "s0" / "runs")
+    log = [json.loads(line) for line in (tmp_path / "s0" / "metrics.jsonl").read_text().splitlines()]
+    assert logged["val/loss"] == pytest.approx([r["val_loss"] for r in log])
+    assert {"train/loss", "train/lr", "val/accuracy"} <= set(logged)
+
+    settings = {"finetune": {"epochs": 1, "token_budget": 4096, "report_to": ["tensorboard"]}}
+    result = ft.finetune(stage0, [SEED_PAIRS], tmp_path / "s1", settings, progress=False)
+    logged = scalars(tmp_path / "s1" / "runs")
+    assert logged["train/loss"] == pytest.approx([s["loss"] for s in result["steps"]])
+    assert logged["val/accuracy"] == pytest.approx([result["history"][-1]["val_accuracy"]])
+    with pytest.raises(ModrmError, match="unknown backend"):
+        ft.finetune(stage0, [SEED_PAIRS], tmp_path / "s2", {"finetune": {"report_to": ["wandb"]}}, progress=False)
