@@ -55,14 +55,15 @@ HOST ?= 127.0.0.1
 serve: install
 	$(MODRM) serve --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT) --device $(DEVICE)
 
-# The whole chain on the offline MiniLM, CPU: synth -> embed -> train-heads -> finetune -> eval.
+# The whole chain on the offline MiniLM, CPU: synth (its test split in a wording training never sees) -> embed ->
+# train-heads -> finetune (the default stage-1 settings) -> eval of both on that test split.
 demo: install
-	$(MODRM) synth --out $(DEMO_DATA) --pairs-per-module 100 --seed 0
+	$(MODRM) synth --out $(DEMO_DATA) --pairs-per-module 100 --seed 0 --holdout-phrasings
 	$(MODRM) embed --data $(DEMO_DATA) --cache cache/demo --encoder $(DEMO_ENCODER) --device cpu
 	$(MODRM) train-heads --cache cache/demo --out $(DEMO_DIR)/stage0 --device cpu
-	$(MODRM) finetune --checkpoint $(DEMO_DIR)/stage0 --data $(DEMO_DATA) --out $(DEMO_DIR)/stage1 --config configs/demo.toml
+	$(MODRM) finetune --checkpoint $(DEMO_DIR)/stage0 --data $(DEMO_DATA) --out $(DEMO_DIR)/stage1 --device cpu
 	$(MODRM) eval --checkpoint $(DEMO_DIR)/stage0 --checkpoint $(DEMO_DIR)/stage1 --data $(DEMO_DATA) \
-		--out $(DEMO_DIR)/eval --split test
+		--out $(DEMO_DIR)/eval
 
 bench: install
 	$(BIN)/python bench/bench_embed.py

