@@ -375,11 +375,20 @@ def _fill(variant: dict[str, str], slots: dict[str, str]) -> dict[str, str]:
     return {key: template.format_map(slots) for key, template in variant.items()}
 
 
-def _good(module: str, phase: str, style: int, slots: dict[str, str]) -> dict[str, str]:
+def _variant(variants: Sequence, style: int, wording: str):
+    """A surface style's variant of a list. Under held-out phrasing each list's last variant belongs to the test
+    split ("heldout"), and train and val pairs ("train") draw from the others; "any": all of them."""
+    if wording == "heldout":
+        return variants[-1]
+    if wording == "train" and len(variants) > 1:
+        return variants[style % (len(variants) - 1)]
+    return variants[style % len(variants)]
+
+
+def _good(module: str, phase: str, style: int, slots: dict[str, str], wording: str) -> dict[str, str]:
     if module == "planner":
-        return {"plan": _GOOD_PLANS[phase][style].format_map(slots)}
-    variants = _GOOD[module]
-    return _fill(variants[style % len(variants)], slots)
+        return {"plan": _variant(_GOOD_PLANS[phase], style, wording).format_map(slots)}
+    return _fill(_variant(_GOOD[module], style, wording), slots)
 
 
 def _draw_kind(rng: random.Random, module: str) -> str:
@@ -395,8 +404,15 @@ def _bad_rounds(rng: random.Random, n: int, kind: str) -> set[int]:
     return set(rng.sample(range(1, n + 1), rng.randint(1, n - 1)))
 
 
-def _pair(module: str, index: int, rng: random.Random) -> Pair:
+def _pair(module: str, index: int, rng: random.Random, heldout_split: DataConfig | None) -> Pair:
     task, slots, other = _draw_task(rng)
+    group = f"{slots['goal']} in {slots['c']}"  # variants differing in the stack only stay in one split
+    wording = "any"
+    if heldout_split is not None:
+        d = heldout_split
+        wording = (
+            "heldout" if assign_split(group, d.train_fraction, d.val_fraction, d.split_seed) == "test" else "train"
+        )
     n = rng.randint(1, 6)
     kind = _draw_kind(rng, module)
     bad_rounds = _bad_rounds(rng, n, kind)
@@ -407,23 +423,23 @@ def _pair(module: str, index: int, rng: random.Random) -> Pair:
         styles = {m: rng.randrange(_STYLES) for m in MODULE_KEYS}
         texts: dict[str, str] = {}
         for m in MODULE_KEYS:
-            texts |= _good(m, phase, styles[m], round_slots)
+            texts |= _good(m, phase, styles[m], round_slots, wording)
         positive.append(_ROUND.format(n=r, **texts))
         if r in bad_rounds:
             if kind == _OFF_TASK:
-                texts |= _good(module, phase, styles[module], _round_slots(other, phase, r, k))
+                texts |= _good(module, phase, styles[module], _round_slots(other, phase, r, k), wording)
             else:
-                variants = _BAD[module][kind]
-                texts |= _fill(variants[styles[module] % len(variants)], round_slots)
+                texts |= _fill(_variant(_BAD[module][kind], styles[module], wording), round_slots)
         negative.append(_ROUND.format(n=r, **texts))
-    return Pair(
+    pair = Pair(
         f"{module}_{index}",
         module,
         task,
         _side("\n".join(positive), module, 1.0),
         _side("\n".join(negative), module, 0.0),
-        group=f"{slots['goal']} in {slots['c']}",  # variants differing in the stack only stay in one split
+        group=group,
     )
+    return _reworded(pair) if wording == "heldout" else pair
 
 
 # Held-out phrasing: the words of the templates' wording replaced by others that no template uses, applied to the
@@ -470,8 +486,8 @@ def generate_pairs(
 
     Each module has its own `random.Random(f"{seed}/{module}")`, so a module's pairs do not change when other
     modules are added or removed, and the first n pairs are the same whatever `pairs_per_module` is. With
-    `heldout_split` (the split settings the pairs will be trained under), the pairs of its test split are written
-    in the held-out wording, which no train or val pair uses.
+    `heldout_split` (the split settings the pairs will be trained under), the pairs of its test split take each
+    phrasing list's last variant, which train and val pairs never draw, in the held-out wording (other words).
     """
     unknown = [m for m in modules if m not in MODULE_KEYS]
     if unknown:
@@ -483,14 +499,8 @@ def generate_pairs(
     pairs = []
     for module in modules:
         rng = random.Random(f"{seed}/{module}")
-        pairs += [_pair(module, i, rng) for i in range(pairs_per_module)]
-    if heldout_split is None:
-        return pairs
-    d = heldout_split
-    return [
-        _reworded(p) if assign_split(p.split_key, d.train_fraction, d.val_fraction, d.split_seed) == "test" else p
-        for p in pairs
-    ]
+        pairs += [_pair(module, i, rng, heldout_split) for i in range(pairs_per_module)]
+    return pairs
 
 
 def _reworded(pair: Pair) -> Pair:
