@@ -131,6 +131,9 @@ def finetune_cmd(
     epochs: Annotated[int | None, typer.Option("--epochs", min=1)] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="stop after N optimizer steps")] = None,
     token_budget: Annotated[int | None, typer.Option("--token-budget", help="padded tokens per step")] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option("--grad-accum", min=1, help="steps per optimizer step (shared among processes)")
+    ] = None,
     train_layers: Annotated[int | None, typer.Option("--train-layers", help="train only the top K layers")] = None,
     lora: Annotated[int | None, typer.Option("--lora", help="LoRA rank (needs peft)")] = None,
     gradient_checkpointing: Annotated[str | None, typer.Option("--gradient-checkpointing", help="auto|on|off")] = None,
@@ -140,13 +143,16 @@ def finetune_cmd(
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Stage 1: reload the encoder and fine-tune encoder and heads end to end."""
+    """Stage 1: reload the encoder and fine-tune encoder and heads end to end (several processes under torchrun)."""
+    import torch.distributed as dist
+
     from pipeline.finetune import finetune
 
     flags = {
         "epochs": epochs,
         "max_steps": max_steps,
         "token_budget": token_budget,
+        "grad_accum": grad_accum,
         "train_layers": train_layers,
         "lora_r": lora,
         "gradient_checkpointing": gradient_checkpointing,
@@ -159,6 +165,11 @@ def finetune_cmd(
     saved = read_checkpoint_config(checkpoint)[1]
     cfg = load_config(config, {"finetune": flags}, saved, f"checkpoint {checkpoint}", FIXED_BY_CHECKPOINT)
     result = finetune(checkpoint, data, out, cfg.to_dict(), resume=resume, progress=not quiet)
+    if dist.is_initialized():  # under torchrun: rank 0 alone reports
+        main_rank = dist.get_rank() == 0
+        dist.destroy_process_group()
+        if not main_rank:
+            return
     best = result["best"]
     typer.echo(
         f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.3f} "

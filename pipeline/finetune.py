@@ -6,6 +6,11 @@ make one optimizer step, over which every pair weighs the same. Every `save_ever
 epoch's end a snapshot (weights, optimizer, scheduler, RNG; safetensors + JSON, no pickle) lets `--resume`
 continue a killed run from that snapshot exactly as the uninterrupted run went on. Checkpoints and snapshots
 are replaced with `commit`, so a kill at any instant leaves the old ones or the new ones, loadable.
+
+Under torchrun (N processes, one per GPU, or gloo on CPU) every rank makes the same step plan for the global
+batch and takes its contiguous share of each optimizer step's micro-steps; the gradients are summed over the
+ranks before unscaling and clipping (`Group.sum_gradients`), so N processes take the optimizer steps one would.
+Rank 0 alone writes checkpoints, snapshots, the history and the logs, and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import copy
 import dataclasses
 import json
 import shutil
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -29,6 +36,7 @@ from pipeline.atomic import commit, recover, write_json
 from pipeline.checkpoint import ENCODER_DIR, HEADS_FILES, Checkpoint, load_checkpoint, write_heads
 from pipeline.config import FIXED_BY_CHECKPOINT, Config, FinetuneConfig, resolve_config
 from pipeline.data import Pair, assign_split, file_sha256, load_pairs
+from pipeline.distributed import Group
 from pipeline.embed import pair_texts
 from pipeline.encoder import Encoder, Tokenized, describe, pick_device
 from pipeline.errors import ModrmError
@@ -216,8 +224,32 @@ def train_mode(model: EndToEnd, frozen: list[nn.Module]) -> None:
 SNAPSHOT_FORMAT = 2  # progress counted in optimizer steps (windows); older snapshots are refused
 
 
-def save_snapshot(out: Path, model: EndToEnd, opt: Optimization, progress: dict) -> None:
-    """Everything needed to continue bit-for-bit: weights, AdamW moments, schedule, RNG, position."""
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's RNG (dropout draws from it): torch's CPU generator and the current GPU's."""
+    return {"torch_rng": torch.get_rng_state()} | (
+        {"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}
+    )
+
+
+def rng_key(name: str, rank: int) -> str:
+    """Rank 0's RNG under the names one process has always used, rank r's as `<name>.<r>`."""
+    return name if rank == 0 else f"{name}.{rank}"
+
+
+def gather(group: Group, obj: object) -> list:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not group.distributed:
+        return [obj]
+    objs: list = [None] * group.world_size
+    dist.all_gather_object(objs, obj)
+    return objs
+
+
+def save_snapshot(
+    out: Path, model: EndToEnd, opt: Optimization, progress: dict, rngs: list[dict] | None = None
+) -> None:
+    """Everything needed to continue bit-for-bit: weights, AdamW moments, schedule, RNG, position. `rngs`: every
+    rank's `rng_state()`, in rank order (default: this process's alone)."""
 
     def write(staging: Path) -> None:
         folder = staging / SNAPSHOT_DIR
@@ -227,9 +259,8 @@ def save_snapshot(out: Path, model: EndToEnd, opt: Optimization, progress: dict)
         )
         state = opt.optimizer.state_dict()
         tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in state["state"].items() for k, v in s.items()}
-        tensors["torch_rng"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            tensors["cuda_rng"] = torch.cuda.get_rng_state()
+        for rank, rng in enumerate(rngs or [rng_state()]):
+            tensors |= {rng_key(name, rank): value for name, value in rng.items()}
         save_file(tensors, str(folder / "optimizer.safetensors"))
         meta = {
             "param_groups": state["param_groups"],
@@ -242,14 +273,18 @@ def save_snapshot(out: Path, model: EndToEnd, opt: Optimization, progress: dict)
     commit(out, [SNAPSHOT_DIR], write)
 
 
-def load_snapshot(folder: Path, model: EndToEnd, opt: Optimization) -> dict:
+def load_snapshot(folder: Path, model: EndToEnd, opt: Optimization, rank: int = 0) -> dict:
+    """Restore a snapshot; `rank` takes its own RNG state (a rank the snapshot has none for, when resuming on
+    more processes than wrote it, keeps the RNG it was seeded with)."""
     state = json.loads((folder / "state.json").read_text())
     if state["progress"].get("format") != SNAPSHOT_FORMAT:
         raise ModrmError(f"{folder}: a snapshot of an older modrm; run without --resume (into a new --out)")
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
     tensors = load_file(str(folder / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("torch_rng"))
-    cuda_rng = tensors.pop("cuda_rng", None)
+    rngs = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(("torch_rng", "cuda_rng"))]}
+    if rng_key("torch_rng", rank) in rngs:
+        torch.set_rng_state(rngs[rng_key("torch_rng", rank)])
+    cuda_rng = rngs.get(rng_key("cuda_rng", rank))
     if cuda_rng is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda_rng)
     per_param: dict[int, dict] = {}
@@ -316,22 +351,25 @@ def finetune(
     """`modrm finetune`: returns the best epoch's validation metrics; writes a stage-1 checkpoint to `out`.
 
     `overrides` are config sections ({"finetune": {"epochs": 2}, ...}) over the checkpoint's own config; what
-    the checkpoint fixes (encoder, split, head sizes) may not change."""
+    the checkpoint fixes (encoder, split, head sizes) may not change. Under torchrun every rank calls it with
+    the same arguments and gets the same result; `out` must be on a filesystem every rank sees."""
     ckpt = load_checkpoint(checkpoint)
     layers = [("the given settings", overrides or {})]
     config = resolve_config(layers, ckpt.config, f"checkpoint {checkpoint}", FIXED_BY_CHECKPOINT)
     fc: FinetuneConfig = config.finetune
     if fc.lora_r > 0 and fc.train_layers is not None:
         raise ModrmError("finetune: --lora and --train-layers both choose what trains; give one of them")
+    group = Group.from_env(fc.device)
     out = Path(out)
-    if out.is_dir():
+    if group.is_main and out.is_dir():
         recover(out)  # a save a kill interrupted: finished if it had committed, else dropped
+    group.barrier()  # nobody looks into `out` before rank 0 has recovered it
     snapshot = out / SNAPSHOT_DIR
-    if resume and not snapshot.is_dir():
+    if resume and not group.broadcast(snapshot.is_dir()):
         raise ModrmError(f"{out}: nothing to resume (no {SNAPSHOT_DIR}/ snapshot); run without --resume")
     splits = load_split(data, ckpt)
     trained_on = ckpt.trained_on + [{"path": str(p), "sha256": file_sha256(p)} for p in data]
-    device = pick_device(fc.device)
+    device = pick_device(group.device(fc.device))
     enc_cfg = dataclasses.replace(config.encoder, device=str(device), dtype="float32")  # fp32 master weights
     encoder = Encoder.load(enc_cfg, ckpt.encoder_info())
     modules = ckpt.model.module_names
@@ -339,10 +377,13 @@ def finetune(
     val = tokenize_pairs(encoder, splits["val"], modules)
     check_budget(train, fc.token_budget)
 
-    torch.manual_seed(fc.seed)  # before LoRA: its initialisation is random
+    torch.manual_seed(fc.seed)  # before LoRA: its initialisation is random (the same on every rank)
     prepare_encoder(encoder, fc)
+    if group.distributed:  # each rank's own dropout draws, a function of the seed and the rank
+        torch.manual_seed(int(np.random.SeedSequence([fc.seed, group.rank]).generate_state(1)[0]))
     model = EndToEnd(encoder, ckpt.model.to(device))
     frozen = frozen_blocks(encoder.model)
+    # one plan for the global batch, identical on every rank; each rank runs its share of every window
     plans = [windows(plan_steps(train, fc.token_budget, fc.seed, epoch), fc.grad_accum) for epoch in range(fc.epochs)]
     if fc.max_steps:  # a short run: the first max_steps optimizer steps, validated at the end
         plans = cap_windows(plans, fc.max_steps)
@@ -351,23 +392,40 @@ def finetune(
     )
     total = sum(len(p) for p in plans)
     opt = Optimization(groups, total, device, fc.dtype, fc.betas, fc.warmup_ratio, fc.max_grad_norm)
+    if group.is_main and fc.grad_accum % group.world_size:
+        print(
+            f"note: finetune.grad_accum {fc.grad_accum} is not a multiple of the {group.world_size} processes: "
+            "the micro-steps of an optimizer step are shared among them, so some wait (--grad-accum)",
+            file=sys.stderr,
+        )
 
-    out.mkdir(parents=True, exist_ok=True)
+    if group.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if resume:
-        state = load_snapshot(snapshot, model, opt)
+        state = load_snapshot(snapshot, model, opt, group.rank)
+        group.barrier()  # every rank has read the snapshot before rank 0 may replace it
     else:  # the stage-0 starting point is a candidate too: stage 1 never returns worse val loss than it
-        record = epoch_record(0, validate_end_to_end(model, val, config))
+        record = group.broadcast(epoch_record(0, validate_end_to_end(model, val, config)))
         state = {"epoch": 0, "window": 0, "optimizer_steps": 0, "best": record, "history": [record], "steps": []}
-        save_stage1(out, model, config, encoder.folder, history_metrics(state), trained_on)
-    reporter = Reporter(fc.report_to, out / "runs")
+        if group.is_main:
+            save_stage1(out, model, config, encoder.folder, history_metrics(state), trained_on)
+    if opt.scaler.is_enabled():  # the scale exists before unscale_ even on a rank whose first share is empty
+        opt.scaler.scale(torch.zeros((), device=device))
+    reporter = Reporter(fc.report_to if group.is_main else [], out / "runs")
     bar = tqdm(
         total=total,
         initial=state["optimizer_steps"],
         desc="finetune",
         unit="step",
-        disable=not progress,
+        disable=not progress or not group.is_main,
         dynamic_ncols=True,
     )
+
+    def snapshot_all_ranks() -> None:
+        rngs = gather(group, rng_state())
+        if group.is_main:
+            save_snapshot(out, model, opt, state, rngs)
+
     try:
         for epoch in range(state["epoch"], len(plans)):
             train_mode(model, frozen)
@@ -376,7 +434,7 @@ def finetune(
                 window = plans[epoch][w]
                 counts = module_counts((train.module_idx[idx] for idx in window), len(modules))
                 window_loss = 0.0
-                for idx in window:
+                for idx in group.share(window):
                     with opt.autocast():
                         r_pos, r_neg, module_idx = model(train, idx)
                         loss = preference_loss(
@@ -384,6 +442,7 @@ def finetune(
                         )
                     opt.backward(loss)
                     window_loss += loss.item()
+                (window_loss,) = group.sum_gradients(opt.params, [window_loss])  # before unscaling and clipping
                 lrs = opt.lrs  # the rates this step uses (the scheduler moves on in opt.step)
                 opt.step()
                 state["optimizer_steps"] += 1
@@ -401,27 +460,32 @@ def finetune(
                 bar.update(1)
                 bar.set_postfix(loss=f"{window_loss:.4f}")
                 if state["optimizer_steps"] % fc.save_every == 0 and w + 1 < len(plans[epoch]):
-                    save_snapshot(out, model, opt, state)
+                    snapshot_all_ranks()
+            # every rank validates the whole val set; rank 0's record decides, so every rank decides alike
             val_metrics = validate_end_to_end(model, val, config)
             reporter.log_validation(val_metrics, state["optimizer_steps"])
-            record = epoch_record(epoch + 1, val_metrics, time.perf_counter() - start)
+            record = group.broadcast(epoch_record(epoch + 1, val_metrics, time.perf_counter() - start))
             state["history"].append(record)
             state["epoch"], state["window"] = epoch + 1, 0
             if record["val_loss"] < state["best"]["val_loss"]:
                 state["best"] = record
-                save_stage1(out, model, config, encoder.folder, history_metrics(state), trained_on)
-            save_snapshot(out, model, opt, state)
+                if group.is_main:
+                    save_stage1(out, model, config, encoder.folder, history_metrics(state), trained_on)
+            snapshot_all_ranks()
     except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
             raise
+        where = f" on rank {group.rank}" if group.distributed else ""
         raise ModrmError(
-            f"out of {'GPU' if device.type == 'cuda' else 'CPU'} memory at finetune.token_budget "
+            f"out of {'GPU' if device.type == 'cuda' else 'CPU'} memory{where} at finetune.token_budget "
             f"{fc.token_budget}: lower --token-budget, turn on gradient checkpointing, or train fewer layers "
             "(--train-layers K); --resume continues from the last snapshot"
         ) from None
     bar.close()
     reporter.close()
-    write_json(out / "finetune_history.json", {"epochs": state["history"], "steps": state["steps"]})
+    if group.is_main:
+        write_json(out / "finetune_history.json", {"epochs": state["history"], "steps": state["steps"]})
+    group.barrier()  # every rank returns once the checkpoint and the history are complete
     return {
         "best": state["best"],
         "history": state["history"],
