@@ -16,6 +16,10 @@ SPLIT ?= test
 CONFIG ?=
 CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
 MODRM := $(BIN)/modrm
+# Processes on this machine for the commands that take several (finetune): NPROC > 1 starts them with torchrun
+# (--standalone: a free port, one node), e.g. `make finetune NPROC=4`, one per GPU (gloo on CPU).
+NPROC ?= 1
+LAUNCH := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) $(MODRM),$(MODRM))
 
 DEMO_ENCODER := sentence-transformers/all-MiniLM-L6-v2
 DEMO_DATA := data/generated/demo.jsonl
@@ -44,7 +48,7 @@ train-heads: install
 	$(MODRM) train-heads --cache $(CACHE) --out $(CHECKPOINT) --device $(DEVICE) $(CONFIG_FLAG)
 
 finetune: install
-	$(MODRM) finetune --checkpoint $(CHECKPOINT) --data $(DATA) --out $(STAGE1) --device $(DEVICE) $(CONFIG_FLAG)
+	$(LAUNCH) finetune --checkpoint $(CHECKPOINT) --data $(DATA) --out $(STAGE1) --device $(DEVICE) $(CONFIG_FLAG)
 
 eval: install
 	$(MODRM) eval --checkpoint $(CHECKPOINT) --data $(DATA) --out $(OUT) --split $(SPLIT)
