@@ -49,10 +49,11 @@ def make_cache(folder: Path, n_pairs: int, dim: int, seed: int = 0, max_rows: in
     rng = np.random.default_rng(seed)
     n_rows = 4 * n_pairs if max_rows is None else min(4 * n_pairs, max_rows)
     fingerprint = Fingerprint("synthetic", None, "0" * 64, "mean", True, "", 512, 512, dim)
-    cache = Cache(folder, fingerprint)
-    keys = [("context" if i % 2 == 0 else "module", str(i)) for i in range(n_rows)]
-    embeddings = rng.standard_normal((n_rows, dim), dtype=np.float32).astype(np.float16)
-    cache.merge(keys, [Shard(keys, np.full(n_rows, 64), np.zeros(n_rows, dtype=bool), embeddings)])
+    with Cache.open(folder, fingerprint) as cache:
+        keys = [("context" if i % 2 == 0 else "module", str(i)) for i in range(n_rows)]
+        embeddings = rng.standard_normal((n_rows, dim), dtype=np.float32).astype(np.float16)
+        cache.add_shard(Shard(keys, np.full(n_rows, 64), np.zeros(n_rows, dtype=bool), embeddings))
+        cache.commit(keys)
     fresh = n_rows == 4 * n_pairs
     rows = np.arange(n_rows).reshape(n_pairs, 4) if fresh else rng.integers(0, n_rows, (n_pairs, 4))
     cache.write_pairs(

@@ -1,20 +1,31 @@
-"""The embedding cache: one folder per encoder fingerprint.
+"""The embedding cache: one folder per encoder fingerprint, grown in O(new) and written by one process at a time.
 
-    embeddings.h5    dataset `embeddings`, float16 [n_texts, dim], contiguous (so it can be memory-mapped)
-    texts.parquet    text_hash, row, role, n_tokens, truncated   (the commit point: rows it lists are valid)
-    pairs.parquet    pair_id, target_module, task, split, pos/neg ctx/mod rows, pos/neg outcome
-    manifest.json    the encoder fingerprint, dtype, counts, versions
-    pending/         shards of an unfinished run: kept across a kill, merged by the next run
+    embeddings.h5          the commit point: a virtual dataset `embeddings`, float16 [n_texts, dim], over the
+                           segments, and (attributes) the segment list and the encoder fingerprint
+    segments/seg-N.h5      immutable: contiguous float16 [rows, dim] (so each can be memory-mapped)
+    segments/seg-N.parquet immutable: text_hash, row, role, n_tokens, truncated of those rows
+    texts.parquet/         a view for pandas and pyarrow: links to the segments' parquet files, one per segment
+    pairs.parquet          pair_id, target_module, task, group, split, pos/neg ctx/mod rows, pos/neg outcome
+    manifest.json          the encoder fingerprint, dtype, counts, versions
+    pending/               shards of an unfinished run, per rank: kept across a kill, committed by the next run
+    .lock                  held (flock) by the one process writing the cache
 
-Crash safety: new embeddings go to pending shards (each written atomically), then one merge writes a new
-embeddings.h5 and texts.parquet by rename. A run killed at any moment leaves the old cache intact, and
-the next run merges whatever shards were finished instead of encoding them again.
+Adding N texts writes one new segment of N rows and replaces the small embeddings.h5: nothing already stored is
+copied. A run killed at any instant leaves the last commit intact; the next writer deletes what no commit lists
+and commits the finished shards instead of encoding them again. Readers take the segment list from
+embeddings.h5 once and then only read immutable files, so they never see half a commit.
+
+A cache from before segments (one contiguous embeddings.h5 and a texts.parquet file) still opens; its first new
+commit turns the old file into segment 0 by a hard link, copying nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,20 +40,30 @@ from pipeline.errors import ModrmError
 
 TEXT_COLUMNS = ("text_hash", "row", "role", "n_tokens", "truncated")
 ROW_COLUMNS = ("pos_ctx_row", "pos_mod_row", "neg_ctx_row", "neg_mod_row")
-_COPY_ROWS = 1 << 16
-_FINGERPRINT_KEY = "modrm_fingerprint"
+SEGMENTS_KEY, FINGERPRINT_KEY = "modrm_segments", "modrm_fingerprint"
+COPY_ROWS = 1 << 16  # rows per block when a commit gathers shards into its segment
 
 Key = tuple[str, str]  # (role, text_hash)
 
 
 @dataclass
 class Shard:
-    """Embeddings of some texts, encoded but not yet merged into the cache."""
+    """Embeddings of some texts, encoded but not yet committed to the cache."""
 
     keys: list[Key]
     n_tokens: np.ndarray
     truncated: np.ndarray
     embeddings: np.ndarray  # float16
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [start, start + rows) of the cache: their embeddings file and (None for an old cache) texts file."""
+
+    h5: Path
+    texts: Path | None
+    start: int
+    rows: int
 
 
 def damaged(folder: Path, what: str) -> ModrmError:
@@ -52,104 +73,199 @@ def damaged(folder: Path, what: str) -> ModrmError:
     )
 
 
+# ---------------------------------------------------------------------------------------------- the lock
+
+
+class WriterLock:
+    """One writer per cache folder: an exclusive flock on `.lock`, released by the kernel when its process dies
+    (so a killed writer never leaves a stale lock). Works across nodes where the shared filesystem supports
+    flock (NFSv4, Lustre and GPFS with their lock options)."""
+
+    def __init__(self, folder: Path, wait: bool = True):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.handle = (folder / ".lock").open("a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "?"
+            if not wait:
+                self.handle.close()
+                raise ModrmError(
+                    f"{folder}: another modrm (pid {holder}) is writing this cache; wait for it, or run without "
+                    "--no-wait to queue behind it"
+                ) from None
+            print(f"{folder}: waiting for another modrm (pid {holder}) writing this cache ...", file=sys.stderr)
+            fcntl.flock(self.handle, fcntl.LOCK_EX)
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(str(os.getpid()))
+        self.handle.flush()
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+
 class Cache:
-    def __init__(self, folder: str | Path, fingerprint: Fingerprint):
+    """The committed state of a cache folder: its segments, the texts they hold, and (for a writer) the lock."""
+
+    def __init__(self, folder: str | Path, fingerprint: Fingerprint, lock: WriterLock | None = None):
         self.folder = Path(folder)
         self.fingerprint = fingerprint
+        self.lock = lock
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the last commit (another rank's, after a barrier)."""
+        self.segments = self._read_segments()
         self.texts = self._read_texts()
         self.index: dict[Key, int] = dict(
             zip(zip(self.texts["role"], self.texts["text_hash"], strict=True), self.texts["row"], strict=True)
         )
-        if self.n_rows:
-            self._check_embeddings()
 
     # -------------------------------------------------------------------------------------- opening
 
     @classmethod
-    def open(cls, folder: str | Path, fingerprint: Fingerprint) -> Cache:
-        """Open (or start) a cache; refuse one built by a different encoder, naming what differs."""
+    def open(cls, folder: str | Path, fingerprint: Fingerprint, wait: bool = True) -> Cache:
+        """Open (or start) a cache to write: take the lock, finish or discard what a killed writer left, and
+        refuse a cache built by a different encoder, naming what differs. `close()` releases the lock."""
         folder = Path(folder)
-        for stale in folder.glob(".*.tmp-*"):  # a write a kill interrupted; the file it was replacing is intact
-            stale.unlink()
-        manifest = read_manifest(folder) or _texts_manifest(folder)
-        if manifest is not None:
-            check_fingerprint(folder, manifest, fingerprint)
-        pending_fp = folder / "pending" / "fingerprint.json"
-        if pending_fp.exists() and _pending_differs(pending_fp, fingerprint):
-            shutil.rmtree(folder / "pending")  # shards of another encoder (or unreadable) can never be merged here
+        lock = WriterLock(folder, wait)
+        try:
+            manifest = read_manifest(folder) or _committed_manifest(folder)
+            if manifest is not None:
+                check_fingerprint(folder, manifest, fingerprint)
+            cache = cls(folder, fingerprint, lock)
+            cache._tidy()
+        except BaseException:
+            lock.release()
+            raise
+        return cache
+
+    @classmethod
+    def read(cls, folder: str | Path, fingerprint: Fingerprint) -> Cache:
+        """The committed cache, for reading or for writing pending shards under another process's lock."""
         return cls(folder, fingerprint)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _tidy(self) -> None:
+        """The writer's duty: remove interrupted writes and uncommitted segments, publish the texts view, and drop
+        pending shards of another encoder (they can never be committed here)."""
+        for stale in [*self.folder.glob(".*.tmp-*"), *self.folder.glob("segments/.*.tmp-*")]:
+            stale.unlink()
+        listed = {p for s in self.segments for p in (s.h5, s.texts)}
+        for path in self.folder.glob("segments/seg-*"):
+            if path not in listed:
+                path.unlink()
+        if self.segments and self.segments[0].texts is not None:
+            self._publish_texts_view()
+        pending_fp = self.folder / "pending" / "fingerprint.json"
+        if pending_fp.exists() and _pending_differs(pending_fp, self.fingerprint):
+            shutil.rmtree(self.folder / "pending")
 
     @property
     def n_rows(self) -> int:
         return len(self.texts["row"])
 
-    def _read_texts(self) -> dict[str, np.ndarray]:
-        path = self.folder / "texts.parquet"
-        if not path.exists():
-            return {
-                "text_hash": np.array([], dtype=object),
-                "row": np.array([], dtype=np.int64),
-                "role": np.array([], dtype=object),
-                "n_tokens": np.array([], dtype=np.int64),
-                "truncated": np.array([], dtype=bool),
-            }
-        try:
-            table = pq.read_table(path)
-            texts = {name: table.column(name).to_numpy(zero_copy_only=False) for name in TEXT_COLUMNS}
-        except (OSError, ValueError, KeyError, pa.ArrowException) as err:
-            raise damaged(self.folder, f"texts.parquet is unreadable ({err})") from None
-        if not np.array_equal(texts["row"], np.arange(len(texts["row"]))):
-            raise damaged(self.folder, "texts.parquet's rows are not 0, 1, 2, ...")
-        return texts
-
-    def _check_embeddings(self) -> None:
-        """embeddings.h5 holds every row texts.parquet lists, at the fingerprint's dimension, all of its bytes."""
+    def _read_segments(self) -> list[Segment]:
+        """The committed segments: embeddings.h5's list, or the whole old-style file as one segment."""
         path = self.folder / "embeddings.h5"
-        if not path.is_file():
-            raise damaged(self.folder, f"embeddings.h5 is missing, but texts.parquet lists {self.n_rows} rows")
+        if not path.exists():  # a new cache, or one whose first commit a kill prevented; or a damaged one
+            view = self.folder / "texts.parquet"
+            if (view.is_dir() and any(view.iterdir())) or (view.is_file() and _old_texts_rows(self.folder)):
+                raise damaged(self.folder, "embeddings.h5 is missing, but texts.parquet lists rows")
+            return []
         try:
             with h5py.File(path, "r") as f:
+                listed = f.attrs.get(SEGMENTS_KEY)
+        except (OSError, ValueError) as err:
+            raise damaged(self.folder, f"embeddings.h5 is unreadable ({err})") from None
+        if listed is None:  # a cache from before segments: its one file, indexed by a texts.parquet file
+            old_texts = self.folder / "texts.parquet"
+            segments = [Segment(path, None, 0, _old_texts_rows(self.folder))] if old_texts.is_file() else []
+        else:
+            segments, start = [], 0
+            try:
+                for name, rows in json.loads(listed):
+                    stem = self.folder / "segments" / str(name)
+                    segments.append(Segment(stem.with_suffix(".h5"), stem.with_suffix(".parquet"), start, int(rows)))
+                    start += int(rows)
+            except (TypeError, ValueError) as err:
+                raise damaged(self.folder, f"embeddings.h5's segment list is unreadable ({err})") from None
+        for segment in segments:
+            self._check_segment(segment)
+        return segments
+
+    def _check_segment(self, segment: Segment) -> None:
+        """Its file holds its rows at the fingerprint's dimension, all of their bytes."""
+        what = segment.h5.relative_to(self.folder)
+        if not segment.h5.is_file():
+            raise damaged(self.folder, f"{what} is missing")
+        try:
+            with h5py.File(segment.h5, "r") as f:
                 ds = f["embeddings"]
                 shape, offset = ds.shape, ds.id.get_offset()
         except (OSError, KeyError, ValueError) as err:
-            raise damaged(self.folder, f"embeddings.h5 is unreadable ({err})") from None
-        if len(shape) != 2 or shape[0] < self.n_rows or shape[1] != self.fingerprint.dim:
+            raise damaged(self.folder, f"{what} is unreadable ({err})") from None
+        if len(shape) != 2 or shape[0] < segment.rows or shape[1] != self.fingerprint.dim:
             raise damaged(
-                self.folder,
-                f"embeddings.h5 holds {shape}, but texts.parquet lists {self.n_rows} rows of dim "
-                f"{self.fingerprint.dim}",
+                self.folder, f"{what} holds {shape}, but {segment.rows} rows of dim {self.fingerprint.dim} are listed"
             )
-        if offset is not None and path.stat().st_size < offset + shape[0] * shape[1] * 2:
-            raise damaged(self.folder, f"embeddings.h5 is truncated ({path.stat().st_size:,} bytes)")
+        if offset is not None and segment.h5.stat().st_size < offset + shape[0] * shape[1] * 2:
+            raise damaged(self.folder, f"{what} is truncated ({segment.h5.stat().st_size:,} bytes)")
+
+    def _read_texts(self) -> dict[str, np.ndarray]:
+        files = [s.texts or self.folder / "texts.parquet" for s in self.segments]
+        try:
+            tables = [pq.read_table(path, columns=list(TEXT_COLUMNS)) for path in files]
+            table = pa.concat_tables(tables) if tables else None
+            if table is None:
+                return _empty_texts()
+            texts = {name: table.column(name).to_numpy(zero_copy_only=False) for name in TEXT_COLUMNS}
+        except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+            raise damaged(self.folder, f"the texts index is unreadable ({err})") from None
+        n_rows = sum(s.rows for s in self.segments)
+        texts = {name: values[:n_rows] for name, values in texts.items()}
+        if not np.array_equal(texts["row"], np.arange(n_rows)):
+            raise damaged(self.folder, "the texts index's rows are not 0, 1, 2, ...")
+        return texts
 
     # -------------------------------------------------------------------------------------- pending
 
-    def pending_shards(self) -> list[Shard]:
-        """Shards a killed run finished; a shard counts once its index file exists (written last)."""
-        shards = []
-        for index_path in sorted((self.folder / "pending").glob("shard-*.parquet")):
-            try:
-                table = pq.read_table(index_path)
-                embeddings = np.load(index_path.with_suffix(".npy"), allow_pickle=False)
-                roles, hashes = table.column("role").to_pylist(), table.column("text_hash").to_pylist()
-                n_tokens, truncated = table.column("n_tokens").to_numpy(), table.column("truncated").to_numpy()
-            except (OSError, ValueError, KeyError, pa.ArrowException) as err:
-                raise ModrmError(
-                    f"{index_path}: an unfinished run's shard is damaged ({err}); remove {index_path.parent} "
-                    "(its texts are encoded again)"
-                ) from None
-            if embeddings.shape != (len(roles), self.fingerprint.dim):
-                raise ModrmError(f"{index_path}: its embeddings do not match its index; remove {index_path.parent}")
-            shards.append(Shard(list(zip(roles, hashes, strict=True)), n_tokens, truncated, embeddings))
-        return shards
+    def pending_keys(self) -> set[Key]:
+        """Texts that a killed run (or another rank) finished; a shard counts once its index file exists."""
+        keys: set[Key] = set()
+        for index_path, _ in self._pending():
+            table = _read_shard_index(index_path, ["role", "text_hash"])
+            keys.update(zip(table.column("role").to_pylist(), table.column("text_hash").to_pylist(), strict=True))
+        return keys
 
-    def add_shard(self, shard: Shard) -> None:
+    def _pending(self) -> list[tuple[Path, Path]]:
+        """(index, embeddings) of every finished shard, in a fixed order."""
+        return [(p, p.with_suffix(".npy")) for p in sorted((self.folder / "pending").glob("shard-*.parquet"))]
+
+    def add_shard(self, shard: Shard, rank: int = 0) -> None:
+        """Write a shard to pending/ (its embeddings, then its index: the index makes it count)."""
         pending = self.folder / "pending"
         if not (pending / "fingerprint.json").exists():  # not `pending.exists()`: a kill may follow the mkdir
             pending.mkdir(parents=True, exist_ok=True)
             write_json(pending / "fingerprint.json", self.fingerprint.to_dict())
-        number = len(list(pending.glob("shard-*.parquet")))
-        stem = pending / f"shard-{number:06d}"
+        number = len(list(pending.glob(f"shard-r{rank:03d}-*.parquet")))
+        stem = pending / f"shard-r{rank:03d}-{number:06d}"
         atomic_write(stem.with_suffix(".npy"), lambda tmp: _save_npy(tmp, shard.embeddings))
         roles, hashes = zip(*shard.keys, strict=True)
         table = pa.table(
@@ -157,73 +273,133 @@ class Cache:
         )
         atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(table, tmp))
 
-    # -------------------------------------------------------------------------------------- merge
+    # -------------------------------------------------------------------------------------- commit
 
-    def merge(self, order: list[Key], shards: list[Shard]) -> int:
-        """Append the shards' texts as new rows, in `order` (first appearance), so any interrupted run
-        followed by a resume gives the same rows as one uninterrupted run. Returns rows added."""
+    def commit(self, order: list[Key]) -> int:
+        """Commit every pending shard as one new segment, rows in `order` (first appearance) so any interrupted
+        or sharded run gives the same rows as one uninterrupted run. Reads shards block by block (memory-mapped),
+        so memory stays flat however many texts were encoded. Returns rows added."""
+        if self.lock is None:
+            raise RuntimeError("commit needs the writer's lock (Cache.open)")
+        shards = self._pending()
+        if not shards:
+            return 0
         found: dict[Key, tuple[int, int]] = {}
-        for s, shard in enumerate(shards):
-            for i, key in enumerate(shard.keys):
+        info = []
+        for s, (index_path, _) in enumerate(shards):
+            table = _read_shard_index(index_path, ["role", "text_hash", "n_tokens", "truncated"])
+            keys = zip(table.column("role").to_pylist(), table.column("text_hash").to_pylist(), strict=True)
+            for i, key in enumerate(keys):
                 if key not in self.index:
                     found.setdefault(key, (s, i))
+            info.append((table.column("n_tokens").to_numpy(), table.column("truncated").to_numpy()))
         new_keys = [k for k in order if k in found] + sorted(set(found) - set(order))
-        if not new_keys:
-            shutil.rmtree(self.folder / "pending", ignore_errors=True)
-            return 0
-        source = np.array([found[k] for k in new_keys])
-        dim = shards[0].embeddings.shape[1]
-        new_emb = np.empty((len(new_keys), dim), dtype=np.float16)
-        n_tokens = np.empty(len(new_keys), dtype=np.int64)
-        truncated = np.empty(len(new_keys), dtype=bool)
-        for s, shard in enumerate(shards):
-            mine = source[:, 0] == s
-            new_emb[mine] = shard.embeddings[source[mine, 1]]
-            n_tokens[mine] = shard.n_tokens[source[mine, 1]]
-            truncated[mine] = shard.truncated[source[mine, 1]]
-        if not np.isfinite(new_emb).all():
-            raise ModrmError(f"{self.folder}: refusing to write non-finite embeddings to the cache")
-        self._write_embeddings(new_emb)
-        start = self.n_rows
-        roles, hashes = zip(*new_keys, strict=True)
-        texts = {
-            "text_hash": np.concatenate([self.texts["text_hash"], np.array(hashes, dtype=object)]),
-            "row": np.concatenate([self.texts["row"], np.arange(start, start + len(new_keys))]),
-            "role": np.concatenate([self.texts["role"], np.array(roles, dtype=object)]),
-            "n_tokens": np.concatenate([self.texts["n_tokens"], n_tokens]),
-            "truncated": np.concatenate([self.texts["truncated"], truncated]),
-        }
-        # the fingerprint rides in the commit point too: a kill before manifest.json is written must not
-        # leave rows that a later run with another encoder would take as its own
-        table = pa.table(texts).replace_schema_metadata({_FINGERPRINT_KEY: json.dumps(self.fingerprint.to_dict())})
-        atomic_write(self.folder / "texts.parquet", lambda tmp: pq.write_table(table, tmp))
-        self.texts = texts
-        self.index.update((key, start + i) for i, key in enumerate(new_keys))
-        manifest = read_manifest(self.folder) or {}  # eval adds texts too: keep the counts true
-        write_json(
-            self.folder / "manifest.json", manifest | {"encoder": self.fingerprint.to_dict(), "n_texts": self.n_rows}
-        )
+        if new_keys:
+            source = np.array([found[k] for k in new_keys])
+            arrays = [_load_npy(npy, index_path, self.fingerprint.dim) for index_path, npy in shards]
+            committed = self._adopt_old_file()
+            number = int(committed[-1][0].removeprefix("seg-")) + 1 if committed else 0
+            self._write_commit([*committed, self._write_segment(number, new_keys, source, arrays, info)])
         shutil.rmtree(self.folder / "pending", ignore_errors=True)
+        self.reload()
+        if new_keys:
+            self._publish_texts_view()
+            manifest = read_manifest(self.folder) or {}  # eval adds texts too: keep the counts true
+            write_json(
+                self.folder / "manifest.json",
+                manifest | {"encoder": self.fingerprint.to_dict(), "n_texts": self.n_rows},
+            )
         return len(new_keys)
 
-    def _write_embeddings(self, new_emb: np.ndarray) -> None:
-        """A new file with the committed rows copied and the new ones after, renamed into place."""
-        old_path = self.folder / "embeddings.h5"
-        committed = self.n_rows
+    def _segmented(self) -> bool:
+        return bool(self.segments) and self.segments[0].texts is not None
+
+    def _adopt_old_file(self) -> list[tuple[str, int]]:
+        """The committed segments as (name, rows); an old-style cache's file becomes segment 0 by a hard link."""
+        if self._segmented():
+            return [(s.h5.stem, s.rows) for s in self.segments]
+        if not self.segments:
+            return []
+        stem = self.folder / "segments" / "seg-000000"
+        stem.parent.mkdir(exist_ok=True)
+        try:
+            os.link(self.segments[0].h5, stem.with_suffix(".h5"))
+        except OSError:  # a filesystem without hard links: one copy, once
+            shutil.copyfile(self.segments[0].h5, stem.with_suffix(".h5"))
+        table = pa.table({name: self.texts[name] for name in TEXT_COLUMNS})
+        atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(table, tmp))
+        return [(stem.name, self.n_rows)]
+
+    def _write_segment(
+        self,
+        number: int,
+        keys: list[Key],
+        source: np.ndarray,
+        arrays: list[np.ndarray],
+        info: list[tuple[np.ndarray, np.ndarray]],
+    ) -> tuple[str, int]:
+        """segments/seg-N.h5 and .parquet: the new rows gathered from the shards, block by block."""
+        stem = self.folder / "segments" / f"seg-{number:06d}"
+        stem.parent.mkdir(exist_ok=True)
+        n, dim = len(keys), self.fingerprint.dim
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as out:
-                ds = out.create_dataset(
-                    "embeddings", shape=(committed + len(new_emb), new_emb.shape[1]), dtype=np.float16
-                )
-                if committed:
-                    with h5py.File(old_path, "r") as old:
-                        for lo in range(0, committed, _COPY_ROWS):
-                            hi = min(lo + _COPY_ROWS, committed)
-                            ds[lo:hi] = old["embeddings"][lo:hi]
-                ds[committed:] = new_emb
+                ds = out.create_dataset("embeddings", shape=(n, dim), dtype=np.float16)
+                for lo in range(0, n, COPY_ROWS):
+                    block = _gather(arrays, source[lo : lo + COPY_ROWS], dim)
+                    if not np.isfinite(block).all():
+                        raise ModrmError(f"{self.folder}: refusing to write non-finite embeddings to the cache")
+                    ds[lo : lo + len(block)] = block
 
-        atomic_write(old_path, write)
+        atomic_write(stem.with_suffix(".h5"), write)
+        roles, hashes = zip(*keys, strict=True)
+        table = pa.table(
+            {
+                "text_hash": list(hashes),
+                "row": np.arange(self.n_rows, self.n_rows + n),
+                "role": list(roles),
+                "n_tokens": _gather([i[0] for i in info], source),
+                "truncated": _gather([i[1] for i in info], source),
+            }
+        )
+        atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(table, tmp))
+        return stem.name, n
+
+    def _write_commit(self, segments: list[tuple[str, int]]) -> None:
+        """Replace embeddings.h5 by a virtual dataset over `segments`: the commit point."""
+        total, dim = sum(rows for _, rows in segments), self.fingerprint.dim
+        layout = h5py.VirtualLayout(shape=(total, dim), dtype=np.float16)
+        start = 0
+        for name, rows in segments:
+            layout[start : start + rows] = h5py.VirtualSource(f"segments/{name}.h5", "embeddings", shape=(rows, dim))
+            start += rows
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as f:
+                f.create_virtual_dataset("embeddings", layout)
+                f.attrs[SEGMENTS_KEY] = json.dumps(segments)
+                f.attrs[FINGERPRINT_KEY] = json.dumps(self.fingerprint.to_dict())
+
+        atomic_write(self.folder / "embeddings.h5", write)
+
+    def _publish_texts_view(self) -> None:
+        """texts.parquet/ holds exactly the committed segments' parquet files (hard links), so pandas and pyarrow
+        read the whole index as one table. A view only: modrm itself reads the segments that embeddings.h5 lists."""
+        view = self.folder / "texts.parquet"
+        if view.is_file():  # an old cache's index, now segment 0's
+            view.unlink()
+        view.mkdir(exist_ok=True)
+        wanted = {s.texts.name: s.texts for s in self.segments if s.texts is not None}
+        for part in view.iterdir():
+            if part.name not in wanted:
+                part.unlink()
+        for name, target in wanted.items():
+            if not (view / name).exists():
+                try:
+                    os.link(target, view / name)
+                except OSError:
+                    shutil.copyfile(target, view / name)
 
     # -------------------------------------------------------------------------------------- reading
 
@@ -233,18 +409,25 @@ class Cache:
         except KeyError as err:
             raise ModrmError(f"{self.folder}: text {err.args[0]} is not in the cache; run `modrm embed`") from None
 
-    def embeddings(self, memory_budget_bytes: float = float("inf")) -> np.ndarray:
-        """float16 [n_rows, dim]: read into memory, or memory-mapped when larger than the budget."""
-        path = self.folder / "embeddings.h5"
-        if not path.exists():
+    def embeddings(self, memory_budget_bytes: float = float("inf")) -> np.ndarray | MappedRows:
+        """float16 [n_rows, dim]: read into memory, or memory-mapped (segment by segment) when larger than the
+        budget."""
+        if not self.segments:
             raise ModrmError(f"{self.folder}: no embeddings.h5; run `modrm embed` first")
-        with h5py.File(path, "r") as f:
-            ds = f["embeddings"]
-            offset = ds.id.get_offset()
-            shape = (self.n_rows, ds.shape[1])
-            if shape[0] * shape[1] * 2 <= memory_budget_bytes or offset is None:
-                return ds[: shape[0]]
-        return np.memmap(path, dtype=np.float16, mode="r", offset=offset, shape=shape)
+        dim = self.fingerprint.dim
+        maps, offsets = [], []
+        for segment in self.segments:
+            with h5py.File(segment.h5, "r") as f:
+                offsets.append(f["embeddings"].id.get_offset())
+        if self.n_rows * dim * 2 <= memory_budget_bytes or None in offsets:
+            out = np.empty((self.n_rows, dim), dtype=np.float16)
+            for segment in self.segments:
+                with h5py.File(segment.h5, "r") as f:
+                    out[segment.start : segment.start + segment.rows] = f["embeddings"][: segment.rows]
+            return out
+        for segment, offset in zip(self.segments, offsets, strict=True):
+            maps.append(np.memmap(segment.h5, dtype=np.float16, mode="r", offset=offset, shape=(segment.rows, dim)))
+        return MappedRows(maps)
 
     def write_pairs(self, table: pa.Table) -> None:
         atomic_write(self.folder / "pairs.parquet", lambda tmp: pq.write_table(table, tmp))
@@ -265,6 +448,84 @@ class Cache:
         return table
 
 
+class MappedRows:
+    """Memory-mapped segments indexed as one [n_rows, dim] array: `rows[idx]` gathers from each segment."""
+
+    def __init__(self, maps: list[np.memmap]):
+        self.maps = maps
+        self.starts = np.cumsum([0] + [len(m) for m in maps])
+        self.shape = (int(self.starts[-1]), maps[0].shape[1])
+        self.dtype = maps[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray | slice) -> np.ndarray:
+        rows = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        segment = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
+        for s in np.unique(segment):
+            mine = segment == s
+            out[mine] = self.maps[s][rows[mine] - self.starts[s]]
+        return out
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        whole = np.concatenate(self.maps)
+        return whole if dtype is None else whole.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _empty_texts() -> dict[str, np.ndarray]:
+    return {
+        "text_hash": np.array([], dtype=object),
+        "row": np.array([], dtype=np.int64),
+        "role": np.array([], dtype=object),
+        "n_tokens": np.array([], dtype=np.int64),
+        "truncated": np.array([], dtype=bool),
+    }
+
+
+def _old_texts_rows(folder: Path) -> int:
+    try:
+        return pq.read_metadata(folder / "texts.parquet").num_rows
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise damaged(folder, f"texts.parquet is unreadable ({err})") from None
+
+
+def _gather(arrays: list[np.ndarray], source: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """Element source[k] = (array, index) of each output row, one fancy-index per array."""
+    shape = (len(source),) if dim is None else (len(source), dim)
+    out = np.empty(shape, dtype=arrays[0].dtype)
+    for a in np.unique(source[:, 0]):
+        mine = source[:, 0] == a
+        out[mine] = arrays[a][source[mine, 1]]
+    return out
+
+
+def _read_shard_index(path: Path, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+        raise ModrmError(
+            f"{path}: an unfinished run's shard is damaged ({err}); remove {path.parent} (its texts are encoded again)"
+        ) from None
+
+
+def _load_npy(path: Path, index_path: Path, dim: int) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        rows = pq.read_metadata(index_path).num_rows
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise ModrmError(
+            f"{path}: an unfinished run's shard is damaged ({err}); remove {path.parent} (its texts are encoded again)"
+        ) from None
+    if array.shape != (rows, dim):
+        raise ModrmError(f"{index_path}: its embeddings do not match its index; remove {path.parent}")
+    return array
+
+
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with path.open("wb") as handle:  # a handle, as np.save would add ".npy" to the temporary name
         np.save(handle, array, allow_pickle=False)
@@ -277,15 +538,21 @@ def _pending_differs(path: Path, fingerprint: Fingerprint) -> bool:
         return True
 
 
-def _texts_manifest(folder: Path) -> dict | None:
-    """The fingerprint stored with texts.parquet, for a cache whose first run died before its manifest."""
-    path = folder / "texts.parquet"
+def _committed_manifest(folder: Path) -> dict | None:
+    """The fingerprint stored with the commit point, for a cache whose first run died before its manifest."""
+    h5, old_texts = folder / "embeddings.h5", folder / "texts.parquet"
     try:
-        metadata = (pq.read_schema(path).metadata or {}) if path.exists() else {}
-        raw = metadata.get(_FINGERPRINT_KEY.encode())
-        return {"encoder": json.loads(raw)} if raw else None
+        if h5.exists():
+            with h5py.File(h5, "r") as f:
+                raw = f.attrs.get(FINGERPRINT_KEY)
+            if raw is not None:
+                return {"encoder": json.loads(raw)}
+        if old_texts.is_file():  # an old cache kept it in the texts index
+            raw = (pq.read_schema(old_texts).metadata or {}).get(FINGERPRINT_KEY.encode())
+            return {"encoder": json.loads(raw)} if raw else None
     except (OSError, ValueError, pa.ArrowException) as err:
-        raise damaged(folder, f"texts.parquet is unreadable ({err})") from None
+        raise damaged(folder, f"the committed index is unreadable ({err})") from None
+    return None
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -323,4 +590,4 @@ def open_existing(folder: str | Path) -> tuple[Cache, dict]:
     manifest = read_manifest(folder)
     if manifest is None:
         raise ModrmError(f"{folder}: not an embedding cache (no manifest.json); run `modrm embed` first")
-    return Cache(folder, manifest_fingerprint(Path(folder), manifest)), manifest
+    return Cache.read(folder, manifest_fingerprint(Path(folder), manifest)), manifest

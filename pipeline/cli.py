@@ -83,15 +83,21 @@ def embed(
     encoder: EncoderOpt = None,
     device: DeviceOpt = None,
     append: Annotated[bool, typer.Option("--append", help="add these pairs to the cache's pairs index")] = False,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="fail at once if another process is writing the cache")
+    ] = False,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Precompute context and module embeddings into the cache (only texts it lacks)."""
+    """Precompute context and module embeddings into the cache (only texts it lacks; sharded under torchrun)."""
     from pipeline.config import ENCODER_IDENTITY
+    from pipeline.distributed import leave_group
     from pipeline.embed import embed_files
 
     cfg = _cache_config(cache, config, {"encoder": ENCODER_IDENTITY}, encoder={"name": encoder, "device": device})
-    summary = embed_files(data, cache, cfg, progress=not quiet, append=append)
+    summary = embed_files(data, cache, cfg, progress=not quiet, append=append, wait=not no_wait)
+    if not leave_group():
+        return
     typer.echo(f"cache {cache}:")
     for line in summary.lines():
         typer.echo("  " + line)

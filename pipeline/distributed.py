@@ -8,12 +8,14 @@ one, so single-process code runs unchanged: `group.barrier()` returns at once an
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+from pipeline.errors import ModrmError
 
 T = TypeVar("T")
 GRAD_BUCKET = 2**25  # gradient elements per all_reduce (128 MB in fp32): one call for small models, bounded memory
@@ -58,6 +60,28 @@ class Group:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def gather(self, obj: object) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        objs: list = [None] * self.world_size
+        dist.all_gather_object(objs, obj)
+        return objs
+
+    def on_main(self, work: Callable[[], T]) -> T | None:
+        """Run `work` on rank 0 only; a ModrmError it raises is raised on every rank (so no rank waits forever
+        at the next barrier). Returns its result on rank 0, None elsewhere."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except ModrmError as err:
+                error = str(err)
+        error = self.broadcast(error)
+        if error is not None:
+            raise ModrmError(error)
+        return result
 
     def device(self, setting: str) -> str:
         """The device this rank uses: its own GPU under torchrun (cuda:LOCAL_RANK), the setting otherwise."""
@@ -124,3 +148,12 @@ def _sum_bucket(params: list[torch.Tensor]) -> None:
     for p in params:
         p.grad = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
+
+
+def leave_group() -> bool:
+    """Leave the process group torchrun set up, if any; True on the rank that reports (rank 0, or the only one)."""
+    if not dist.is_initialized():
+        return True
+    main = dist.get_rank() == 0
+    dist.destroy_process_group()
+    return main

@@ -20,6 +20,7 @@ from pipeline.atomic import write_json
 from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard, read_manifest
 from pipeline.config import Config, EncoderConfig
 from pipeline.data import Pair, assign_split, file_sha256, load_pairs
+from pipeline.distributed import Group
 from pipeline.encoder import Encoder, ModelInfo, describe
 from pipeline.errors import ModrmError
 
@@ -71,9 +72,16 @@ def pair_texts(pairs: Sequence[Pair], encoder: EncoderConfig) -> dict[str, list[
 
 
 def ensure_embedded(
-    pairs: Sequence[Pair], cache: Cache, config: Config, info: ModelInfo, summary: EmbedSummary, progress: bool = True
+    pairs: Sequence[Pair],
+    cache: Cache,
+    config: Config,
+    info: ModelInfo,
+    summary: EmbedSummary,
+    progress: bool = True,
+    group: Group = Group(),
 ) -> dict[str, np.ndarray]:
-    """Cache rows of the four texts of every pair, encoding (and caching) only what the cache lacks."""
+    """Cache rows of the four texts of every pair, encoding (and caching) only what the cache lacks. Under torchrun
+    every rank encodes its share of the missing texts into its own pending shards; rank 0 commits them."""
     columns = pair_texts(pairs, config.encoder)
     heads = [config.encoder.context_head(p.task) for p in pairs]  # what truncation of a context keeps
     unique: dict[Key, tuple[str, str]] = {}  # first appearance order, so rows are the same however the run was split
@@ -84,27 +92,46 @@ def ensure_embedded(
         column_keys[column] = keys = [(role, hashes[t]) for t in texts]
         for key, text, head in zip(keys, texts, heads, strict=True):
             unique.setdefault(key, (text, head))
-    shards = cache.pending_shards()
-    done = set(cache.index) | {k for shard in shards for k in shard.keys}
+    done = set(cache.index) | cache.pending_keys()
     missing = [k for k in unique if k not in done]
     summary.unique_texts, summary.cached = len(unique), len(unique) - len(missing)
     if missing:
         encoder = Encoder.load(config.encoder, info)
         start = time.perf_counter()
+        encoded = tokens = 0
         for role in ("context", "module"):
             todo = [k for k in missing if k[0] == role]
-            for lo in range(0, len(todo), SHARD_TEXTS):
-                shard = _encode_shard(encoder, todo[lo : lo + SHARD_TEXTS], unique, role, progress)
-                cache.add_shard(shard)
-                shards.append(shard)
-                summary.tokens += int(shard.n_tokens.sum())
+            limit = config.encoder.max_context_tokens if role == "context" else config.encoder.max_module_tokens
+            mine = rank_share(todo, [unique[k][0] for k in todo], limit, group)
+            for lo in range(0, len(mine), SHARD_TEXTS):
+                shard = _encode_shard(encoder, mine[lo : lo + SHARD_TEXTS], unique, role, progress and group.is_main)
+                cache.add_shard(shard, group.rank)
+                encoded, tokens = encoded + len(shard.keys), tokens + int(shard.n_tokens.sum())
+        counts = group.gather((encoded, tokens, encoder.fallback_texts))
         summary.seconds = time.perf_counter() - start
-        summary.encoded = len(missing)
-        summary.fp32_fallbacks = encoder.fallback_texts
-    if shards:
-        cache.merge(list(unique), shards)
+        summary.encoded, summary.tokens, summary.fp32_fallbacks = map(sum, zip(*counts, strict=True))
+    group.barrier()  # every rank's shards are written
+    if group.is_main:
+        cache.commit(list(unique))
+    group.barrier()  # the commit is visible
+    if not group.is_main:
+        cache.reload()
     summary.truncated = int(cache.texts["truncated"][cache.rows(list(unique))].sum())
     return {column: cache.rows(keys) for column, keys in column_keys.items()}
+
+
+def rank_share(keys: list[Key], texts: list[str], max_tokens: int, group: Group) -> list[Key]:
+    """This rank's share of `keys`, the same split on every rank, balanced by estimated tokens (characters / 4,
+    capped at the role's limit): longest first, dealt out back and forth (0, 1, ..., N-1, N-1, ..., 0, ...)."""
+    if not group.distributed:
+        return keys
+    cost = np.minimum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) // 4 + 1, max_tokens)
+    order = np.argsort(-cost, kind="stable")
+    position = np.arange(len(order))
+    lap, seat = np.divmod(position, group.world_size)
+    rank = np.where(lap % 2 == 0, seat, group.world_size - 1 - seat)
+    mine = np.sort(order[rank == group.rank])
+    return [keys[i] for i in mine]
 
 
 def _encode_shard(
@@ -139,20 +166,51 @@ def versions() -> dict[str, str]:
 
 
 def embed_files(
-    paths: Sequence[str | Path], cache_dir: str | Path, config: Config, progress: bool = True, append: bool = False
+    paths: Sequence[str | Path],
+    cache_dir: str | Path,
+    config: Config,
+    progress: bool = True,
+    append: bool = False,
+    wait: bool = True,
 ) -> EmbedSummary:
     """`modrm embed`: load and validate the pairs, encode what the cache lacks, write the pairs index. The index
-    holds these files' pairs (and says so when it replaced others), or with `append` the earlier ones too."""
+    holds these files' pairs (and says so when it replaced others), or with `append` the earlier ones too.
+
+    Under torchrun, rank 0 holds the cache's lock and writes the index; every rank encodes a share."""
+    group = Group.from_env(config.encoder.device)
+    config.encoder.device = group.device(config.encoder.device)
     pairs = load_pairs(paths, config.data.modules)
     info = describe(config.encoder)
-    cache = Cache.open(cache_dir, info.fingerprint)
+    opened = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait))  # the lock, and any repair
+    cache = opened if opened is not None else Cache.read(cache_dir, info.fingerprint)
+    try:
+        summary = EmbedSummary(n_pairs=len(pairs))
+        if group.is_main:
+            summary = _index_pairs(paths, pairs, cache, config, info, summary, progress, append, group)
+        else:
+            ensure_embedded(pairs, cache, config, info, summary, progress, group)
+        return summary
+    finally:
+        cache.close()
+
+
+def _index_pairs(
+    paths: Sequence[str | Path],
+    pairs: Sequence[Pair],
+    cache: Cache,
+    config: Config,
+    info: ModelInfo,
+    summary: EmbedSummary,
+    progress: bool,
+    append: bool,
+    group: Group,
+) -> EmbedSummary:
     manifest = read_manifest(cache.folder) or {}
     previous = cache.read_pairs() if (cache.folder / "pairs.parquet").exists() else None
     earlier_files = list(manifest.get("data_files", [])) if previous is not None else []
     if append and previous is not None:
         check_appendable(previous, pairs, manifest, config, cache.folder)
-    summary = EmbedSummary(n_pairs=len(pairs))
-    rows = ensure_embedded(pairs, cache, config, info, summary, progress)
+    rows = ensure_embedded(pairs, cache, config, info, summary, progress, group)
     table = pairs_table(pairs, rows, config)
     if append and previous is not None:
         table = pa.concat_tables([previous.select(table.column_names), table])

@@ -279,9 +279,9 @@ class Scored:
 def score_checkpoint(ckpt: Checkpoint, pairs: Sequence[Pair], cache: Path | None, progress: bool) -> Scored:
     """Embed what the cache lacks (never `write_pairs`: that index belongs to training), then score."""
     info = ckpt.encoder_info()
-    store = Cache.open(cache_folder(ckpt, cache), info.fingerprint)
     summary = EmbedSummary(n_pairs=len(pairs))
-    rows = ensure_embedded(pairs, store, ckpt.config, info, summary, progress)
+    with Cache.open(cache_folder(ckpt, cache), info.fingerprint) as store:
+        rows = ensure_embedded(pairs, store, ckpt.config, info, summary, progress)
     lookup = {name: i for i, name in enumerate(ckpt.model.module_names)}
     module_idx = np.array([lookup[p.target_module] for p in pairs], dtype=np.int64)
     emb = store.embeddings(ckpt.config.train.memory_budget_gb * 2**30)

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write
-from pipeline.cache import ROW_COLUMNS, Cache, open_existing
+from pipeline.cache import ROW_COLUMNS, Cache, MappedRows, open_existing
 from pipeline.checkpoint import save_heads
 from pipeline.config import FIXED_BY_CACHE, Config, config_from_dict, resolve_config
 from pipeline.encoder import pick_device
@@ -74,7 +74,7 @@ class EmbeddingTable:
     def __init__(self, cache: Cache, needed: np.ndarray, budget_bytes: float, device: torch.device):
         self.device = device
         data = cache.embeddings(budget_bytes)
-        if isinstance(data, np.memmap):
+        if isinstance(data, MappedRows):
             self.memmap, self.tensor = data, None
             for lo in range(0, len(needed), 1 << 16):
                 self._check(np.asarray(data[np.sort(needed[lo : lo + (1 << 16)])]), cache)

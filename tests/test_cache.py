@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.embed
-from pipeline.cache import ROW_COLUMNS, TEXT_COLUMNS, Cache, open_existing
+from pipeline.cache import ROW_COLUMNS, TEXT_COLUMNS, Cache, MappedRows, open_existing
 from pipeline.config import Config
 from pipeline.data import Pair, assign_split, load_pairs, pair_to_record
 from pipeline.embed import embed_files, pair_texts, text_hash
@@ -64,7 +64,7 @@ def _file_hashes(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != ".lock"  # the writer's lock file, created by the first writer
     }
 
 
@@ -118,7 +118,7 @@ def test_round_trip_and_file_layout(seed_cache, seed_pairs_path: Path, tiny_conf
     folder, summary = seed_cache
     pairs = load_pairs([seed_pairs_path])
     _assert_round_trip(folder, pairs, tiny_config)
-    assert tuple(pq.read_schema(folder / "texts.parquet").names) == TEXT_COLUMNS
+    assert tuple(pq.read_table(folder / "texts.parquet").schema.names) == TEXT_COLUMNS  # one table to pandas too
     assert tuple(pq.read_schema(folder / "pairs.parquet").names) == PAIR_COLUMNS
     with h5py.File(folder / "embeddings.h5", "r") as f:
         assert f["embeddings"].dtype == np.float16 and f["embeddings"].shape == (SEED_UNIQUE_TEXTS, 64)
@@ -173,7 +173,7 @@ def test_dedup_counts_and_a_second_run_encodes_nothing(
     assert (again.encoded, again.cached, again.unique_texts) == (0, again.unique_texts, SEED_UNIQUE_TEXTS)
     assert "nothing to encode" in "\n".join(again.lines())
     after = _file_hashes(folder)
-    for name in ("embeddings.h5", "texts.parquet", "pairs.parquet"):
+    for name in ("embeddings.h5", "segments/seg-000000.h5", "texts.parquet/seg-000000.parquet", "pairs.parquet"):
         assert after[name] == before[name], name
 
 
@@ -267,8 +267,8 @@ def test_a_crash_after_two_shards_resumes_to_the_same_cache(
     add_shard = Cache.add_shard
     written = []
 
-    def crash_after_two(self: Cache, shard) -> None:
-        add_shard(self, shard)
+    def crash_after_two(self: Cache, shard, rank: int = 0) -> None:
+        add_shard(self, shard, rank)
         written.append(len(shard.keys))
         if len(written) == 2:
             raise RuntimeError("simulated crash")
@@ -299,10 +299,10 @@ def test_a_crash_while_adding_to_an_existing_cache_keeps_it_readable(
     monkeypatch.setattr(pipeline.embed, "SHARD_TEXTS", 4)
     add_shard = Cache.add_shard
 
-    def crash_on_the_second(self: Cache, shard) -> None:
+    def crash_on_the_second(self: Cache, shard, rank: int = 0) -> None:
         if len(list((self.folder / "pending").glob("shard-*.parquet"))) == 1:
             raise RuntimeError("simulated crash")
-        add_shard(self, shard)
+        add_shard(self, shard, rank)
 
     monkeypatch.setattr(Cache, "add_shard", crash_on_the_second)
     with pytest.raises(RuntimeError):
@@ -329,8 +329,8 @@ def test_shards_of_another_encoder_are_never_merged(
     monkeypatch.setattr(pipeline.embed, "SHARD_TEXTS", 10)
     add_shard = Cache.add_shard
 
-    def crash_after_one(self: Cache, shard) -> None:
-        add_shard(self, shard)
+    def crash_after_one(self: Cache, shard, rank: int = 0) -> None:
+        add_shard(self, shard, rank)
         raise RuntimeError("simulated crash")
 
     monkeypatch.setattr(Cache, "add_shard", crash_after_one)
@@ -404,8 +404,8 @@ def test_kill_9_during_embed_then_resume(tmp_path: Path, seed_pairs_path: Path, 
         "import time, pipeline.embed as e, pipeline.cache as c\n"
         "e.SHARD_TEXTS = 6\n"
         "add = c.Cache.add_shard\n"
-        "def slow(self, shard):\n"
-        "    add(self, shard)\n"
+        "def slow(self, shard, rank=0):\n"
+        "    add(self, shard, rank)\n"
         "    time.sleep(0.3)\n"
         "c.Cache.add_shard = slow\n"
         "from pipeline.cli import main\n"
@@ -417,7 +417,7 @@ def test_kill_9_during_embed_then_resume(tmp_path: Path, seed_pairs_path: Path, 
         [sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     try:
-        first = folder / "pending" / "shard-000000.parquet"
+        first = folder / "pending" / "shard-r000-000000.parquet"
         deadline = time.monotonic() + 120
         while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -446,7 +446,7 @@ def test_memory_mapped_read_equals_the_in_memory_read(seed_cache) -> None:
     cache, _ = open_existing(seed_cache[0])
     in_memory = cache.embeddings()
     mapped = cache.embeddings(memory_budget_bytes=0)
-    assert isinstance(mapped, np.memmap) and not isinstance(in_memory, np.memmap)
+    assert isinstance(mapped, MappedRows) and isinstance(in_memory, np.ndarray)
     assert mapped.shape == in_memory.shape == (SEED_UNIQUE_TEXTS, 64) and mapped.dtype == np.float16
     np.testing.assert_array_equal(np.asarray(mapped), in_memory)
 
@@ -457,3 +457,257 @@ def test_unknown_texts_and_missing_files_are_clear_errors(seed_cache, tmp_path: 
         cache.rows([("module", text_hash("never embedded"))])
     with pytest.raises(ModrmError, match="not an embedding cache"):
         open_existing(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- growth in O(new)
+
+
+def _second_file(seed_pairs_path: Path, tmp_path: Path, n: int = 3) -> Path:
+    """`n` seed pairs whose positive module text is new: n new texts, the rest already cached."""
+    changed = []
+    for i, pair in enumerate(load_pairs([seed_pairs_path])[:n]):
+        positive = type(pair.positive)(pair.positive.context, pair.positive.module_text + f" (v2 {i})", 1.0)
+        changed.append(type(pair)(pair.pair_id + "_v2", pair.target_module, pair.task, positive, pair.negative))
+    return _write_pairs(tmp_path / "second.json", changed)
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def test_growth_writes_only_the_new_rows(
+    seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path
+) -> None:
+    folder = _copy(seed_cache, tmp_path)
+    old_segment = folder / "segments" / "seg-000000.h5"
+    before = _stat(old_segment), hashlib.sha256(old_segment.read_bytes()).hexdigest()
+    old_emb = open_existing(folder)[0].embeddings()
+    summary = embed_files([_second_file(seed_pairs_path, tmp_path)], folder, tiny_config, progress=False)
+    assert summary.encoded == 3
+    assert (_stat(old_segment), hashlib.sha256(old_segment.read_bytes()).hexdigest()) == before  # never rewritten
+    with h5py.File(folder / "segments" / "seg-000001.h5", "r") as f:
+        assert f["embeddings"].shape == (3, 64)  # the new segment holds the new rows only
+    cache, manifest = open_existing(folder)
+    assert cache.n_rows == manifest["n_texts"] == SEED_UNIQUE_TEXTS + 3
+    whole = cache.embeddings()
+    np.testing.assert_array_equal(whole[:SEED_UNIQUE_TEXTS], old_emb)
+    with h5py.File(folder / "embeddings.h5", "r") as f:  # the contract: one dataset, as h5py reads it
+        assert f["embeddings"].dtype == np.float16 and f["embeddings"].shape == (SEED_UNIQUE_TEXTS + 3, 64)
+        np.testing.assert_array_equal(f["embeddings"][:], whole)
+    texts = pq.read_table(folder / "texts.parquet").to_pandas()  # one table to pyarrow and pandas
+    assert list(texts.columns) == list(TEXT_COLUMNS) and texts["row"].tolist() == list(range(cache.n_rows))
+    mapped = cache.embeddings(memory_budget_bytes=0)
+    rows = np.array([SEED_UNIQUE_TEXTS + 2, 0, SEED_UNIQUE_TEXTS, 5, 5])  # across both segments, any order
+    np.testing.assert_array_equal(mapped[rows], whole[rows])
+
+
+def _as_old_single_file_cache(folder: Path) -> None:
+    """Rewrite a cache in the layout from before segments: one contiguous embeddings.h5, a texts.parquet file."""
+    cache, _ = open_existing(folder)
+    emb, texts = cache.embeddings(), pq.read_table(folder / "texts.parquet")
+    metadata = {b"modrm_fingerprint": json.dumps(cache.fingerprint.to_dict()).encode()}
+    shutil.rmtree(folder / "segments")
+    shutil.rmtree(folder / "texts.parquet")
+    (folder / "embeddings.h5").unlink()
+    with h5py.File(folder / "embeddings.h5", "w") as f:
+        f.create_dataset("embeddings", data=emb)
+    pq.write_table(texts.replace_schema_metadata(metadata), folder / "texts.parquet")
+
+
+def test_an_old_single_file_cache_opens_and_grows_without_a_copy(
+    seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path
+) -> None:
+    folder = _copy(seed_cache, tmp_path)
+    _as_old_single_file_cache(folder)
+    old_emb = open_existing(folder)[0].embeddings()
+    assert isinstance(open_existing(folder)[0].embeddings(0), MappedRows)
+    inode = (folder / "embeddings.h5").stat().st_ino
+    second = _second_file(seed_pairs_path, tmp_path)
+    assert embed_files([second], folder, tiny_config, progress=False).encoded == 3
+    assert (folder / "segments" / "seg-000000.h5").stat().st_ino == inode  # the old file, linked, not copied
+    cache, _ = open_existing(folder)
+    np.testing.assert_array_equal(cache.embeddings()[:SEED_UNIQUE_TEXTS], old_emb)
+    assert (folder / "texts.parquet").is_dir() and pq.read_table(folder / "texts.parquet").num_rows == cache.n_rows
+    _assert_round_trip(folder, load_pairs([second]), tiny_config)
+
+
+# each step of a commit, in order (opening a cache publishes the texts view too: the kill is at its second call)
+@pytest.mark.parametrize(("step", "call"), [("_write_segment", 1), ("_write_commit", 1), ("_publish_texts_view", 2)])
+def test_a_kill_at_any_step_of_a_commit_leaves_a_readable_cache_and_resumes(
+    seed_cache,
+    seed_pairs_path: Path,
+    tiny_config: Config,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    step: str,
+    call: int,
+) -> None:
+    folder = _copy(seed_cache, tmp_path)
+    second = _second_file(seed_pairs_path, tmp_path)
+    original, calls = getattr(Cache, step), []
+
+    def then_killed(self: Cache, *args: object) -> object:
+        result = original(self, *args)
+        calls.append(step)
+        if len(calls) == call:
+            raise RuntimeError("simulated kill")
+        return result
+
+    monkeypatch.setattr(Cache, step, then_killed)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        embed_files([second], folder, tiny_config, progress=False)
+    monkeypatch.undo()
+    committed = step != "_write_segment"  # embeddings.h5, written by _write_commit, is the commit point
+    cache, _ = open_existing(folder)
+    assert cache.n_rows == SEED_UNIQUE_TEXTS + 3 * committed
+    summary = embed_files([second], folder, tiny_config, progress=False)
+    assert summary.encoded == 0  # the finished shard was committed, or the commit stood
+    reference = _copy(seed_cache, tmp_path / "reference")
+    embed_files([second], reference, tiny_config, progress=False)
+    _assert_same_cache(folder, reference)
+    assert sorted(p.name for p in (folder / "segments").iterdir()) == sorted(
+        p.name for p in (reference / "segments").iterdir()
+    )  # what the killed run left uncommitted was removed
+
+
+# ---------------------------------------------------------------------------------------------- one writer
+
+
+def _embed_args(data: Path, folder: Path, config_file: Path) -> list[str]:
+    return ["embed", "--data", str(data), "--cache", str(folder), "--config", str(config_file), "--quiet"]
+
+
+@pytest.fixture
+def tiny_config_file(tiny_qwen3: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(
+        f'[encoder]\nname = "{tiny_qwen3}"\ndevice = "cpu"\nmax_context_tokens = 128\nmax_module_tokens = 64\n'
+    )
+    return path
+
+
+HOLD_LOCK = (
+    "import sys, time\n"
+    "from pathlib import Path\n"
+    "from pipeline.cache import WriterLock\n"
+    "lock = WriterLock(Path(sys.argv[1]))\n"
+    "print('held', flush=True)\n"
+    "time.sleep(float(sys.argv[2]))\n"
+)
+
+
+def test_a_second_writer_fails_with_no_wait_and_otherwise_waits(
+    seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    folder = _copy(seed_cache, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(folder), "3"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _file_hashes(folder)
+        with pytest.raises(ModrmError, match=rf"another modrm \(pid {holder.pid}\) is writing this cache"):
+            embed_files([seed_pairs_path], folder, tiny_config, progress=False, wait=False)
+        assert _file_hashes(folder) == before
+        started = time.monotonic()
+        embed_files([_second_file(seed_pairs_path, tmp_path)], folder, tiny_config, progress=False)
+        assert time.monotonic() - started > 1.0  # it waited for the holder (3 s) to let go
+        assert f"waiting for another modrm (pid {holder.pid})" in capfd.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_concurrent_embeds_leave_a_consistent_cache(
+    seed_pairs_path: Path, tiny_config: Config, tiny_config_file: Path, tmp_path: Path
+) -> None:
+    pairs = load_pairs([seed_pairs_path])
+    halves = _write_pairs(tmp_path / "a.json", pairs[:16]), _write_pairs(tmp_path / "b.json", pairs[16:])
+    folder = tmp_path / "cache"
+    command = [sys.executable, "-m", "pipeline"]
+    runs = [
+        subprocess.Popen([*command, *_embed_args(half, folder, tiny_config_file)], stderr=subprocess.PIPE)
+        for half in halves
+    ]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read().decode()[-3000:]
+    cache, _ = open_existing(folder)
+    assert cache.n_rows == SEED_UNIQUE_TEXTS  # every text once: the second writer found the first one's rows
+    reference = tmp_path / "reference"
+    embed_files([seed_pairs_path], reference, tiny_config, progress=False)
+    ref_cache, _ = open_existing(reference)
+    keys = list(zip(ref_cache.texts["role"], ref_cache.texts["text_hash"], strict=True))
+    np.testing.assert_allclose(
+        cache.embeddings()[cache.rows(keys)].astype(np.float32),
+        ref_cache.embeddings().astype(np.float32),
+        atol=1e-3,
+        rtol=0,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+def _torchrun(nproc: int, *args: str, script: str | None = None) -> subprocess.Popen:
+    """`torchrun --standalone --nproc-per-node N modrm ARGS` as a user launches it (gloo on CPU)."""
+    program = ["-c", script] if script else ["-m", "pipeline"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    if script:  # torchrun runs a file; a script given inline is written next to the cache
+        path = Path(args[args.index("--cache") + 1]).parent / "rank_script.py"
+        path.write_text(script)
+        program = [str(path)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*launcher, *program, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_sharded_embed_on_two_processes_equals_one_process(
+    seed_cache, seed_pairs_path: Path, tiny_config_file: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "sharded"
+    run = _torchrun(2, *_embed_args(seed_pairs_path, folder, tiny_config_file))
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err.decode()[-3000:]
+    assert out.decode().count("cache ") == 1  # rank 0 alone reports
+    assert f"encoded {SEED_UNIQUE_TEXTS} texts" in out.decode()  # summed over ranks: each text encoded once
+    _assert_same_cache(folder, seed_cache[0])
+
+
+RANK_SCRIPT = """\
+import os, sys, time
+import pipeline.embed as e, pipeline.cache as c
+e.SHARD_TEXTS = 6
+add = c.Cache.add_shard
+def slow(self, shard, rank=0):
+    add(self, shard, rank)
+    (self.folder.parent / f"rank{rank}.pid").write_text(str(os.getpid()))
+    time.sleep(0.5)
+c.Cache.add_shard = slow
+from pipeline.cli import main
+sys.argv[0] = "modrm"
+main()
+"""
+
+
+def test_a_rank_killed_mid_run_then_a_rerun_equals_the_uninterrupted_run(
+    seed_cache, seed_pairs_path: Path, tiny_config_file: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "killed"
+    run = _torchrun(2, *_embed_args(seed_pairs_path, folder, tiny_config_file), script=RANK_SCRIPT)
+    try:
+        pid_file = tmp_path / "rank1.pid"
+        deadline = time.monotonic() + 120
+        while not pid_file.exists() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pid_file.exists(), run.communicate(timeout=60)[1].decode()[-3000:]
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode != 0 and not (folder / "embeddings.h5").exists()  # nothing was committed
+    done = list((folder / "pending").glob("shard-r*.parquet"))
+    assert any("-r001-" in p.name for p in done)  # the killed rank's finished shard is kept
+    kept = sum(pq.read_metadata(p).num_rows for p in done)
+    rerun = _torchrun(2, *_embed_args(seed_pairs_path, folder, tiny_config_file))
+    out, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode()[-3000:]
+    assert f"already cached: {kept}" in out.decode() and f"encoded {SEED_UNIQUE_TEXTS - kept} texts" in out.decode()
+    _assert_same_cache(folder, seed_cache[0])

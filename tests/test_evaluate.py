@@ -163,7 +163,7 @@ def _eval_setup(tmp_path_factory, tiny_qwen3, seed_pairs_path, make_config):
 
 
 def _texts_rows(cache: Path) -> int:
-    return pq.read_metadata(cache / "texts.parquet").num_rows
+    return pq.read_table(cache / "texts.parquet").num_rows
 
 
 def test_evaluate_writes_metrics_plots_report_and_reuses_the_cache(_eval_setup):

@@ -26,7 +26,9 @@ SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 
 def hashes(folder: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != ".lock"  # a writer's lock file, created by the first writer
     }
 
 
@@ -54,14 +56,18 @@ def truncate(path: Path) -> None:
 DAMAGE: dict[str, Callable[[Path], None]] = {
     "embeddings.h5 missing": lambda c: (c / "embeddings.h5").unlink(),
     "embeddings.h5 truncated": lambda c: truncate(c / "embeddings.h5"),
-    "texts.parquet truncated": lambda c: truncate(c / "texts.parquet"),
+    "a segment truncated": lambda c: truncate(c / "segments" / "seg-000000.h5"),
+    "a segment's texts truncated": lambda c: truncate(c / "segments" / "seg-000000.parquet"),
+    "embeddings.h5 garbage": lambda c: (c / "embeddings.h5").write_bytes(b"\x89HDF\r\n not really"),
     "manifest.json garbage": lambda c: (c / "manifest.json").write_text("{not json"),
     "manifest.json without a fingerprint": lambda c: (c / "manifest.json").write_text('{"encoder": {"dim": 3}}'),
 }
 EXPECTED = {
     "embeddings.h5 missing": "embeddings.h5 is missing, but texts.parquet lists",
     "embeddings.h5 truncated": "embeddings.h5",
-    "texts.parquet truncated": "texts.parquet is unreadable",
+    "a segment truncated": "segments/seg-000000.h5",
+    "a segment's texts truncated": "the texts index is unreadable",
+    "embeddings.h5 garbage": "embeddings.h5 is unreadable",
     "manifest.json garbage": "manifest.json is not valid JSON",
     "manifest.json without a fingerprint": "manifest.json has no valid encoder fingerprint",
 }

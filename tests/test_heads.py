@@ -83,7 +83,7 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(len(modules), dim))
     fp = Fingerprint("synthetic", None, "0" * 64, "mean", True, "", 64, 64, dim)
-    cache = Cache(folder, fp)
+    cache = Cache.open(folder, fp)
     keys, embs, records = [], [], []
     for t in range(n_tasks):
         for j in range(pairs_per_task):
@@ -97,11 +97,13 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
     if nan:
         emb[1, 0] = np.nan
     shard = Shard(keys, np.full(len(keys), 10), np.zeros(len(keys), dtype=bool), np.nan_to_num(emb))
-    cache.merge(keys, [shard])
+    cache.add_shard(shard)
+    cache.commit(keys)
+    cache.close()
     if nan:  # corrupt the stored file the way a bad writer would
         import h5py
 
-        with h5py.File(folder / "embeddings.h5", "r+") as f:
+        with h5py.File(folder / "segments" / "seg-000000.h5", "r+") as f:
             f["embeddings"][1, 0] = np.nan
     config = Config()
     d = config.data
