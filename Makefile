@@ -73,6 +73,7 @@ bench: install
 	$(BIN)/python bench/bench_embed.py
 	$(BIN)/python bench/bench_heads.py
 	$(BIN)/python bench/bench_finetune.py
+	$(BIN)/python bench/bench_ddp_finetune.py
 	$(BIN)/python bench/bench_serve.py
 
 # The GPU check: the cuda tests and bench/bench_gpu.py, on a Python that has torch with CUDA and modrm
