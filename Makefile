@@ -16,7 +16,7 @@ SPLIT ?= test
 CONFIG ?=
 CONFIG_FLAG := $(if $(CONFIG),--config $(CONFIG),)
 MODRM := $(BIN)/modrm
-# Processes on this machine for the commands that take several (finetune): NPROC > 1 starts them with torchrun
+# Processes on this machine for the commands that take several (embed, finetune): NPROC > 1 starts them with torchrun
 # (--standalone: a free port, one node), e.g. `make finetune NPROC=4`, one per GPU (gloo on CPU).
 NPROC ?= 1
 LAUNCH := $(if $(filter-out 1,$(NPROC)),$(BIN)/torchrun --standalone --nproc-per-node $(NPROC) $(MODRM),$(MODRM))
@@ -42,7 +42,7 @@ synth: install
 	$(MODRM) synth --out $(DATA) --pairs-per-module 1000 $(CONFIG_FLAG)
 
 embed: install
-	$(MODRM) embed --data $(DATA) --cache $(CACHE) --encoder $(ENCODER) --device $(DEVICE) $(CONFIG_FLAG)
+	$(LAUNCH) embed --data $(DATA) --cache $(CACHE) --encoder $(ENCODER) --device $(DEVICE) $(CONFIG_FLAG)
 
 train-heads: install
 	$(MODRM) train-heads --cache $(CACHE) --out $(CHECKPOINT) --device $(DEVICE) $(CONFIG_FLAG)
@@ -71,6 +71,7 @@ demo: install
 
 bench: install
 	$(BIN)/python bench/bench_embed.py
+	$(BIN)/python bench/bench_cache.py
 	$(BIN)/python bench/bench_heads.py
 	$(BIN)/python bench/bench_finetune.py
 	$(BIN)/python bench/bench_ddp_finetune.py

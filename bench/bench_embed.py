@@ -19,6 +19,8 @@ common way to collect preference data: its contexts and module texts repeat. `em
 cache (encodes each unique text once) is timed against sentence-transformers encoding all four texts of
 every pair, and a second `embed_files` on the same cache, which has nothing left to encode.
 
+Then `modrm embed` on 1 process against 2 under torchrun (gloo), sharing this machine's cores.
+
 On a machine with CUDA it also encodes ~2000 texts of 512 tokens with the real-size Qwen3-Embedding-0.6B
 architecture (random weights, fp16: the speed is the real model's, the embeddings are meaningless) and
 reports tokens/s and peak GPU memory. Without CUDA that part is skipped, and says so.
@@ -27,6 +29,10 @@ reports tokens/s and peak GPU memory. Without CUDA that part is skipped, and say
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -147,6 +153,47 @@ def dedup(args, config: Config, workdir: Path) -> dict:
     }
 
 
+def processes(pairs_per_module: int, workdir: Path, counts: list[int]) -> list[dict]:
+    """`modrm embed` of one synthetic file into a fresh cache, on 1 process and under torchrun on N (gloo on CPU:
+    each of N processes gets cores / N threads); the rate is the one modrm prints (encoding only, model load
+    excluded), the wall time includes process start and model load."""
+    path = write_pairs(workdir / "processes.jsonl", generate_pairs(pairs_per_module, seed=3))
+    cores = len(os.sched_getaffinity(0))
+    out = []
+    for n in counts:
+        launch = (
+            [sys.executable, "-m", "pipeline"]
+            if n == 1
+            else [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={n}",
+                "-m",
+                "pipeline",
+            ]
+        )
+        args = ["embed", "--data", str(path), "--cache", str(workdir / f"cache-{n}"), "--encoder", MINILM_ID]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // n)), "HF_HUB_OFFLINE": "1"}
+        (done, seconds) = timed(
+            lambda launch=launch, args=args, env=env: subprocess.run(
+                [*launch, *args, "--device", "cpu", "--quiet"], capture_output=True, text=True, env=env, check=True
+            )
+        )
+        rate = re.search(r"encoded ([\d,]+) texts in ([\d.]+)s .*?, ([\d,]+) tokens/s", done.stdout)
+        out.append(
+            {
+                "processes": n,
+                "texts": int(rate.group(1).replace(",", "")),
+                "encode_seconds": float(rate.group(2)),
+                "tokens_per_s": int(rate.group(3).replace(",", "")),
+                "wall_seconds": seconds,
+            }
+        )
+    return out
+
+
 def qwen3_throughput(folder: Path, device: str, n_texts: int, length: int) -> dict:
     """Encode `n_texts` contexts of exactly `length` tokens (texts repeated until long enough, cut from the left)."""
     config = EncoderConfig(name=str(folder), device=device, dtype="auto", max_context_tokens=length)
@@ -189,6 +236,7 @@ def main() -> None:
     rows, synth_ratio = compare_encoders(args, config)
     with tempfile.TemporaryDirectory() as tmp:
         dd = dedup(args, config, Path(tmp))
+        procs = processes(args.pairs_per_module, Path(tmp), [1, 2])
         qwen3 = None
         if torch.cuda.is_available():
             folder = build_random_qwen3(Path(tmp) / "qwen3-0.6b", size="0.6b")
@@ -227,6 +275,13 @@ def main() -> None:
         )
     )
     print("(embed_files times are wall time: model load, hashing, cache writes and the pairs index included)")
+    print("\n`modrm embed`, 1 process against torchrun (gloo), the same cores shared among the processes:")
+    print(
+        table(
+            ["processes", "texts", "encode seconds", "tokens/s", "wall seconds"],
+            [[r[k] for k in ("processes", "texts", "encode_seconds", "tokens_per_s", "wall_seconds")] for r in procs],
+        )
+    )
     if qwen3 is None:
         print("\nQwen3-Embedding-0.6B (real size, random weights) at 512 tokens: needs a CUDA GPU; skipped.")
     else:
@@ -247,7 +302,7 @@ def main() -> None:
             )
         )
     dd["synth_unique_ratio"] = synth_ratio
-    results = {"encoders": rows, "dedup": dd, "qwen3_cuda": qwen3}
+    results = {"encoders": rows, "dedup": dd, "processes": procs, "qwen3_cuda": qwen3}
     write_results("bench_embed", results, started, busy)
 
 

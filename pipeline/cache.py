@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -41,7 +42,7 @@ from pipeline.errors import ModrmError
 TEXT_COLUMNS = ("text_hash", "row", "role", "n_tokens", "truncated")
 ROW_COLUMNS = ("pos_ctx_row", "pos_mod_row", "neg_ctx_row", "neg_mod_row")
 SEGMENTS_KEY, FINGERPRINT_KEY = "modrm_segments", "modrm_fingerprint"
-COPY_ROWS = 1 << 16  # rows per block when a commit gathers shards into its segment
+COPY_ROWS = 1 << 14  # rows per block when a commit gathers shards into its segment (32 MiB at dim 1024)
 
 Key = tuple[str, str]  # (role, text_hash)
 
@@ -348,6 +349,8 @@ class Cache:
                 ds = out.create_dataset("embeddings", shape=(n, dim), dtype=np.float16)
                 for lo in range(0, n, COPY_ROWS):
                     block = _gather(arrays, source[lo : lo + COPY_ROWS], dim)
+                    for array in arrays:  # what was read stays in the page cache, not in this process
+                        _release_pages(array)
                     if not np.isfinite(block).all():
                         raise ModrmError(f"{self.folder}: refusing to write non-finite embeddings to the cache")
                     ds[lo : lo + len(block)] = block
@@ -513,7 +516,13 @@ def _read_shard_index(path: Path, columns: list[str]) -> pa.Table:
         ) from None
 
 
-def _load_npy(path: Path, index_path: Path, dim: int) -> np.ndarray:
+def _release_pages(array: np.memmap) -> None:
+    """Drop a read-only memory map's resident pages from this process (the kernel keeps them cached), so a commit
+    that reads every shard once holds one block of them, not all."""
+    array._mmap.madvise(mmap.MADV_DONTNEED)
+
+
+def _load_npy(path: Path, index_path: Path, dim: int) -> np.memmap:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
         rows = pq.read_metadata(index_path).num_rows
