@@ -199,12 +199,8 @@ class Cache:
             old_texts = self.folder / "texts.parquet"
             segments = [Segment(path, None, 0, _old_texts_rows(self.folder))] if old_texts.is_file() else []
         else:
-            segments, start = [], 0
             try:
-                for name, rows in json.loads(listed):
-                    stem = self.folder / "segments" / str(name)
-                    segments.append(Segment(stem.with_suffix(".h5"), stem.with_suffix(".parquet"), start, int(rows)))
-                    start += int(rows)
+                segments = _segments(self.folder, [(str(name), int(rows)) for name, rows in json.loads(listed)])
             except (TypeError, ValueError) as err:
                 raise damaged(self.folder, f"embeddings.h5's segment list is unreadable ({err})") from None
         for segment in segments:
@@ -298,11 +294,13 @@ class Cache:
         if new_keys:
             source = np.array([found[k] for k in new_keys])
             arrays = [_load_npy(npy, index_path, self.fingerprint.dim) for index_path, npy in shards]
+            n_tokens, truncated = (_gather([i[c] for i in info], source) for c in (0, 1))
             committed = self._adopt_old_file()
             number = int(committed[-1][0].removeprefix("seg-")) + 1 if committed else 0
-            self._write_commit([*committed, self._write_segment(number, new_keys, source, arrays, info)])
+            segments = [*committed, self._write_segment(number, new_keys, source, arrays, n_tokens, truncated)]
+            self._write_commit(segments)
+            self._extend(segments, new_keys, n_tokens, truncated)
         shutil.rmtree(self.folder / "pending", ignore_errors=True)
-        self.reload()
         if new_keys:
             self._publish_texts_view()
             manifest = read_manifest(self.folder) or {}  # eval adds texts too: keep the counts true
@@ -337,7 +335,8 @@ class Cache:
         keys: list[Key],
         source: np.ndarray,
         arrays: list[np.ndarray],
-        info: list[tuple[np.ndarray, np.ndarray]],
+        n_tokens: np.ndarray,
+        truncated: np.ndarray,
     ) -> tuple[str, int]:
         """segments/seg-N.h5 and .parquet: the new rows gathered from the shards, block by block."""
         stem = self.folder / "segments" / f"seg-{number:06d}"
@@ -362,12 +361,29 @@ class Cache:
                 "text_hash": list(hashes),
                 "row": np.arange(self.n_rows, self.n_rows + n),
                 "role": list(roles),
-                "n_tokens": _gather([i[0] for i in info], source),
-                "truncated": _gather([i[1] for i in info], source),
+                "n_tokens": n_tokens,
+                "truncated": truncated,
             }
         )
         atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(table, tmp))
         return stem.name, n
+
+    def _extend(
+        self, segments: list[tuple[str, int]], keys: list[Key], n_tokens: np.ndarray, truncated: np.ndarray
+    ) -> None:
+        """The state after a commit, from what is in memory (reading the index back would cost O(rows))."""
+        start = self.n_rows
+        self.segments = _segments(self.folder, segments)
+        roles, hashes = zip(*keys, strict=True)
+        new = {
+            "text_hash": np.array(hashes, dtype=object),
+            "row": np.arange(start, start + len(keys)),
+            "role": np.array(roles, dtype=object),
+            "n_tokens": n_tokens,
+            "truncated": truncated,
+        }
+        self.texts = {name: np.concatenate([self.texts[name], new[name]]) for name in TEXT_COLUMNS}
+        self.index.update(zip(keys, new["row"].tolist(), strict=True))
 
     def _write_commit(self, segments: list[tuple[str, int]]) -> None:
         """Replace embeddings.h5 by a virtual dataset over `segments`: the commit point."""
@@ -478,6 +494,16 @@ class MappedRows:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def _segments(folder: Path, listed: list[tuple[str, int]]) -> list[Segment]:
+    """Segment objects for (name, rows) in row order."""
+    segments, start = [], 0
+    for name, rows in listed:
+        stem = folder / "segments" / name
+        segments.append(Segment(stem.with_suffix(".h5"), stem.with_suffix(".parquet"), start, rows))
+        start += rows
+    return segments
 
 
 def _empty_texts() -> dict[str, np.ndarray]:
