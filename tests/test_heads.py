@@ -96,9 +96,12 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
     emb = np.array(embs, dtype=np.float16)
     if nan:
         emb[1, 0] = np.nan
-    shard = Shard(keys, np.full(len(keys), 10), np.zeros(len(keys), dtype=bool), np.nan_to_num(emb))
-    cache.add_shard(shard)
-    cache.commit(keys)
+    emb = np.nan_to_num(emb)
+    half = len(keys) // 2  # two commits: two segments, which the memory-mapped table reads across
+    for part in (slice(0, half), slice(half, None)):
+        n = len(keys[part])
+        cache.add_shard(Shard(keys[part], np.full(n, 10), np.zeros(n, dtype=bool), emb[part]))
+        cache.commit(keys[part])
     cache.close()
     if nan:  # corrupt the stored file the way a bad writer would
         import h5py
