@@ -150,8 +150,7 @@ def finetune_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Stage 1: reload the encoder and fine-tune encoder and heads end to end (several processes under torchrun)."""
-    import torch.distributed as dist
-
+    from pipeline.distributed import leave_group
     from pipeline.finetune import finetune
 
     flags = {
@@ -171,11 +170,8 @@ def finetune_cmd(
     saved = read_checkpoint_config(checkpoint)[1]
     cfg = load_config(config, {"finetune": flags}, saved, f"checkpoint {checkpoint}", FIXED_BY_CHECKPOINT)
     result = finetune(checkpoint, data, out, cfg.to_dict(), resume=resume, progress=not quiet)
-    if dist.is_initialized():  # under torchrun: rank 0 alone reports
-        main_rank = dist.get_rank() == 0
-        dist.destroy_process_group()
-        if not main_rank:
-            return
+    if not leave_group():  # under torchrun: rank 0 alone reports
+        return
     best = result["best"]
     typer.echo(
         f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.3f} "

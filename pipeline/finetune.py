@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -236,15 +235,6 @@ def rng_key(name: str, rank: int) -> str:
     return name if rank == 0 else f"{name}.{rank}"
 
 
-def gather(group: Group, obj: object) -> list:
-    """Every rank's `obj`, in rank order, on every rank."""
-    if not group.distributed:
-        return [obj]
-    objs: list = [None] * group.world_size
-    dist.all_gather_object(objs, obj)
-    return objs
-
-
 def save_snapshot(
     out: Path, model: EndToEnd, opt: Optimization, progress: dict, rngs: list[dict] | None = None
 ) -> None:
@@ -422,7 +412,7 @@ def finetune(
     )
 
     def snapshot_all_ranks() -> None:
-        rngs = gather(group, rng_state())
+        rngs = group.gather(rng_state())
         if group.is_main:
             save_snapshot(out, model, opt, state, rngs)
 
