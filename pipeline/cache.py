@@ -125,9 +125,16 @@ class Cache:
         """Read the last commit (another rank's, after a barrier)."""
         self.segments = self._read_segments()
         self.texts = self._read_texts()
-        self.index: dict[Key, int] = dict(
-            zip(zip(self.texts["role"], self.texts["text_hash"], strict=True), self.texts["row"], strict=True)
-        )
+        self._index: dict[Key, int] | None = None
+
+    @property
+    def index(self) -> dict[Key, int]:
+        """(role, text_hash) -> row, built on first use: a reader that only gathers rows (train-heads) never
+        pays for it (about 1 s and a few hundred MB per million rows)."""
+        if self._index is None:
+            keys = zip(self.texts["role"], self.texts["text_hash"], strict=True)
+            self._index = dict(zip(keys, self.texts["row"].tolist(), strict=True))
+        return self._index
 
     # -------------------------------------------------------------------------------------- opening
 
@@ -383,7 +390,8 @@ class Cache:
             "truncated": truncated,
         }
         self.texts = {name: np.concatenate([self.texts[name], new[name]]) for name in TEXT_COLUMNS}
-        self.index.update(zip(keys, new["row"].tolist(), strict=True))
+        if self._index is not None:
+            self._index.update(zip(keys, new["row"].tolist(), strict=True))
 
     def _write_commit(self, segments: list[tuple[str, int]]) -> None:
         """Replace embeddings.h5 by a virtual dataset over `segments`: the commit point."""
