@@ -82,7 +82,7 @@ class TrainConfig:
     memory_budget_gb: float = 4.0  # embeddings larger than this are memory-mapped, not loaded
     device: str = "auto"
     dtype: str = "auto"  # autocast: auto (bf16 on CUDA where supported, else fp16 + grad scaler; fp32 on CPU)
-    report_to: list[str] = field(default_factory=list)  # stream training numbers: "tensorboard"
+    report_to: list[str] = field(default_factory=list)  # stream training numbers: "tensorboard", "wandb"
 
 
 @dataclass

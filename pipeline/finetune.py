@@ -401,7 +401,7 @@ def finetune(
             save_stage1(out, model, config, encoder.folder, history_metrics(state), trained_on)
     if opt.scaler.is_enabled():  # the scale exists before unscale_ even on a rank whose first share is empty
         opt.scaler.scale(torch.zeros((), device=device))
-    reporter = Reporter(fc.report_to if group.is_main else [], out / "runs")
+    reporter = Reporter(fc.report_to if group.is_main else [], out / "runs", f"{out.name} (stage 1)", config.to_dict())
     bar = tqdm(
         total=total,
         initial=state["optimizer_steps"],

@@ -158,7 +158,7 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
     log_path = out_dir / "metrics.jsonl"
     atomic_write(log_path, lambda tmp: tmp.write_text(""))
     best, best_state, since_best = None, None, 0
-    reporter = Reporter(tc.report_to, out_dir / "runs")
+    reporter = Reporter(tc.report_to, out_dir / "runs", f"{out_dir.name} (stage 0)", config.to_dict())
     bar = tqdm(total=tc.epochs * n_train, desc="train-heads", unit="pair", disable=not progress, dynamic_ncols=True)
     for epoch in range(1, tc.epochs + 1):
         model.train()

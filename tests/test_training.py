@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -164,4 +165,56 @@ def test_report_to_tensorboard_streams_both_stages(stage0, tmp_path):
     assert logged["train/loss"] == pytest.approx([s["loss"] for s in result["steps"]])
     assert logged["val/accuracy"] == pytest.approx([result["history"][-1]["val_accuracy"]])
     with pytest.raises(ModrmError, match="unknown backend"):
-        ft.finetune(stage0, [SEED_PAIRS], tmp_path / "s2", {"finetune": {"report_to": ["wandb"]}}, progress=False)
+        ft.finetune(stage0, [SEED_PAIRS], tmp_path / "s2", {"finetune": {"report_to": ["mlflow"]}}, progress=False)
+
+
+class FakeWandb:
+    """What modrm asks of the wandb module: init -> a run that logs (values, step) and finishes."""
+
+    def __init__(self):
+        self.runs: list[dict] = []
+
+    def init(self, project: str, name: str | None, dir: str, config: dict):
+        run = {"project": project, "name": name, "dir": dir, "config": config, "logged": [], "finished": False}
+        self.runs.append(run)
+
+        class Run:
+            def log(self, values: dict, step: int) -> None:
+                run["logged"].append((step, dict(values)))
+
+            def finish(self) -> None:
+                run["finished"] = True
+
+        return Run()
+
+
+def test_report_to_wandb_streams_both_stages(stage0, tmp_path, monkeypatch):
+    from pipeline.train_heads import train_heads
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_PROJECT", "rm-runs")
+    config = read_checkpoint_config(stage0)[1]
+    config.train.report_to, config.train.epochs = ["wandb"], 2
+    train_heads(Path(load_checkpoint(stage0).cache), tmp_path / "s0", config, progress=False)
+    settings = {"finetune": {"epochs": 1, "token_budget": 4096, "report_to": ["wandb"]}}
+    result = ft.finetune(stage0, [SEED_PAIRS], tmp_path / "s1", settings, progress=False)
+    heads, stage1 = fake.runs
+    assert (heads["project"], heads["name"], stage1["name"]) == ("rm-runs", "s0 (stage 0)", "s1 (stage 1)")
+    assert heads["finished"] and stage1["finished"] and stage1["config"]["finetune"]["epochs"] == 1
+    log = [json.loads(line) for line in (tmp_path / "s0" / "metrics.jsonl").read_text().splitlines()]
+    assert [v["val/loss"] for _, v in heads["logged"] if "val/loss" in v] == pytest.approx([r["val_loss"] for r in log])
+    losses = [(step, v["train/loss"]) for step, v in stage1["logged"] if "train/loss" in v]
+    assert losses == [(s["step"], pytest.approx(s["loss"])) for s in result["steps"]]
+
+
+def test_report_to_wandb_writes_an_offline_run(stage0, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from pipeline.train_heads import train_heads
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = read_checkpoint_config(stage0)[1]
+    config.train.report_to, config.train.epochs = ["wandb"], 1
+    train_heads(Path(load_checkpoint(stage0).cache), tmp_path / "s0", config, progress=False)
+    assert list((tmp_path / "s0" / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
