@@ -6,6 +6,7 @@ only texts the cache lacks are encoded, and work is written in shards so a kille
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata as md
 import time
@@ -178,7 +179,8 @@ def embed_files(
 
     Under torchrun, rank 0 holds the cache's lock and writes the index; every rank encodes a share."""
     group = Group.from_env(config.encoder.device)
-    config.encoder.device = group.device(config.encoder.device)
+    encoder = dataclasses.replace(config.encoder, device=group.device(config.encoder.device))  # cuda:LOCAL_RANK
+    config = dataclasses.replace(config, encoder=encoder)
     pairs = load_pairs(paths, config.data.modules)
     info = describe(config.encoder)
     opened = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait))  # the lock, and any repair
