@@ -173,13 +173,14 @@ class Cache:
     def _tidy(self) -> None:
         """The writer's duty: remove interrupted writes and uncommitted segments, publish the texts view, and drop
         pending shards of another encoder (they can never be committed here)."""
-        for stale in [*self.folder.glob(".*.tmp-*"), *self.folder.glob("segments/.*.tmp-*")]:
-            stale.unlink()
+        for pattern in (".*.tmp-*", "segments/.*.tmp-*", "pending/.*.tmp-*"):
+            for stale in self.folder.glob(pattern):
+                stale.unlink()
         listed = {p for s in self.segments for p in (s.h5, s.texts)}
         for path in self.folder.glob("segments/seg-*"):
             if path not in listed:
                 path.unlink()
-        if self.segments and self.segments[0].texts is not None:
+        if self._segmented():
             self._publish_texts_view()
         pending_fp = self.folder / "pending" / "fingerprint.json"
         if pending_fp.exists() and _pending_differs(pending_fp, self.fingerprint):
