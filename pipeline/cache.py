@@ -287,7 +287,8 @@ class Cache:
         if self.lock is None:
             raise RuntimeError("commit needs the writer's lock (Cache.open)")
         shards = self._pending()
-        if not shards:
+        if not shards:  # nothing to commit; an empty pending/ (a run killed before its first shard) goes
+            shutil.rmtree(self.folder / "pending", ignore_errors=True)
             return 0
         found: dict[Key, tuple[int, int]] = {}
         info = []

@@ -711,3 +711,21 @@ def test_a_rank_killed_mid_run_then_a_rerun_equals_the_uninterrupted_run(
     assert rerun.returncode == 0, err.decode()[-3000:]
     assert f"already cached: {kept}" in out.decode() and f"encoded {SEED_UNIQUE_TEXTS - kept} texts" in out.decode()
     _assert_same_cache(folder, seed_cache[0])
+
+
+def test_the_writer_removes_what_killed_writes_left(
+    seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path
+) -> None:
+    folder = _copy(seed_cache, tmp_path)
+    (folder / "pending").mkdir()
+    leftovers = [
+        folder / ".pairs.parquet.tmp-99",
+        folder / "pending" / ".shard-r001-000000.npy.tmp-99",
+        folder / "segments" / ".seg-000001.h5.tmp-99",
+        folder / "segments" / "seg-000001.h5",  # written, never committed
+    ]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    assert embed_files([seed_pairs_path], folder, tiny_config, progress=False).encoded == 0
+    assert not any(path.exists() for path in leftovers)
+    _assert_same_cache(folder, seed_cache[0])
