@@ -30,16 +30,20 @@ DIM = 1024
 FINGERPRINT = Fingerprint("synthetic", None, "0" * 64, "mean", True, "", 512, 512, DIM)
 
 
-def shard(start: int, n: int, rng: np.random.Generator) -> Shard:
+def shard(start: int, n: int, rng: np.random.Generator | None) -> Shard:
+    """Texts start..start+n with random vectors (or, without `rng`, one constant vector: building a big base
+    cache is then disk-bound, not spent drawing random numbers)."""
     keys = [("module", f"{i:064x}") for i in range(start, start + n)]
-    return Shard(
-        keys, np.full(n, 64), np.zeros(n, dtype=bool), rng.standard_normal((n, DIM), np.float32).astype(np.float16)
-    )
+    if rng is None:
+        embeddings = np.broadcast_to(np.full(DIM, 0.5, dtype=np.float16), (n, DIM))
+    else:
+        embeddings = rng.standard_normal((n, DIM), np.float32).astype(np.float16)
+    return Shard(keys, np.full(n, 64), np.zeros(n, dtype=bool), embeddings)
 
 
-def grow(folder: Path, start: int, n: int, shard_texts: int = SHARD_TEXTS) -> dict:
+def grow(folder: Path, start: int, n: int, shard_texts: int = SHARD_TEXTS, random: bool = True) -> dict:
     """Add texts start..start+n as shards then one commit; seconds of the open, the shards and the commit."""
-    rng = np.random.default_rng(start)
+    rng = np.random.default_rng(start) if random else None
     t0 = time.perf_counter()
     with Cache.open(folder, FINGERPRINT) as cache:
         t1 = time.perf_counter()
@@ -84,7 +88,7 @@ def main() -> None:
         for m in args.base_rows:
             folder = Path(tmp) / f"base-{m}"
             for lo in range(0, m, 1_000_000):  # built in commits of 1M rows (shards of 64k) to bound temp space
-                grow(folder, lo, min(1_000_000, m - lo), shard_texts=1 << 16)
+                grow(folder, lo, min(1_000_000, m - lo), shard_texts=1 << 16, random=False)
             r = grow(folder, m, args.add)
             adds.append({"base_rows": m, "added": args.add, **r})
             print(
