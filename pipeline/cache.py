@@ -27,12 +27,14 @@ import mmap
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_write, write_json
@@ -125,16 +127,6 @@ class Cache:
         """Read the last commit (another rank's, after a barrier)."""
         self.segments = self._read_segments()
         self.texts = self._read_texts()
-        self._index: dict[Key, int] | None = None
-
-    @property
-    def index(self) -> dict[Key, int]:
-        """(role, text_hash) -> row, built on first use: a reader that only gathers rows (train-heads) never
-        pays for it (about 1 s and a few hundred MB per million rows)."""
-        if self._index is None:
-            keys = zip(self.texts["role"], self.texts["text_hash"], strict=True)
-            self._index = dict(zip(keys, self.texts["row"].tolist(), strict=True))
-        return self._index
 
     # -------------------------------------------------------------------------------------- opening
 
@@ -239,13 +231,14 @@ class Cache:
             tables = [pq.read_table(path, columns=list(TEXT_COLUMNS)) for path in files]
             table = pa.concat_tables(tables) if tables else None
             if table is None:
+                self._keys = [pa.chunked_array([], pa.string()), pa.chunked_array([], pa.string())]
                 return _empty_texts()
+            table = table.slice(0, sum(s.rows for s in self.segments))
             texts = {name: table.column(name).to_numpy(zero_copy_only=False) for name in TEXT_COLUMNS}
+            self._keys = [table.column(name).cast(pa.string()) for name in ("role", "text_hash")]
         except (OSError, ValueError, KeyError, pa.ArrowException) as err:
             raise damaged(self.folder, f"the texts index is unreadable ({err})") from None
-        n_rows = sum(s.rows for s in self.segments)
-        texts = {name: values[:n_rows] for name, values in texts.items()}
-        if not np.array_equal(texts["row"], np.arange(n_rows)):
+        if not np.array_equal(texts["row"], np.arange(len(texts["row"]))):
             raise damaged(self.folder, "the texts index's rows are not 0, 1, 2, ...")
         return texts
 
@@ -294,10 +287,9 @@ class Cache:
         info = []
         for s, (index_path, _) in enumerate(shards):
             table = _read_shard_index(index_path, ["role", "text_hash", "n_tokens", "truncated"])
-            keys = zip(table.column("role").to_pylist(), table.column("text_hash").to_pylist(), strict=True)
-            for i, key in enumerate(keys):
-                if key not in self.index:
-                    found.setdefault(key, (s, i))
+            keys = list(zip(table.column("role").to_pylist(), table.column("text_hash").to_pylist(), strict=True))
+            for i in np.nonzero(self.find(keys) < 0)[0]:  # a shard of a run killed after its commit holds rows
+                found.setdefault(keys[i], (s, int(i)))
             info.append((table.column("n_tokens").to_numpy(), table.column("truncated").to_numpy()))
         new_keys = [k for k in order if k in found] + sorted(set(found) - set(order))
         if new_keys:
@@ -392,8 +384,10 @@ class Cache:
             "truncated": truncated,
         }
         self.texts = {name: np.concatenate([self.texts[name], new[name]]) for name in TEXT_COLUMNS}
-        if self._index is not None:
-            self._index.update(zip(keys, new["row"].tolist(), strict=True))
+        self._keys = [  # one more chunk each: nothing already read is copied
+            pa.chunked_array([*column.chunks, pa.array(list(values), pa.string())])
+            for column, values in zip(self._keys, (roles, hashes), strict=True)
+        ]
 
     def _write_commit(self, segments: list[tuple[str, int]]) -> None:
         """Replace embeddings.h5 by a virtual dataset over `segments`: the commit point."""
@@ -432,11 +426,33 @@ class Cache:
 
     # -------------------------------------------------------------------------------------- reading
 
+    def find(self, keys: Sequence[Key]) -> np.ndarray:
+        """The row of each (role, text_hash) key, -1 where the cache lacks it. One hash lookup per committed row in
+        arrow (a table of the asked keys, not of the cache): no Python dict of every row, whatever the cache's size."""
+        out = np.full(len(keys), -1, dtype=np.int64)
+        if not keys or not self.n_rows:
+            return out
+        roles = np.array([k[0] for k in keys], dtype=object)
+        committed_roles, committed_hashes = self._keys
+        for role in {k[0] for k in keys}:
+            asked = np.nonzero(roles == role)[0]
+            position = {}  # each asked hash once: index_in finds the first of equal values only
+            inverse = np.array([position.setdefault(keys[i][1], len(position)) for i in asked], dtype=np.int64)
+            mine = pc.equal(committed_roles, role)
+            rows = np.nonzero(mine.to_numpy())[0]
+            where = pc.index_in(committed_hashes.filter(mine), value_set=pa.array(list(position), pa.string()))
+            hit = pc.is_valid(where)
+            found = np.full(len(position), -1, dtype=np.int64)
+            found[where.filter(hit).to_numpy()] = rows[hit.to_numpy()]
+            out[asked] = found[inverse]
+        return out
+
     def rows(self, keys: list[Key]) -> np.ndarray:
-        try:
-            return np.fromiter((self.index[k] for k in keys), dtype=np.int64, count=len(keys))
-        except KeyError as err:
-            raise ModrmError(f"{self.folder}: text {err.args[0]} is not in the cache; run `modrm embed`") from None
+        rows = self.find(keys)
+        if (rows < 0).any():
+            lacking = keys[int(np.argmax(rows < 0))]
+            raise ModrmError(f"{self.folder}: text {lacking} is not in the cache; run `modrm embed`")
+        return rows
 
     def embeddings(self, memory_budget_bytes: float = float("inf")) -> np.ndarray | MappedRows:
         """float16 [n_rows, dim]: read into memory, or memory-mapped (segment by segment) when larger than the

@@ -93,8 +93,8 @@ def ensure_embedded(
         column_keys[column] = keys = [(role, hashes[t]) for t in texts]
         for key, text, head in zip(keys, texts, heads, strict=True):
             unique.setdefault(key, (text, head))
-    committed, pending = cache.index, cache.pending_keys()
-    missing = [k for k in unique if k not in committed and k not in pending]
+    keys, pending = list(unique), cache.pending_keys()
+    missing = [k for k, row in zip(keys, cache.find(keys), strict=True) if row < 0 and k not in pending]
     summary.unique_texts, summary.cached = len(unique), len(unique) - len(missing)
     if missing:
         encoder = Encoder.load(config.encoder, info)

@@ -729,3 +729,13 @@ def test_the_writer_removes_what_killed_writes_left(
     assert embed_files([seed_pairs_path], folder, tiny_config, progress=False).encoded == 0
     assert not any(path.exists() for path in leftovers)
     _assert_same_cache(folder, seed_cache[0])
+
+
+def test_find_equals_a_dict_of_every_row(seed_cache) -> None:
+    cache, _ = open_existing(seed_cache[0])
+    index = dict(zip(zip(cache.texts["role"], cache.texts["text_hash"], strict=True), cache.texts["row"], strict=True))
+    keys = list(index)
+    other_role = [("context" if role == "module" else "module", h) for role, h in keys[:5]]  # same hash, other role
+    asked = [*keys[::-1], *keys[:7], *other_role, ("module", text_hash("never embedded"))]
+    expected = [index.get(k, -1) for k in asked]
+    assert cache.find(asked).tolist() == expected and expected.count(-1) >= 1
