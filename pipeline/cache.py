@@ -42,6 +42,7 @@ from pipeline.encoder import Fingerprint
 from pipeline.errors import ModrmError
 
 TEXT_COLUMNS = ("text_hash", "row", "role", "n_tokens", "truncated")
+NUMERIC_COLUMNS = ("row", "n_tokens", "truncated")  # Cache.texts; the keys stay in arrow (Cache.keys, Cache.find)
 ROW_COLUMNS = ("pos_ctx_row", "pos_mod_row", "neg_ctx_row", "neg_mod_row")
 SEGMENTS_KEY, FINGERPRINT_KEY = "modrm_segments", "modrm_fingerprint"
 COPY_ROWS = 1 << 14  # rows per block when a commit gathers shards into its segment (32 MiB at dim 1024)
@@ -234,7 +235,7 @@ class Cache:
                 self._keys = [pa.chunked_array([], pa.string()), pa.chunked_array([], pa.string())]
                 return _empty_texts()
             table = table.slice(0, sum(s.rows for s in self.segments))
-            texts = {name: table.column(name).to_numpy(zero_copy_only=False) for name in TEXT_COLUMNS}
+            texts = {name: table.column(name).to_numpy() for name in NUMERIC_COLUMNS}
             self._keys = [table.column(name).cast(pa.string()) for name in ("role", "text_hash")]
         except (OSError, ValueError, KeyError, pa.ArrowException) as err:
             raise damaged(self.folder, f"the texts index is unreadable ({err})") from None
@@ -326,7 +327,11 @@ class Cache:
             os.link(self.segments[0].h5, stem.with_suffix(".h5"))
         except OSError:  # a filesystem without hard links: one copy, once
             shutil.copyfile(self.segments[0].h5, stem.with_suffix(".h5"))
-        table = pa.table({name: self.texts[name] for name in TEXT_COLUMNS})
+        roles, hashes = self._keys
+        table = pa.table(
+            {"text_hash": hashes, "row": self.texts["row"], "role": roles}
+            | {name: self.texts[name] for name in ("n_tokens", "truncated")}
+        )
         atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(table, tmp))
         return [(stem.name, self.n_rows)]
 
@@ -376,14 +381,8 @@ class Cache:
         start = self.n_rows
         self.segments = _segments(self.folder, segments)
         roles, hashes = zip(*keys, strict=True)
-        new = {
-            "text_hash": np.array(hashes, dtype=object),
-            "row": np.arange(start, start + len(keys)),
-            "role": np.array(roles, dtype=object),
-            "n_tokens": n_tokens,
-            "truncated": truncated,
-        }
-        self.texts = {name: np.concatenate([self.texts[name], new[name]]) for name in TEXT_COLUMNS}
+        new = {"row": np.arange(start, start + len(keys)), "n_tokens": n_tokens, "truncated": truncated}
+        self.texts = {name: np.concatenate([self.texts[name], new[name]]) for name in NUMERIC_COLUMNS}
         self._keys = [  # one more chunk each: nothing already read is copied
             pa.chunked_array([*column.chunks, pa.array(list(values), pa.string())])
             for column, values in zip(self._keys, (roles, hashes), strict=True)
@@ -425,6 +424,11 @@ class Cache:
                     shutil.copyfile(target, view / name)
 
     # -------------------------------------------------------------------------------------- reading
+
+    def keys(self) -> list[Key]:
+        """Every committed (role, text_hash), in row order (as Python objects: for inspection and tests)."""
+        roles, hashes = self._keys
+        return list(zip(roles.to_pylist(), hashes.to_pylist(), strict=True))
 
     def find(self, keys: Sequence[Key]) -> np.ndarray:
         """The row of each (role, text_hash) key, -1 where the cache lacks it. One hash lookup per committed row in
@@ -534,11 +538,9 @@ def _segments(folder: Path, listed: list[tuple[str, int]]) -> list[Segment]:
 
 def _empty_texts() -> dict[str, np.ndarray]:
     return {
-        "text_hash": np.array([], dtype=object),
         "row": np.array([], dtype=np.int64),
-        "role": np.array([], dtype=object),
         "n_tokens": np.array([], dtype=np.int64),
-        "truncated": np.array([], dtype=bool),
+        "truncated": np.array([], bool),
     }
 
 

@@ -101,10 +101,9 @@ def _assert_round_trip(folder: Path, pairs: list[Pair], config: Config) -> None:
         fresh = encoder.encode(texts, role=role, heads=heads)
         np.testing.assert_allclose(stored[rows].astype(np.float32), fresh, atol=2e-3, rtol=0)
         by_row = {int(r): i for i, r in enumerate(cache.texts["row"])}
+        keys = cache.keys()
         for text, row in zip(texts, rows, strict=True):
-            i = by_row[int(row)]
-            assert cache.texts["text_hash"][i] == hashlib.sha256(text.encode("utf-8")).hexdigest()
-            assert cache.texts["role"][i] == role
+            assert keys[by_row[int(row)]] == (role, hashlib.sha256(text.encode("utf-8")).hexdigest())
         tokens = encoder.tokenize(texts, role)
         np.testing.assert_array_equal(cache.texts["n_tokens"][[by_row[int(r)] for r in rows]], tokens.lengths)
         np.testing.assert_array_equal(cache.texts["truncated"][[by_row[int(r)] for r in rows]], tokens.truncated)
@@ -635,7 +634,7 @@ def test_two_concurrent_embeds_leave_a_consistent_cache(
     reference = tmp_path / "reference"
     embed_files([seed_pairs_path], reference, tiny_config, progress=False)
     ref_cache, _ = open_existing(reference)
-    keys = list(zip(ref_cache.texts["role"], ref_cache.texts["text_hash"], strict=True))
+    keys = ref_cache.keys()
     np.testing.assert_allclose(
         cache.embeddings()[cache.rows(keys)].astype(np.float32),
         ref_cache.embeddings().astype(np.float32),
@@ -733,7 +732,7 @@ def test_the_writer_removes_what_killed_writes_left(
 
 def test_find_equals_a_dict_of_every_row(seed_cache) -> None:
     cache, _ = open_existing(seed_cache[0])
-    index = dict(zip(zip(cache.texts["role"], cache.texts["text_hash"], strict=True), cache.texts["row"], strict=True))
+    index = dict(zip(cache.keys(), cache.texts["row"], strict=True))
     keys = list(index)
     other_role = [("context" if role == "module" else "module", h) for role, h in keys[:5]]  # same hash, other role
     asked = [*keys[::-1], *keys[:7], *other_role, ("module", text_hash("never embedded"))]
