@@ -284,14 +284,17 @@ class Cache:
         if not shards:  # nothing to commit; an empty pending/ (a run killed before its first shard) goes
             shutil.rmtree(self.folder / "pending", ignore_errors=True)
             return 0
-        found: dict[Key, tuple[int, int]] = {}
+        keys: list[Key] = []
+        where: list[tuple[int, int]] = []  # (shard, index in it) of each key
         info = []
         for s, (index_path, _) in enumerate(shards):
             table = _read_shard_index(index_path, ["role", "text_hash", "n_tokens", "truncated"])
-            keys = list(zip(table.column("role").to_pylist(), table.column("text_hash").to_pylist(), strict=True))
-            for i in np.nonzero(self.find(keys) < 0)[0]:  # a shard of a run killed after its commit holds rows
-                found.setdefault(keys[i], (s, int(i)))
+            keys += zip(table.column("role").to_pylist(), table.column("text_hash").to_pylist(), strict=True)
+            where += ((s, i) for i in range(len(table)))
             info.append((table.column("n_tokens").to_numpy(), table.column("truncated").to_numpy()))
+        found: dict[Key, tuple[int, int]] = {}
+        for i in np.nonzero(self.find(keys) < 0)[0]:  # one lookup for all: a run killed after its commit left rows
+            found.setdefault(keys[i], where[i])
         new_keys = [k for k in order if k in found] + sorted(set(found) - set(order))
         if new_keys:
             source = np.array([found[k] for k in new_keys])

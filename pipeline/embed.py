@@ -117,8 +117,13 @@ def ensure_embedded(
     group.barrier()  # the commit is visible
     if not group.is_main:
         cache.reload()
-    summary.truncated = int(cache.texts["truncated"][cache.rows(list(unique))].sum())
-    return {column: cache.rows(keys) for column, keys in column_keys.items()}
+    rows = cache.rows(keys)  # one lookup in the cache's index; the columns map through it
+    summary.truncated = int(cache.texts["truncated"][rows].sum())
+    row_of = dict(zip(keys, rows.tolist(), strict=True))
+    return {
+        column: np.fromiter((row_of[k] for k in ks), dtype=np.int64, count=len(ks))
+        for column, ks in column_keys.items()
+    }
 
 
 def rank_share(keys: list[Key], texts: list[str], max_tokens: int, group: Group) -> list[Key]:
