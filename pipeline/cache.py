@@ -484,18 +484,25 @@ class Cache:
     def write_pairs(self, table: pa.Table) -> None:
         atomic_write(self.folder / "pairs.parquet", lambda tmp: pq.write_table(table, tmp))
 
-    def read_pairs(self) -> pa.Table:
+    def read_pairs(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """pairs.parquet, checked (every column there, every row index inside embeddings.h5); `columns`: read only
+        those and the row columns, the few-valued ones as dictionaries (stage 0 at 10M pairs needs neither the pair
+        ids nor the tasks, nor a string per pair for its module and split)."""
         path = self.folder / "pairs.parquet"
         if not path.exists():
             raise ModrmError(f"{self.folder}: no pairs.parquet; run `modrm embed --data FILE --cache {self.folder}`")
         try:
-            table = pq.read_table(path)
-            rows = np.stack([table.column(c).to_numpy() for c in ROW_COLUMNS]) if len(table) else np.zeros((4, 0))
-            for column in ("pair_id", "target_module", "task", "split"):
-                table.column(column)
+            missing = {*ROW_COLUMNS, "pair_id", "target_module", "task", "split"} - set(pq.read_schema(path).names)
+            if missing:
+                raise KeyError(f"no column {', '.join(sorted(missing))}")
+            wanted = None if columns is None else list(dict.fromkeys([*ROW_COLUMNS, *columns]))
+            few_valued = [c for c in ("target_module", "split") if wanted is not None and c in wanted]
+            table = pq.read_table(path, columns=wanted, read_dictionary=few_valued)
+            bounds = [pc.min_max(table.column(c)).as_py() for c in ROW_COLUMNS]
         except (OSError, ValueError, KeyError, pa.ArrowException) as err:
             raise damaged(self.folder, f"pairs.parquet is unreadable ({err})") from None
-        if rows.size and (rows.min() < 0 or rows.max() >= self.n_rows):
+        nulls = any(table.column(c).null_count for c in ROW_COLUMNS)
+        if len(table) and (nulls or any(b["min"] < 0 or b["max"] >= self.n_rows for b in bounds)):
             raise damaged(self.folder, "pairs.parquet points at rows embeddings.h5 does not have")
         return table
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
@@ -44,28 +45,36 @@ def module_order(found: set[str], configured: list[str]) -> list[str]:
     return [m for m in configured if m in found] + sorted(found - set(configured))
 
 
-def split_sets(table: pa.Table, modules: list[str], cache_dir: Path) -> dict[str, PairSet]:
-    split = np.asarray(table.column("split").to_pylist())
-    target = np.asarray(table.column("target_module").to_pylist())
-    rows = np.stack([table.column(c).to_numpy() for c in ROW_COLUMNS], axis=1)
-    lookup = {m: i for i, m in enumerate(modules)}
-    module_idx = np.array([lookup[m] for m in target], dtype=np.int64)
+def codes(table: pa.Table, column: str) -> tuple[np.ndarray, list[str]]:
+    """A string column as (int codes, the distinct values): no Python string per row at millions of pairs."""
+    encoded = pc.dictionary_encode(table.column(column)).combine_chunks()
+    return encoded.indices.to_numpy(zero_copy_only=False), encoded.dictionary.to_pylist()
+
+
+def split_sets(table: pa.Table, configured: list[str], cache_dir: Path) -> tuple[list[str], dict[str, PairSet]]:
+    """The modules (configured ones first) and the train and val pairs, each as row and module-index tensors."""
+    split_code, split_names = codes(table, "split")
+    target_code, targets = codes(table, "target_module")
+    modules = module_order(set(targets), configured)
+    module_idx = np.array([modules.index(m) for m in targets], dtype=np.int64)[target_code]
+    split = {name: split_code == i for i, name in enumerate(split_names)}
     sets = {}
     for name in ("train", "val"):
-        mask = split == name
+        mask = split.get(name, np.zeros(len(table), dtype=bool))
         if not mask.any():
             raise ModrmError(
                 f"{cache_dir}/pairs.parquet: the {name} split is empty (all tasks fell elsewhere); "
                 "add tasks, or change data.train_fraction / data.val_fraction / data.split_seed"
             )
-        sets[name] = PairSet(torch.from_numpy(rows[mask]), torch.from_numpy(module_idx[mask]))
+        rows = np.stack([table.column(c).to_numpy()[mask] for c in ROW_COLUMNS], axis=1)
+        sets[name] = PairSet(torch.from_numpy(rows), torch.from_numpy(module_idx[mask]))
     lacking = [m for i, m in enumerate(modules) if not (sets["train"].module_idx == i).any()]
     if lacking:
         raise ModrmError(
             f"{cache_dir}/pairs.parquet: module(s) {', '.join(lacking)} have no train pairs; "
             "add pairs for them or change the split fractions"
         )
-    return sets
+    return modules, sets
 
 
 class EmbeddingTable:
@@ -131,11 +140,12 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
         raise ModrmError(f"{cache_dir}: the last `modrm embed` into this cache did not finish; run it again")
     built = config_from_dict(manifest["config"], f"{cache_dir}/manifest.json")  # the encoder and split it used
     config = resolve_config([("the given config", config.to_dict())], built, f"cache {cache_dir}", FIXED_BY_CACHE)
-    table = cache.read_pairs()
-    modules = module_order(set(table.column("target_module").to_pylist()), config.data.modules)
-    sets = split_sets(table, modules, cache_dir)
+    modules, sets = split_sets(cache.read_pairs(["target_module", "split"]), config.data.modules, cache_dir)
     device = pick_device(tc.device)
-    needed = np.unique(torch.cat([sets["train"].rows, sets["val"].rows]).numpy())
+    used = np.zeros(cache.n_rows, dtype=bool)
+    for pairs in sets.values():
+        used[pairs.rows.numpy().ravel()] = True
+    needed = np.flatnonzero(used)
     emb = EmbeddingTable(cache, needed, tc.memory_budget_gb * 2**30, device)
 
     torch.manual_seed(tc.seed)
