@@ -233,6 +233,9 @@ def serve_cmd(
     max_items: Annotated[int, typer.Option("--max-items", min=1, help="trajectories per request")] = 1024,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0, help="request body limit")] = 16.0,
     cache_size: Annotated[int, typer.Option("--cache-size", min=0, help="embeddings kept between calls")] = 32768,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the encoder at start (faster on GPUs; a slow start)")
+    ] = False,
     empty_reward: Annotated[
         float, typer.Option("--empty-reward", help="/get_reward's reward for a trajectory with no module text")
     ] = 0.0,
@@ -260,7 +263,7 @@ def serve_cmd(
         api_key=api_key,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rm = RewardModel.load(checkpoint, device or "auto", cache_size=cache_size)
+    rm = RewardModel.load(checkpoint, device or "auto", cache_size=cache_size, compile=compile)
     rm.check_weights(config.weights)
     serve(rm, config, host, port)
 

@@ -419,6 +419,18 @@ class Encoder(nn.Module):
 
     # -------------------------------------------------------------------------------------- forward
 
+    def compile(self) -> None:
+        """Compile the model with torch.compile (dynamic shapes) for serving. A forward pass of an eager Hugging
+        Face model issues hundreds of small kernels, so a lone request waits on the host, not on the GPU; fused
+        kernels cut that (on an H200, 0.6B encoder: a lone trajectory 104 -> 55 ms, batches 1.56x the
+        trajectories/s). Compiling costs a minute or more on the first start (inductor caches it on disk for
+        later ones), so it is paid here, before any request: one lone text, a padded batch and an unpadded one,
+        the shapes a server meets. Scoring only: embeddings written to a cache stay eager, so a cache never
+        holds the compiled model's slightly different rounding."""
+        self.model.compile(dynamic=True)
+        for texts in (["warm up"], ["warm up", "warm up, a longer text"], ["warm up", "warm up"]):
+            self.encode(texts)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.model(**batch, use_cache=False).last_hidden_state  # a KV cache would only cost memory
         pooled = pool(hidden, batch["attention_mask"], self.fingerprint.pooling)

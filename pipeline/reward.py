@@ -149,12 +149,18 @@ class RewardModel:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "auto", cache_size: int = DEFAULT_CACHE_SIZE) -> RewardModel:
+    def load(
+        cls, checkpoint: str | Path, device: str = "auto", cache_size: int = DEFAULT_CACHE_SIZE, compile: bool = False
+    ) -> RewardModel:
         """A stage-0 or stage-1 checkpoint on `device` (auto | cpu | cuda[:N]), with the encoder its heads were
-        trained on (a different one, by fingerprint, is an error naming what differs)."""
+        trained on (a different one, by fingerprint, is an error naming what differs). `compile`: the encoder
+        under torch.compile, compiled here (see `Encoder.compile`)."""
         ckpt = load_checkpoint(checkpoint)
         ckpt.run_on(device)
-        return cls(ckpt, Encoder.load(ckpt.config.encoder, ckpt.encoder_info()), cache_size)
+        encoder = Encoder.load(ckpt.config.encoder, ckpt.encoder_info())
+        if compile:
+            encoder.compile()
+        return cls(ckpt, encoder, cache_size)
 
     @property
     def modules(self) -> list[str]:

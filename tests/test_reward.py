@@ -4,6 +4,7 @@ reward-function signature."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -170,3 +171,16 @@ def test_reward_function_refuses_what_it_cannot_score(rm):
         fn(["a", "b"], ["<plan>x</plan>"])
     with pytest.raises(ModrmError, match="completion 0: a chat message needs a string 'content'"):
         fn(["a"], [[{"role": "assistant"}]])
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
+def test_compiled_encoder_scores_as_the_eager_one(rm, stage0, seed_records):
+    """`compile=True` (modrm serve --compile): the same rewards from the compiled graph, for a lone trajectory
+    (compiled at load for batches of one) and for a padded batch."""
+    compiled = RewardModel.load(stage0, device="cpu", compile=True)
+    assert compiled.encoder.model._compiled_call_impl is not None
+    items = items_of(seed_records, "positive")
+    for batch in (items[:1], items):
+        got, want = compiled.score(batch), rm.score(batch)
+        for g, w in zip(got, want, strict=True):
+            assert g == pytest.approx(w, abs=1e-4)
