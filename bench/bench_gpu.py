@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -241,6 +242,39 @@ def stage0(workdir: Path, pairs: int) -> dict:
     return {"pairs": pairs, "runs": rows}
 
 
+def stage0_scale(workdir: Path, pairs: int, batch: int = 4096) -> dict:
+    """train_heads on `pairs` pairs (rows drawn from 262,144 cached vectors of dim 1024), one epoch, in a process of
+    its own so its peak RSS is its own: pairs/s and peak RSS beside the cache's size on disk."""
+    from bench_heads import DIM, make_cache
+
+    cache = workdir / f"cache-{pairs}"
+    start = time.perf_counter()
+    make_cache(cache, pairs, DIM, max_rows=1 << 18)
+    built = time.perf_counter() - start
+    code = (
+        "import json, resource, sys, time; sys.path.insert(0, 'bench'); from common import timed; "
+        "from pipeline.config import Config; from pipeline.train_heads import train_heads; "
+        "c = Config(); c.train.epochs = c.train.patience = 1; "
+        f"c.train.device, c.train.batch_size = {DEVICE!r}, {batch}; "
+        f"_, s = timed(lambda: train_heads({str(cache)!r}, {str(workdir / 'heads')!r}, c, progress=False)); "
+        "rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+        "print(json.dumps({'wall_seconds': s, 'peak_rss_mib': rss}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(done.stderr.strip()[-2000:])
+    log = [json.loads(line) for line in (workdir / "heads" / "metrics.jsonl").read_text().splitlines()]
+    disk = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    return {
+        "pairs": pairs,
+        "batch_size": batch,
+        "build_seconds": built,
+        "pairs_per_s": log[0]["pairs_per_s"],
+        "cache_mib": disk / 2**20,
+        **json.loads(done.stdout.strip().splitlines()[-1]),
+    }
+
+
 def stage1(folder: Path, length: int, top_layers: int) -> list[dict]:
     from bench_finetune import run_config
 
@@ -290,10 +324,47 @@ def portability(workdir: Path) -> dict:
     return result
 
 
-def serve(folder: Path, workdir: Path, requests: int) -> dict:
+def serve_checkpoint(folder: Path, workdir: Path) -> Path:
+    from bench_serve import train_checkpoint
+
+    return train_checkpoint(workdir, str(folder), DEVICE, 25)
+
+
+def serve_profile(folder: Path, workdir: Path, out: Path) -> dict:
+    from bench_serve import profile
+
+    result = profile(serve_checkpoint(folder, workdir), DEVICE, workdir)
+    if (workdir / "profile_lone.txt").exists():
+        shutil.copy(workdir / "profile_lone.txt", out)
+    return result
+
+
+def serve_compile(folder: Path, workdir: Path) -> dict:
+    from bench_serve import compiled
+
+    return compiled(serve_checkpoint(folder, workdir), DEVICE)
+
+
+SERVE_PLAN = [  # (mode, flags, client counts): eager, micro-batches capped at several sizes, and batches of one
+    ("micro-batching", ["--max-batch", "256"], (1, 8, 32)),
+    ("micro-batching, max 16", ["--max-batch", "16"], (32,)),
+    ("batch of one", ["--max-batch", "1"], (1, 32)),
+]
+COMPILED_PLAN = [  # the same server with --compile (compiled once at start, inductor's disk cache after)
+    ("compiled, micro-batching", ["--compile", "--max-batch", "256"], (1, 32)),
+    ("compiled, batch of one", ["--compile", "--max-batch", "1"], (32,)),
+]
+
+
+def serve(folder: Path, workdir: Path, requests: int, out: Path, plan: list, api_trajectories: int = 0) -> dict:
+    """bench_serve's rows on the GPU; the servers' logs (a line per batch) kept beside the results."""
     from bench_serve import run
 
-    return run(str(folder), DEVICE, requests, api_trajectories=1000, pairs_per_module=25, workdir=workdir)
+    try:
+        return run(str(folder), DEVICE, requests, api_trajectories, pairs_per_module=25, workdir=workdir, plan=plan)
+    finally:
+        for log in workdir.glob("serve-*.log"):
+            shutil.copy(log, out)
 
 
 def cuda_tests() -> dict:
@@ -389,10 +460,11 @@ def report(r: dict) -> str:
             "GPU-trained checkpoints, test split, evaluated on the GPU and by `modrm eval` with no GPU visible:",
             table(["checkpoint", "pairs", "accuracy GPU", "accuracy CPU", "AUC GPU", "AUC CPU"], rows),
         ]
-    if isinstance(r.get("serve"), dict) and "error" not in r["serve"]:
-        from bench_serve import report as serve_report
+    for name in ("serve", "serve_compiled"):
+        if isinstance(r.get(name), dict) and "error" not in r[name]:
+            from bench_serve import report as serve_report
 
-        lines += ["", serve_report(r["serve"])]
+            lines += ["", serve_report(r[name])]
     errors = [f"{name}: {v['error']}" for name, v in r.items() if isinstance(v, dict) and "error" in v]
     return "\n".join(lines + (["", "errors:", *errors] if errors else []))
 
@@ -402,6 +474,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench_gpu.json")
     parser.add_argument("--seconds", type=float, default=15.0, help="time per embedding measurement")
     parser.add_argument("--stage0-pairs", type=int, default=1_000_000)
+    parser.add_argument("--scale-pairs", type=int, default=10_000_000, help="pairs of the stage0_scale section")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out")
     parser.add_argument("--only", nargs="*", default=None, help="run only these sections (build ones included)")
     parser.add_argument("--serve-requests", type=int, default=384, help="requests per client count and mode")
@@ -447,7 +520,11 @@ def main() -> None:
         real = args.size == "0.6b"
         section("stage1", lambda: stage1(model, max(LENGTHS) if real else 256, 4 if real else 1))
         section("portability", lambda: portability(tmp / "portability"))
-        section("serve", lambda: serve(model, tmp / "serve", args.serve_requests))
+        section("serve_profile", lambda: serve_profile(model, tmp / "serve", args.out))
+        section("stage0_scale", lambda: stage0_scale(tmp / "stage0-scale", args.scale_pairs))
+        section("serve", lambda: serve(model, tmp / "serve", args.serve_requests, args.out, SERVE_PLAN))
+        section("serve_compiled", lambda: serve(model, tmp / "serve", args.serve_requests, args.out, COMPILED_PLAN))
+        section("serve_compile", lambda: serve_compile(model, tmp / "serve"))
     print("\n" + report(results))
     print(f"\nbench_gpu: {time.perf_counter() - started:.0f}s in all; numbers in {args.out / 'bench_gpu.json'}")
 

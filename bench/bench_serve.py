@@ -34,13 +34,20 @@ from pipeline.encoder import MINILM_ID
 from pipeline.synth import generate_pairs, write_pairs
 
 CLIENTS = (1, 8, 32)
-MODES = {"micro-batching": ["--batch-wait-ms", "5", "--max-batch", "256"], "batch of one": ["--max-batch", "1"]}
+Plan = list[tuple[str, list[str], tuple[int, ...]]]  # (mode, `modrm serve` flags, client counts)
+PLAN: Plan = [
+    ("micro-batching", ["--batch-wait-ms", "5", "--max-batch", "256"], CLIENTS),
+    ("batch of one", ["--max-batch", "1"], CLIENTS),
+]
 
 
 def train_checkpoint(workdir: Path, encoder: str, device: str, pairs_per_module: int) -> Path:
+    """A stage-0 checkpoint in workdir/stage0 (the one already there, if a run before made it)."""
     from pipeline.embed import embed_files
     from pipeline.train_heads import train_heads
 
+    if (workdir / "stage0" / "config.json").exists():
+        return workdir / "stage0"
     data = write_pairs(workdir / "pairs.jsonl", generate_pairs(pairs_per_module, seed=0))
     config = Config()
     config.encoder.name, config.encoder.device, config.train.device = encoder, device, device
@@ -126,20 +133,29 @@ def load(port: int, bodies: list[bytes], clients: int) -> dict:
     }
 
 
-def serve_rates(checkpoint: Path, device: str, requests: int, workdir: Path) -> list[dict]:
+def serve_rates(checkpoint: Path, device: str, requests: int, workdir: Path, plan: Plan = PLAN) -> list[dict]:
+    """Each mode of `plan` as a server of its own, under each of its client counts."""
     items = trajectories(requests + 8)
     bodies = [json.dumps({"query": [i["task"] + i["trajectory"]], "prompts": [i["task"]]}).encode() for i in items]
     rows = []
-    for mode, flags in MODES.items():
-        process, port = start_server(checkpoint, device, flags, workdir / f"serve-{mode.replace(' ', '-')}.log")
+    for mode, flags, client_counts in plan:
+        started = time.perf_counter()
+        process, port = start_server(checkpoint, device, flags, workdir / f"serve-{slug(mode)}.log")
+        ready = time.perf_counter() - started
         try:
             load(port, bodies[-8:], 8)  # warm-up, on trajectories the runs below do not send
-            for clients in CLIENTS:
-                rows.append({"mode": mode, **load(port, bodies[:requests], clients)})
+            for clients in client_counts:
+                rows.append(
+                    {"mode": mode, "flags": flags, "start_seconds": ready, **load(port, bodies[:requests], clients)}
+                )
         finally:
             process.terminate()
             process.wait()
     return rows
+
+
+def slug(mode: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in mode)
 
 
 def api_vs_cli(checkpoint: Path, device: str, n: int, workdir: Path) -> dict:
@@ -170,49 +186,190 @@ def api_vs_cli(checkpoint: Path, device: str, n: int, workdir: Path) -> dict:
     }
 
 
-def run(encoder: str, device: str, requests: int, api_trajectories: int, pairs_per_module: int, workdir: Path) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    checkpoint = train_checkpoint(workdir, encoder, device, pairs_per_module)
+def phase_times(rm, items: list[dict], repeats: int) -> dict:
+    """Median ms of each step of `RewardModel.score` on `items` (the LRU off), synchronised on CUDA: parsing,
+    tokenizing, the context and module forward passes, the heads; and the whole call, for what is left over.
+    `launch_ms` is the host's time to issue the context forward pass before waiting for it: near `contexts_ms`,
+    the GPU waits on Python."""
+    import numpy as np
+    import torch
+
+    from pipeline.reward import head_rewards
+    from pipeline.trajectory import module_views
+
+    enc, cfg = rm.encoder, rm.checkpoint.config.encoder
+
+    def sync() -> float:
+        if enc.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        t0 = sync()
+        contexts = [cfg.context_text(i["task"], i["trajectory"]) for i in items]
+        views = [module_views(i["trajectory"], rm.modules) for i in items]
+        texts = list(dict.fromkeys(v for row in views for v in row.values() if v))
+        t1 = time.perf_counter()
+        ctx_tokens = enc.tokenize(contexts, "context", [cfg.context_head(i["task"]) for i in items])
+        mod_tokens = enc.tokenize(texts, "module")
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            enc(enc.collate(ctx_tokens.ids[:1]))
+            launched = time.perf_counter()
+            t3 = sync()
+        ctx = np.concatenate([e for _, e in enc.encode_tokenized(ctx_tokens, progress=False)])
+        t4 = sync()
+        mod = np.concatenate([e for _, e in enc.encode_tokenized(mod_tokens, progress=False)])
+        t5 = sync()
+        rows = np.arange(4 * len(items)) % len(ctx), np.arange(4 * len(items)) % len(mod)
+        head_rewards(rm.heads, ctx[rows[0]], mod[rows[1]], np.arange(4 * len(items)) % len(rm.modules))
+        t6 = sync()
+        rm.score(items)
+        t7 = sync()
+        steps = {
+            "parse_ms": t1 - t0,
+            "tokenize_ms": t2 - t1,
+            "launch_ms": launched - t2,
+            "first_context_ms": t3 - t2,
+            "contexts_ms": t4 - t3,
+            "modules_ms": t5 - t4,
+            "heads_ms": t6 - t5,
+            "score_ms": t7 - t6,
+        }
+        for key, seconds in steps.items():
+            times.setdefault(key, []).append(1e3 * seconds)
     return {
-        "encoder": encoder,
-        "device": device,
-        "serve": serve_rates(checkpoint, device, requests, workdir),
-        "api_vs_cli": api_vs_cli(checkpoint, device, api_trajectories, workdir),
+        "trajectories": len(items),
+        "tokens": int(ctx_tokens.lengths.sum() + mod_tokens.lengths.sum()),
+        **{k: statistics.median(v) for k, v in times.items()},
     }
 
 
-def report(result: dict) -> str:
-    by_mode = {(r["mode"], r["clients"]): r for r in result["serve"]}
-    rows = []
-    for clients in CLIENTS:
-        on, off = by_mode[("micro-batching", clients)], by_mode[("batch of one", clients)]
-        rows.append(
-            [
-                clients,
-                on["trajectories_per_s"],
-                on["p50_ms"],
-                on["p99_ms"],
-                off["trajectories_per_s"],
-                off["p50_ms"],
-                off["p99_ms"],
-                f"{on['trajectories_per_s'] / off['trajectories_per_s']:.2f}x",
-            ]
+def profile(checkpoint: Path, device: str, workdir: Path, budgets: tuple[int, ...] = (32768, 65536, 131072)) -> dict:
+    """Where a request's time goes in process: the steps of a lone trajectory and of a batch of 32, a torch
+    profile of lone calls (written to workdir/profile_lone.txt), and trajectories/s of 256 at several token
+    budgets."""
+    import torch
+
+    from pipeline.reward import RewardModel
+
+    rm = RewardModel.load(checkpoint, device, cache_size=0)
+    items = trajectories(512, seed=11)
+    rm.score(items[:32])  # warm-up
+    result = {
+        "lone": phase_times(rm, items[32:33], 1) | {"runs": [phase_times(rm, [i], 1) for i in items[33:53]]},
+        "batch_32": phase_times(rm, items[64:96], 3),
+    }
+    runs = result["lone"].pop("runs")
+    result["lone"] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    result["budgets"] = {}
+    for budget in budgets:
+        rm.encoder.config.token_budget = budget
+        rm.score(items[:16])
+        start = time.perf_counter()
+        rm.score(items[128:384])
+        result["budgets"][budget] = 256 / (time.perf_counter() - start)
+    rm.encoder.config.token_budget = None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        with torch.profiler.profile(activities=activities) as prof:
+            for item in items[100:105]:
+                rm.score([item])
+        averages = prof.key_averages()
+        by_device = "self_device_time_total" if len(activities) > 1 else "cpu_time_total"
+        (workdir / "profile_lone.txt").write_text(
+            averages.table(sort_by="self_cpu_time_total", row_limit=30)
+            + "\n\n"
+            + averages.table(sort_by=by_device, row_limit=20)
         )
-    a = result["api_vs_cli"]
-    return "\n".join(
+    except Exception as err:  # a profiler that cannot attach (CUPTI missing) leaves the timings standing
+        result["profiler_error"] = f"{type(err).__name__}: {err}"
+    return result
+
+
+def compiled(checkpoint: Path, device: str) -> dict:
+    """The encoder under torch.compile(dynamic=True) against eager: the first call (compiling), a lone
+    trajectory's ms, 256 trajectories' rate, and the largest reward difference."""
+    import numpy as np
+    import torch
+
+    from pipeline.reward import RewardModel
+
+    rm = RewardModel.load(checkpoint, device, cache_size=0)
+    items = trajectories(300, seed=11)
+
+    def measure() -> dict:
+        start = time.perf_counter()
+        rm.score(items[:2])
+        first = time.perf_counter() - start
+        rm.score(items[2:34])
+        lone = []
+        for item in items[34:44]:
+            start = time.perf_counter()
+            rm.score([item])
+            lone.append(1e3 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        scores = rm.score(items[44:300])
+        rate = 256 / (time.perf_counter() - start)
+        values = np.array([[s[m] if s[m] is not None else np.nan for m in rm.modules] for s in scores])
+        return {"first_call_s": first, "lone_ms": statistics.median(lone), "traj_per_s": rate, "values": values}
+
+    eager = measure()
+    rm.encoder.model = torch.compile(rm.encoder.model, dynamic=True)
+    fast = measure()
+    diff = float(np.nanmax(np.abs(eager.pop("values") - fast.pop("values"))))
+    return {"eager": eager, "compiled": fast, "max_reward_difference": diff}
+
+
+def run(
+    encoder: str,
+    device: str,
+    requests: int,
+    api_trajectories: int,
+    pairs_per_module: int,
+    workdir: Path,
+    plan: Plan = PLAN,
+) -> dict:
+    """The serving rows of `plan`, then (with api_trajectories) the Python API against `modrm score`."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    checkpoint = train_checkpoint(workdir, encoder, device, pairs_per_module)
+    result = {"encoder": encoder, "device": device, "serve": serve_rates(checkpoint, device, requests, workdir, plan)}
+    if api_trajectories:
+        result["api_vs_cli"] = api_vs_cli(checkpoint, device, api_trajectories, workdir)
+    return result
+
+
+def report(result: dict) -> str:
+    """One row per mode and client count; gain = trajectories/s over batch of one's at the same clients."""
+    one = {r["clients"]: r["trajectories_per_s"] for r in result["serve"] if r["mode"] == "batch of one"}
+    rows = [
         [
-            f"modrm serve, {result['encoder']} on {result['device']}, one trajectory per request:",
-            table(
-                ["clients", "batched traj/s", "p50 ms", "p99 ms", "batch-of-one traj/s", "p50 ms", "p99 ms", "gain"],
-                rows,
-            ),
+            r["mode"],
+            r["clients"],
+            r["trajectories_per_s"],
+            r["p50_ms"],
+            r["p99_ms"],
+            f"{r['trajectories_per_s'] / one[r['clients']]:.2f}x" if r["clients"] in one else "",
+        ]
+        for r in result["serve"]
+    ]
+    lines = [
+        f"modrm serve, {result['encoder']} on {result['device']}, one trajectory per request:",
+        table(["mode", "clients", "traj/s", "p50 ms", "p99 ms", "vs batch of one"], rows),
+    ]
+    if "api_vs_cli" in result:
+        a = result["api_vs_cli"]
+        lines += [
             "",
             f"RewardModel.score on {a['trajectories']:,} trajectories: {a['api_score_seconds']:.2f}s "
             f"({a['api_trajectories_per_s']:,.1f}/s; load {a['api_load_seconds']:.1f}s once); `modrm score` on the "
             f"same file: {a['cli_seconds']:.2f}s ({a['cli_trajectories_per_s']:,.1f}/s, process start and load "
             "included)",
         ]
-    )
+    return "\n".join(lines)
 
 
 def main() -> None:
