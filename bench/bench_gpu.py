@@ -20,8 +20,16 @@ last.
                 2048-token contexts, gradient checkpointing off / on / on with only the top 4 layers trained
     portability synth -> embed -> train-heads -> finetune on the GPU with a tiny Qwen3, then `modrm eval` of
                 both checkpoints in a process that sees no GPU, against the same eval on the GPU
+    serve_profile  where a served trajectory's time goes, in process: the steps of a lone one and of 32 (host
+                time to issue a forward pass included), a torch profile of lone calls (profile_lone.txt),
+                trajectories/s at several token budgets
+    stage0_scale   train_heads on --scale-pairs pairs (10M) at batch 4096 in a process of its own: pairs/s, RSS
     serve       bench_serve.py on the GPU: `modrm serve` with the 0.6B encoder under 1, 8 and 32 clients,
-                micro-batching on and off, and RewardModel.score against `modrm score`
+                micro-batching (capped at 256 and 16) and batches of one; the servers' logs are kept
+    serve_compiled the same with --compile
+    serve_compile  torch.compile against eager in process: first call, a lone trajectory, 256 at once
+
+All sections together take longer than one 10-minute call on a lent GPU: pick them with --only.
 """
 
 from __future__ import annotations
