@@ -1,6 +1,7 @@
 """Stage-1 defaults by measurement: on pairs whose test split is worded as training never is
 (`synth --holdout-phrasings`), test accuracy of stage 0 and of stage 1 per encoder learning rate and encoder
-dropout, over seeds (MiniLM, CPU).
+dropout, over seeds (MiniLM, CPU). `--off-task-test`: every test negative is off-task (`synth --off-task-test`),
+the held-out set on which stage 0 falls short.
 
 One stage-0 checkpoint (the default config) is trained per data seed; every stage-1 run starts from it with
 the default config but for the swept keys, runs `--epochs` epochs and keeps its best epoch by val loss (what a
@@ -28,10 +29,11 @@ from pipeline.synth import generate_pairs, write_pairs
 from pipeline.train_heads import train_heads
 
 
-def stage0(workdir: Path, pairs_per_module: int, seed: int) -> tuple[Path, Path, float]:
+def stage0(workdir: Path, pairs_per_module: int, seed: int, off_task_test: bool) -> tuple[Path, Path, float]:
     config = Config()
     config.encoder.name, config.encoder.device, config.train.device = MINILM_ID, "cpu", "cpu"
-    data = write_pairs(workdir / "pairs.jsonl", generate_pairs(pairs_per_module, seed, heldout_split=config.data))
+    pairs = generate_pairs(pairs_per_module, seed, heldout_split=config.data, off_task_test=off_task_test)
+    data = write_pairs(workdir / "pairs.jsonl", pairs)
     embed_files([data], workdir / "cache", config, progress=False)
     train_heads(workdir / "cache", workdir / "stage0", config, progress=False)
     accuracy = evaluate([workdir / "stage0"], data, workdir / "eval0", progress=False)["stage0"]["overall"]["accuracy"]
@@ -46,6 +48,7 @@ def main() -> None:
     parser.add_argument("--encoder-lr", type=float, nargs="+", default=[1e-5, 5e-5, 1e-4, 2e-4])
     parser.add_argument("--encoder-dropout", type=float, nargs="+", default=[-1.0, 0.0], help="-1: the model's own")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--off-task-test", action="store_true", help="every test negative off-task (synth's option)")
     args = parser.parse_args()
     started = time.perf_counter()
     cores = use_all_cores()
@@ -55,7 +58,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for data_seed in args.data_seeds:
             work = Path(tmp) / f"data{data_seed}"
-            data, ckpt, acc0 = stage0(work, args.pairs_per_module, data_seed)
+            data, ckpt, acc0 = stage0(work, args.pairs_per_module, data_seed, args.off_task_test)
             print(f"data seed {data_seed}: stage 0 test accuracy {acc0:.3f}", flush=True)
             for lr, dropout, seed in itertools.product(args.encoder_lr, args.encoder_dropout, args.seeds):
                 settings = {"epochs": args.epochs, "encoder_lr": lr, "seed": seed, "device": "cpu"}

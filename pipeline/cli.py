@@ -48,13 +48,18 @@ def synth(
     holdout_phrasings: Annotated[
         bool, typer.Option("--holdout-phrasings", help="word the test split's pairs in a wording train never uses")
     ] = False,
+    off_task_test: Annotated[
+        bool,
+        typer.Option("--off-task-test", help="with --holdout-phrasings: every test negative is another task's text"),
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Write synthetic preference pairs: varied multi-round trajectories, negatives differing in one module."""
     from pipeline.synth import generate_pairs, write_pairs
 
     cfg = _config(config)
-    pairs = generate_pairs(pairs_per_module, seed, cfg.data.modules, cfg.data if holdout_phrasings else None)
+    split = cfg.data if holdout_phrasings else None
+    pairs = generate_pairs(pairs_per_module, seed, cfg.data.modules, split, off_task_test)
     write_pairs(out, pairs)
     typer.echo(f"wrote {len(pairs)} pairs to {out}")
 

@@ -404,18 +404,19 @@ def _bad_rounds(rng: random.Random, n: int, kind: str) -> set[int]:
     return set(rng.sample(range(1, n + 1), rng.randint(1, n - 1)))
 
 
-def _pair(module: str, index: int, rng: random.Random, heldout_split: DataConfig | None) -> Pair:
+def _pair(module: str, index: int, rng: random.Random, heldout_split: DataConfig | None, off_task_test: bool) -> Pair:
     task, slots, other = _draw_task(rng)
     group = f"{slots['goal']} in {slots['c']}"  # variants differing in the stack only stay in one split
-    wording = "any"
+    wording, in_test = "any", False
     if heldout_split is not None:
         d = heldout_split
-        wording = (
-            "heldout" if assign_split(group, d.train_fraction, d.val_fraction, d.split_seed) == "test" else "train"
-        )
+        in_test = assign_split(group, d.train_fraction, d.val_fraction, d.split_seed) == "test"
+        wording = "heldout" if in_test else "train"
     n = rng.randint(1, 6)
     kind = _draw_kind(rng, module)
     bad_rounds = _bad_rounds(rng, n, kind)
+    if off_task_test and in_test:  # drawn as usual first, so every other pair stays what it would have been
+        kind = _OFF_TASK
     positive, negative = [], []
     for r in range(1, n + 1):
         phase, k = _phase(r, n), rng.randint(1, 4)
@@ -481,6 +482,7 @@ def generate_pairs(
     seed: int,
     modules: Sequence[str] = DEFAULT_MODULES,
     heldout_split: DataConfig | None = None,
+    off_task_test: bool = False,
 ) -> list[Pair]:
     """`pairs_per_module` pairs per module, the same for the same seed.
 
@@ -488,7 +490,12 @@ def generate_pairs(
     modules are added or removed, and the first n pairs are the same whatever `pairs_per_module` is. With
     `heldout_split` (the split settings the pairs will be trained under), the pairs of its test split take each
     phrasing list's last variant, which train and val pairs never draw, in the held-out wording (other words).
+    `off_task_test` (with `heldout_split`): every test pair's negative is off-task, the target module's fluent text
+    written for another task, the case a reward model can judge only by relating the module's text to the task
+    (train and val pairs unchanged).
     """
+    if off_task_test and heldout_split is None:
+        raise ModrmError("synth: off-task test pairs need the held-out split (--holdout-phrasings)")
     unknown = [m for m in modules if m not in MODULE_KEYS]
     if unknown:
         raise ModrmError(f"synth has phrasing only for modules {', '.join(MODULE_KEYS)}; got {', '.join(unknown)}")
@@ -499,7 +506,7 @@ def generate_pairs(
     pairs = []
     for module in modules:
         rng = random.Random(f"{seed}/{module}")
-        pairs += [_pair(module, i, rng, heldout_split) for i in range(pairs_per_module)]
+        pairs += [_pair(module, i, rng, heldout_split, off_task_test) for i in range(pairs_per_module)]
     return pairs
 
 

@@ -123,3 +123,30 @@ def test_held_out_wording_reaches_only_the_test_split():
             assert not any(words.search(text) for text in sides) and "Finally, " not in after.positive.context
     assert sum(where(p) == "test" for p in reworded) > 5
     assert any("Finally, " in p.positive.context for p in plain)
+
+
+def test_off_task_test_negatives_are_another_tasks_text_and_nothing_else_changes():
+    """`--off-task-test`: every test negative is the target module's text written for another task (it carries
+    another goal's symptom, cause, fix or check); train and val pairs, and every positive, are what they were."""
+    from pipeline.config import DataConfig
+    from pipeline.data import assign_split
+    from pipeline.synth import _GOALS, generate_pairs, heldout_wording
+
+    split = DataConfig()
+    usual = generate_pairs(40, 3, heldout_split=split)
+    off_task = generate_pairs(40, 3, heldout_split=split, off_task_test=True)
+
+    def foreign(pair) -> bool:
+        own = next(g for g in _GOALS if pair.task.startswith(g[0].split("{")[0]))
+        return any(heldout_wording(f) in pair.negative.module_text for g in _GOALS if g is not own for f in g[4:8])
+
+    tested = []
+    for before, after in zip(usual, off_task, strict=True):
+        if assign_split(after.split_key, split.train_fraction, split.val_fraction, split.split_seed) != "test":
+            assert after == before
+            continue
+        assert after.positive == before.positive and foreign(after)
+        tested.append(foreign(before))
+    assert len(tested) > 5 and not all(tested)  # without the option, some test negatives are of other kinds
+    with pytest.raises(ModrmError, match="held-out split"):
+        generate_pairs(4, 3, off_task_test=True)
