@@ -315,6 +315,39 @@ class Cache:
             )
         return len(new_keys)
 
+    def compact(self) -> int:
+        """Merge the committed segments into one (many small runs leave many; each is a file to open and map).
+        Copies every row once, block by block, then commits the new segment as a run commits its own: a kill
+        leaves the old layout or the new one, and the next writer removes what no commit lists. Readers that
+        opened the old segments keep reading them until they close. Returns how many segments were merged."""
+        if self.lock is None:
+            raise RuntimeError("compact needs the writer's lock (Cache.open)")
+        old = self.segments
+        if len(old) < 2:
+            return 0
+        stem = self.folder / "segments" / f"seg-{int(old[-1].h5.stem.removeprefix('seg-')) + 1:06d}"
+        rows = self.embeddings(memory_budget_bytes=0)
+
+        def write(tmp: Path) -> None:
+            with h5py.File(tmp, "w") as out:
+                ds = out.create_dataset("embeddings", shape=(self.n_rows, self.fingerprint.dim), dtype=np.float16)
+                for lo in range(0, self.n_rows, COPY_ROWS):
+                    block = rows[lo : lo + COPY_ROWS]
+                    for array in getattr(rows, "maps", []):
+                        _release_pages(array)
+                    ds[lo : lo + len(block)] = block
+
+        atomic_write(stem.with_suffix(".h5"), write)
+        index = pa.concat_tables([pq.read_table(s.texts) for s in old])
+        atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(index, tmp))
+        self._write_commit([(stem.name, self.n_rows)])
+        self.segments = _segments(self.folder, [(stem.name, self.n_rows)])
+        self._publish_texts_view()
+        for segment in old:
+            segment.h5.unlink()
+            segment.texts.unlink()
+        return len(old)
+
     def _segmented(self) -> bool:
         return bool(self.segments) and self.segments[0].texts is not None
 
@@ -520,7 +553,7 @@ class MappedRows:
         return self.shape[0]
 
     def __getitem__(self, rows: np.ndarray | slice) -> np.ndarray:
-        rows = np.arange(self.shape[0])[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
+        rows = np.arange(*rows.indices(self.shape[0])) if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         segment = np.searchsorted(self.starts, rows, side="right") - 1
         out = np.empty((len(rows), self.shape[1]), dtype=self.dtype)
         for s in np.unique(segment):

@@ -24,6 +24,8 @@ EncoderOpt = Annotated[str | None, typer.Option("--encoder", help="Hugging Face 
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda")]
 SeedOpt = Annotated[int | None, typer.Option("--seed")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+CacheOpt = Annotated[Path, typer.Option("--cache", help="cache folder")]
+NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="fail at once if another process is writing the cache")]
 
 
 def _config(path: Path | None, **sections: dict) -> Config:
@@ -84,13 +86,11 @@ def validate(data: DataOpt, config: ConfigOpt = None) -> None:
 @app.command()
 def embed(
     data: DataOpt,
-    cache: Annotated[Path, typer.Option("--cache", help="cache folder")],
+    cache: CacheOpt,
     encoder: EncoderOpt = None,
     device: DeviceOpt = None,
     append: Annotated[bool, typer.Option("--append", help="add these pairs to the cache's pairs index")] = False,
-    no_wait: Annotated[
-        bool, typer.Option("--no-wait", help="fail at once if another process is writing the cache")
-    ] = False,
+    no_wait: NoWaitOpt = False,
     config: ConfigOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -106,6 +106,23 @@ def embed(
     typer.echo(f"cache {cache}:")
     for line in summary.lines():
         typer.echo("  " + line)
+
+
+cache_app = typer.Typer(help="Look after an embedding cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("compact")
+def cache_compact(cache: CacheOpt, no_wait: NoWaitOpt = False) -> None:
+    """Merge a cache's segments into one (each `embed` run that adds texts writes one)."""
+    from pipeline.cache import Cache, manifest_fingerprint, read_manifest
+
+    manifest = read_manifest(cache)
+    if manifest is None:
+        raise ModrmError(f"{cache}: not an embedding cache (no manifest.json)")
+    with Cache.open(cache, manifest_fingerprint(cache, manifest), wait=not no_wait) as store:
+        merged = store.compact()
+    typer.echo(f"{cache}: {merged} segments merged into one" if merged else f"{cache}: one segment already")
 
 
 @app.command("train-heads")

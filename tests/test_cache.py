@@ -501,6 +501,39 @@ def test_growth_writes_only_the_new_rows(
     np.testing.assert_array_equal(mapped[rows], whole[rows])
 
 
+def test_compact_merges_the_segments_into_one_and_keeps_every_row(
+    seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path
+) -> None:
+    """`modrm cache compact`: one segment with every row where they were; a reader that mapped the old segments
+    still reads them; the cache goes on growing and finding its texts."""
+    folder = _copy(seed_cache, tmp_path)
+    second = _second_file(seed_pairs_path, tmp_path)
+    embed_files([second], folder, tiny_config, progress=False)
+    before, _ = open_existing(folder)
+    emb, keys, mapped_before = before.embeddings(), before.keys(), before.embeddings(memory_budget_bytes=0)
+    assert len(before.segments) == 2
+    done = subprocess.run(
+        [sys.executable, "-c", "from pipeline.cli import main; main()", "cache", "compact", "--cache", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "2 segments merged into one" in done.stdout, done.stderr
+    after, manifest = open_existing(folder)
+    assert sorted(p.name for p in (folder / "segments").iterdir()) == ["seg-000002.h5", "seg-000002.parquet"]
+    assert manifest["n_texts"] == after.n_rows == len(keys) and after.keys() == keys
+    np.testing.assert_array_equal(after.embeddings(), emb)
+    np.testing.assert_array_equal(after.embeddings(memory_budget_bytes=0)[np.arange(after.n_rows)], emb)
+    np.testing.assert_array_equal(mapped_before[np.arange(after.n_rows)], emb)  # unlinked, still mapped
+    assert (after.find(keys) == np.arange(len(keys))).all()
+    with h5py.File(folder / "embeddings.h5", "r") as f:
+        np.testing.assert_array_equal(f["embeddings"][:], emb)
+    assert [p.name for p in (folder / "texts.parquet").iterdir()] == ["seg-000002.parquet"]
+    assert pq.read_table(folder / "texts.parquet")["row"].to_pylist() == list(range(after.n_rows))
+    assert embed_files([second], folder, tiny_config, progress=False).encoded == 0
+    with Cache.open(folder, after.fingerprint) as cache:
+        assert cache.compact() == 0  # one segment: nothing to do
+
+
 def _as_old_single_file_cache(folder: Path) -> None:
     """Rewrite a cache in the layout from before segments: one contiguous embeddings.h5, a texts.parquet file."""
     cache, _ = open_existing(folder)
