@@ -62,7 +62,7 @@ serve: install
 # The whole chain on the offline MiniLM, CPU: synth (its test split in a wording training never sees) -> embed ->
 # train-heads -> finetune (the default stage-1 settings) -> eval of both on that test split.
 demo: install
-	$(MODRM) synth --out $(DEMO_DATA) --pairs-per-module 100 --seed 0 --holdout-phrasings
+	$(MODRM) synth --out $(DEMO_DATA) --pairs-per-module 100 --seed 0 --holdout-phrasings --off-task-test
 	$(MODRM) embed --data $(DEMO_DATA) --cache cache/demo --encoder $(DEMO_ENCODER) --device cpu
 	$(MODRM) train-heads --cache cache/demo --out $(DEMO_DIR)/stage0 --device cpu
 	$(MODRM) finetune --checkpoint $(DEMO_DIR)/stage0 --data $(DEMO_DATA) --out $(DEMO_DIR)/stage1 --device cpu

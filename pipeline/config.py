@@ -89,7 +89,7 @@ class TrainConfig:
 class FinetuneConfig:
     """Stage 1: encoder and heads end to end."""
 
-    epochs: int = 2  # measured: the best val epoch at encoder_lr 1e-4 (README, "Stage 1 defaults")
+    epochs: int = 4  # measured: off-task held-out pairs gained +0.069 at 4, +0.031 at 2 (README, "Stage 1 defaults")
     max_steps: int | None = None  # stop after this many optimizer steps (the schedule is sized to them)
     encoder_lr: float = 1e-4  # measured: 1e-5 (the seed's) moved nothing on held-out wording; 1e-4 did
     heads_lr: float = 1e-4
