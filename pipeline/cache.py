@@ -338,8 +338,7 @@ class Cache:
                     ds[lo : lo + len(block)] = block
 
         atomic_write(stem.with_suffix(".h5"), write)
-        index = pa.concat_tables([pq.read_table(s.texts) for s in old])
-        atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(index, tmp))
+        atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(self._index_table(), tmp))
         self._write_commit([(stem.name, self.n_rows)])
         self.segments = _segments(self.folder, [(stem.name, self.n_rows)])
         self._publish_texts_view()
@@ -363,13 +362,16 @@ class Cache:
             os.link(self.segments[0].h5, stem.with_suffix(".h5"))
         except OSError:  # a filesystem without hard links: one copy, once
             shutil.copyfile(self.segments[0].h5, stem.with_suffix(".h5"))
+        atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(self._index_table(), tmp))
+        return [(stem.name, self.n_rows)]
+
+    def _index_table(self) -> pa.Table:
+        """Every committed row's index entry (TEXT_COLUMNS), from what is in memory: one segment's parquet file."""
         roles, hashes = self._keys
-        table = pa.table(
+        return pa.table(
             {"text_hash": hashes, "row": self.texts["row"], "role": roles}
             | {name: self.texts[name] for name in ("n_tokens", "truncated")}
         )
-        atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(table, tmp))
-        return [(stem.name, self.n_rows)]
 
     def _write_segment(
         self,
