@@ -1,18 +1,16 @@
 """Stage-1 fine-tuning throughput (pairs/s) on 1 process against 2 (torchrun, gloo on CPU), on the real MiniLM.
 
 Each configuration is a torchrun launch of this script as a worker, which runs the optimizer-step loop of
-`modrm finetune` (pipeline/finetune.py) with its own parts: `EndToEnd` forward, the preference loss normalised
-by the pair counts of the whole window, backward, each rank taking its share of the window's micro-steps
-(`Group.share`), the gradients summed over the ranks (`Group.sum_gradients`), then clipping and AdamW in fp32
+`modrm finetune` (pipeline/finetune.py) with its own parts: encoder and heads under DistributedDataParallel
+(`Group.wrap`), each rank taking its share of the window's micro-steps with the loss normalised by the pair counts
+of the whole window (`window_gradients`; DDP all-reduces in the last backward), then clipping and AdamW in fp32
 (`Optimization`). Validation, snapshots and checkpoints are left out: they are not per step. The batch is the
 same global batch in every configuration: `--grad-accum` micro-steps of `--pairs` pairs per optimizer step (4
 texts each: 2 contexts of `--length` tokens, 2 module texts of 64, built as in bench_finetune.py).
 
 The cores are shared out the same way in every configuration: one process with every core as torch threads,
 and N processes with cores / N threads each (what torchrun's OMP_NUM_THREADS does); one process on one
-thread is shown too, for the per-core picture. "all_reduce s" is the time `sum_gradients` takes per optimizer
-step on rank 0 (the gradients of encoder and heads, fp32, over gloo's loopback), waiting for the slower rank
-included.
+thread is shown too, for the per-core picture.
 """
 
 from __future__ import annotations
@@ -39,46 +37,38 @@ def worker(args) -> dict:
     from pipeline.data import DEFAULT_MODULES
     from pipeline.distributed import Group
     from pipeline.encoder import MINILM_ID, Encoder
-    from pipeline.finetune import EndToEnd
-    from pipeline.heads import RewardHeads, preference_loss
-    from pipeline.training import Optimization, module_counts, param_groups
+    from pipeline.finetune import EndToEnd, window_gradients
+    from pipeline.heads import RewardHeads
+    from pipeline.training import Optimization, param_groups
 
     group = Group.from_env("cpu")
     cfg = Config()
     torch.manual_seed(0)  # the same fresh heads on every rank
     encoder = Encoder.load(EncoderConfig(name=MINILM_ID, device="cpu", dtype="float32"))
     model = EndToEnd(encoder, RewardHeads(DEFAULT_MODULES, encoder.dim, cfg.heads))
+    trainer = group.wrap(model)
     per_window = args.grad_accum * args.pairs
     data = fixed_pairs(encoder, per_window * (args.steps + 1), args.length)
     micro = [np.arange(i, i + args.pairs) for i in range(0, len(data.module_idx), args.pairs)]
     plan = [micro[i : i + args.grad_accum] for i in range(0, len(micro), args.grad_accum)]
     groups = param_groups([(encoder.parameters(), 1e-5), (model.heads.parameters(), 1e-4)], 0.01)
     opt = Optimization(groups, len(plan), torch.device("cpu"), "float32", (0.9, 0.999), 0.1, 1.0)
-    n_modules = len(DEFAULT_MODULES)
     model.train()
 
-    def step(window: list[np.ndarray]) -> float:
-        counts = module_counts((data.module_idx[idx] for idx in window), n_modules)
-        for idx in group.share(window):
-            r_pos, r_neg, module_idx = model(data, idx)
-            loss = preference_loss(r_pos, r_neg, module_idx, n_modules, cfg.heads.alpha, cfg.heads.margin, counts)
-            opt.backward(loss)
-        start = time.perf_counter()
-        group.sum_gradients(opt.params, [0.0])
-        reduce_seconds = time.perf_counter() - start
+    def step(window: list[np.ndarray]) -> None:
+        window_gradients(trainer, data, window, len(DEFAULT_MODULES), opt, group, cfg.heads)
         opt.step()
-        return reduce_seconds
 
     step(plan[0])  # warm-up
     group.barrier()
     start = time.perf_counter()
-    reduce_seconds = [step(window) for window in plan[1:]]
+    for window in plan[1:]:
+        step(window)
     group.barrier()
     seconds = (time.perf_counter() - start) / args.steps
     return {
         "seconds_per_step": seconds,
         "pairs_per_s": per_window / seconds,
-        "all_reduce_seconds_per_step": float(np.median(reduce_seconds)) if group.distributed else 0.0,
         "gradient_mb": sum(p.numel() * p.element_size() for p in opt.params) / 2**20,
     }
 
@@ -127,7 +117,7 @@ def main() -> None:
     print()
     print(
         table(
-            ["processes", "threads each", "s/step", "pairs/s", "vs 1 process", "all_reduce s/step"],
+            ["processes", "threads each", "s/step", "pairs/s", "vs 1 process"],
             [
                 [
                     r["processes"],
@@ -135,14 +125,13 @@ def main() -> None:
                     r["seconds_per_step"],
                     r["pairs_per_s"],
                     f"{r['pairs_per_s'] / base:.2f}x",
-                    r["all_reduce_seconds_per_step"],
                 ]
                 for r in results
             ],
         )
     )
     print(
-        f"(gradients summed per optimizer step: {results[0]['gradient_mb']:.0f} MB fp32; every configuration "
+        f"(gradients all-reduced per optimizer step: {results[0]['gradient_mb']:.0f} MB fp32; every configuration "
         f"takes the same optimizer steps; {cores} cores shared out as torch threads)"
     )
     settings = {"pairs": args.pairs, "grad_accum": args.grad_accum, "steps": args.steps, "length": args.length}

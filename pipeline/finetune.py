@@ -7,10 +7,10 @@ epoch's end a snapshot (weights, optimizer, scheduler, RNG; safetensors + JSON, 
 continue a killed run from that snapshot exactly as the uninterrupted run went on. Checkpoints and snapshots
 are replaced with `commit`, so a kill at any instant leaves the old ones or the new ones, loadable.
 
-Under torchrun (N processes, one per GPU, or gloo on CPU) every rank makes the same step plan for the global
-batch and takes its contiguous share of each optimizer step's micro-steps; the gradients are summed over the
-ranks before unscaling and clipping (`Group.sum_gradients`), so N processes take the optimizer steps one would.
-Rank 0 alone writes checkpoints, snapshots, the history and the logs, and shows the progress bar.
+Under torchrun (N processes, one per GPU, or gloo on CPU) encoder and heads run under DistributedDataParallel;
+every rank makes the same step plan for the global batch and takes its contiguous share of each optimizer step's
+micro-steps (`window_gradients`), so N processes take the optimizer steps one would. Rank 0 alone writes
+checkpoints, snapshots, the history and the logs, and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import commit, recover, write_json
 from pipeline.checkpoint import ENCODER_DIR, HEADS_FILES, Checkpoint, load_checkpoint, write_heads
-from pipeline.config import FIXED_BY_CHECKPOINT, Config, FinetuneConfig, resolve_config
+from pipeline.config import FIXED_BY_CHECKPOINT, Config, FinetuneConfig, HeadConfig, resolve_config
 from pipeline.data import Pair, assign_split, file_sha256, load_pairs
 from pipeline.distributed import Group
 from pipeline.embed import pair_texts
@@ -330,6 +331,40 @@ def load_split(paths: list[Path], ckpt: Checkpoint) -> dict[str, list[Pair]]:
     return split
 
 
+def window_gradients(
+    trainer: nn.Module,
+    data: TokenizedPairs,
+    window: list[np.ndarray],
+    n_modules: int,
+    opt: Optimization,
+    group: Group,
+    heads: HeadConfig,
+) -> float:
+    """The gradients of one optimizer step, accumulated in the parameters: this rank's share of the window's
+    micro-steps, each loss normalised by the pair counts of the whole window, so every pair weighs the same however
+    the steps were packed or shared out. Returns the window's loss, summed over the ranks.
+
+    Under DDP the gradients are all-reduced in the share's last backward (the others run under `no_sync`). DDP
+    averages over the N ranks where the window needs a sum, so each loss counts N times. A rank whose share is
+    empty (a window of fewer micro-steps than ranks) must still join that all-reduce: it runs the window's first
+    micro-step with its loss counted 0 (zero gradients; the heads that step touches are used by the window anyway,
+    so none of them gets a gradient that one process would leave None)."""
+    counts = module_counts((data.module_idx[idx] for idx in window), n_modules)
+    share = group.share(window)
+    weight = float(group.world_size) if share else 0.0
+    steps = share or window[:1]
+    loss_sum = 0.0
+    for k, idx in enumerate(steps):
+        sync = k == len(steps) - 1 or not group.distributed
+        with nullcontext() if sync else trainer.no_sync():
+            with opt.autocast():
+                r_pos, r_neg, module_idx = trainer(data, idx)
+                loss = preference_loss(r_pos, r_neg, module_idx, n_modules, heads.alpha, heads.margin, counts)
+            opt.backward(loss * weight)
+        loss_sum += loss.item() if share else 0.0
+    return group.sum(loss_sum)
+
+
 def finetune(
     checkpoint: str | Path,
     data: list[Path],
@@ -372,6 +407,7 @@ def finetune(
     if group.distributed:  # each rank's own dropout draws, a function of the seed and the rank
         torch.manual_seed(int(np.random.SeedSequence([fc.seed, group.rank]).generate_state(1)[0]))
     model = EndToEnd(encoder, ckpt.model.to(device))
+    trainer = group.wrap(model)  # DistributedDataParallel under torchrun; the model itself in one process
     frozen = frozen_blocks(encoder.model)
     # one plan for the global batch, identical on every rank; each rank runs its share of every window
     plans = [windows(plan_steps(train, fc.token_budget, fc.seed, epoch), fc.grad_accum) for epoch in range(fc.epochs)]
@@ -385,7 +421,7 @@ def finetune(
     if group.is_main and fc.grad_accum % group.world_size:
         print(
             f"note: finetune.grad_accum {fc.grad_accum} is not a multiple of the {group.world_size} processes: "
-            "the micro-steps of an optimizer step are shared among them, so some wait (--grad-accum)",
+            "the micro-steps of an optimizer step are shared among them, so some sit out part of each (--grad-accum)",
             file=sys.stderr,
         )
 
@@ -399,8 +435,6 @@ def finetune(
         state = {"epoch": 0, "window": 0, "optimizer_steps": 0, "best": record, "history": [record], "steps": []}
         if group.is_main:
             save_stage1(out, model, config, encoder.folder, history_metrics(state), trained_on)
-    if opt.scaler.is_enabled():  # the scale exists before unscale_ even on a rank whose first share is empty
-        opt.scaler.scale(torch.zeros((), device=device))
     reporter = Reporter(fc.report_to if group.is_main else [], out / "runs", f"{out.name} (stage 1)", config.to_dict())
     bar = tqdm(
         total=total,
@@ -422,17 +456,7 @@ def finetune(
             start = time.perf_counter()
             for w in range(state["window"], len(plans[epoch])):
                 window = plans[epoch][w]
-                counts = module_counts((train.module_idx[idx] for idx in window), len(modules))
-                window_loss = 0.0
-                for idx in group.share(window):
-                    with opt.autocast():
-                        r_pos, r_neg, module_idx = model(train, idx)
-                        loss = preference_loss(
-                            r_pos, r_neg, module_idx, len(modules), config.heads.alpha, config.heads.margin, counts
-                        )
-                    opt.backward(loss)
-                    window_loss += loss.item()
-                (window_loss,) = group.sum_gradients(opt.params, [window_loss])  # before unscaling and clipping
+                window_loss = window_gradients(trainer, train, window, len(modules), opt, group, config.heads)
                 lrs = opt.lrs  # the rates this step uses (the scheduler moves on in opt.step)
                 opt.step()
                 state["optimizer_steps"] += 1

@@ -165,7 +165,8 @@ def final_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def test_the_plan_splits_unevenly(stage0):
     """The equality runs cover what splitting must get right: windows whose micro-steps do not divide among two
-    ranks (odd, and a single one, where rank 1 has nothing to do), and windows that leave a module's head unused."""
+    ranks (odd, and a single one, where rank 1 has nothing to do), windows that leave a module's head unused, and
+    heads a rank uses only before its last micro-step (whose gradients DDP holds under no_sync)."""
     from pipeline.checkpoint import load_checkpoint
     from pipeline.distributed import Group
     from pipeline.encoder import Encoder
@@ -181,6 +182,15 @@ def test_the_plan_splits_unevenly(stage0):
     assert [2, 1] in shares and [1, 0] in shares
     unused = [len(set(np.concatenate([train.module_idx[i] for i in w]))) < 4 for plan in plans for w in plan]
     assert any(unused)
+    # a head a rank used only in a micro-step before its last (under DDP's no_sync) must still be all-reduced
+    early_only = [
+        set(np.concatenate([train.module_idx[i] for i in share[:-1]])) - set(train.module_idx[share[-1]])
+        for plan in plans
+        for w in plan
+        for share in (Group(r, 2).share(w) for r in (0, 1))
+        if len(share) > 1
+    ]
+    assert any(early_only)
 
 
 def test_two_processes_take_the_steps_one_process_takes(launch, stage0, tmp_path, one_thread):
