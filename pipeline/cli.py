@@ -261,6 +261,9 @@ def serve_cmd(
     empty_reward: Annotated[
         float, typer.Option("--empty-reward", help="/get_reward's reward for a trajectory with no module text")
     ] = 0.0,
+    shutdown_timeout: Annotated[
+        float, typer.Option("--shutdown-timeout", min=0, help="seconds requests in flight get to finish on SIGTERM")
+    ] = 60.0,
 ) -> None:
     """Serve rewards over HTTP for RL loops (OpenRLHF's /get_reward, /score, /health, /info)."""
     import logging
@@ -283,6 +286,7 @@ def serve_cmd(
         weights=parse_weights(weights),
         empty_reward=empty_reward,
         api_key=api_key,
+        shutdown_timeout_s=shutdown_timeout,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rm = RewardModel.load(checkpoint, device or "auto", cache_size=cache_size, compile=compile)

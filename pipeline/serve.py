@@ -47,6 +47,7 @@ class ServeConfig:
     weights: dict[str, float] | None = None  # module weights of the reward (None: equal)
     empty_reward: float = 0.0  # /get_reward's reward for a trajectory with no text for any weighted module
     api_key: str | None = field(default=None, repr=False)  # bearer token; None: no authentication
+    shutdown_timeout_s: float = 60.0  # on SIGTERM, how long requests in flight may take to finish
 
     def limits(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("api_key", "weights")}
@@ -345,8 +346,16 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
 
 
 def serve(rm: RewardModel, config: ServeConfig, host: str, port: int) -> None:
-    """Run until SIGINT or SIGTERM; on either, requests in flight finish before the process exits."""
+    """Run until SIGINT or SIGTERM; on either, requests in flight finish (within `shutdown_timeout_s`) before the
+    process exits."""
     import uvicorn
 
     app = create_app(rm, config)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False, timeout_graceful_shutdown=60)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        timeout_graceful_shutdown=config.shutdown_timeout_s,  # beyond it, what still runs is cancelled (a 500)
+    )

@@ -225,6 +225,7 @@ def test_bearer_token_full_queue_and_sigterm_with_requests_in_flight(stage0):
     pairs = generate_pairs(64, seed=3)  # 512 distinct trajectories (the seed pairs share most of theirs)
     sides = [{"task": p.task, "trajectory": side.context} for p in pairs for side in (p.positive, p.negative)]
     flags = ["--api-key-env", "MODRM_TEST_KEY", "--max-items", "512", "--max-queue", "600", "--cache-size", "0"]
+    flags += ["--shutdown-timeout", "600"]  # A and B finish however loaded the machine is (seconds when idle)
     with running(stage0, *flags, env={"MODRM_TEST_KEY": "s3cret"}) as server:
         body = {"items": sides[:1]}
         status, answer, headers = server.post("/score", body)
@@ -252,3 +253,27 @@ def test_bearer_token_full_queue_and_sigterm_with_requests_in_flight(stage0):
         log = server.log.read_text()
         assert "batch: 1 requests, 512 trajectories" in log[log.index("Shutting down") :]
         assert "Application shutdown complete" in log
+
+
+def test_shutdown_timeout_caps_the_wait_for_requests_in_flight(stage0):
+    """--shutdown-timeout: a request still running when it expires is cancelled (a 500) and the process exits."""
+    pairs = generate_pairs(64, seed=3)
+    sides = [{"task": p.task, "trajectory": side.context} for p in pairs for side in (p.positive, p.negative)]
+    with running(stage0, "--max-items", "512", "--cache-size", "0", "--shutdown-timeout", "0.2") as server:
+
+        def status(body: dict) -> int:  # uvicorn's answer to a cancelled request is plain text, not JSON
+            req = urllib.request.Request(server.url + "/score", data=json.dumps(body).encode(), method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=120) as response:
+                    return response.status
+            except urllib.error.HTTPError as err:
+                return err.code
+
+        a = ThreadPoolExecutor(1).submit(status, {"items": sides})  # seconds of work
+        time.sleep(0.3)
+        started = time.time()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) is not None
+        assert a.result() == 500
+        assert "timeout graceful shutdown exceeded" in server.log.read_text()
+        assert time.time() - started < 30
