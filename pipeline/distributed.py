@@ -119,13 +119,11 @@ class Group:
         find_unused_parameters: a module's head that no pair of a rank's micro-step used gets no gradient there;
         DDP then reduces zeros for it from that rank, and leaves `grad = None` where no rank used it, so AdamW skips
         it (no decay, no moment update) as one process does. The inputs are index arrays into data every rank holds
-        (device_ids=None: nothing to move), the buffers (rotary tables) are never trained (no broadcast), and the
-        gradients are views of DDP's buckets (no second copy of them: 2.4 GB less for a 0.6B encoder in fp32)."""
+        (device_ids=None: nothing to move), and the gradients are views of DDP's buckets (no second copy of them:
+        2.4 GB less for a 0.6B encoder in fp32)."""
         if not self.distributed:
             return model
-        return DistributedDataParallel(
-            model, find_unused_parameters=True, broadcast_buffers=False, gradient_as_bucket_view=True
-        )
+        return DistributedDataParallel(model, find_unused_parameters=True, gradient_as_bucket_view=True)
 
 
 def leave_group() -> bool:
