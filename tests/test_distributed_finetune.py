@@ -35,6 +35,8 @@ EQUAL = {"finetune": BASE | {"grad_accum": 3, "encoder_dropout": 0.0, "token_bud
 FP16 = {"finetune": BASE | {"grad_accum": 3, "encoder_dropout": 0.0, "dtype": "float16", "epochs": 1, "max_steps": 4}}
 # dropout on (encoder and heads), so a resume that restored the wrong rank's RNG would show
 DROPOUT = {"finetune": BASE | {"grad_accum": 2, "encoder_dropout": 0.2}, "heads": {"dropout": 0.2}}
+# LoRA adapters (the base weights frozen, so DDP holds only the adapters) with activation checkpointing
+LORA = {"finetune": BASE | {"grad_accum": 2, "epochs": 1, "lora_r": 4, "gradient_checkpointing": "on"}}
 STOP_AT_SNAPSHOT = 3  # the stopped run ends as the third snapshot begins: two are on disk
 
 
@@ -127,6 +129,7 @@ def launch(stage0, tmp_path_factory) -> dict:
     runs = [
         {"name": "equal", "out": str(root / "equal"), "overrides": EQUAL},
         {"name": "fp16", "out": str(root / "fp16"), "overrides": FP16},
+        {"name": "lora", "out": str(root / "lora"), "overrides": LORA},
         {"name": "full", "out": str(root / "full"), "overrides": DROPOUT},
         {"name": "stopped", "out": str(root / "resumed"), "overrides": DROPOUT, "stop_at_snapshot": STOP_AT_SNAPSHOT},
     ]
@@ -225,6 +228,13 @@ def test_fp16_with_the_grad_scaler_matches_one_process(launch, stage0, tmp_path,
     ]
     assert scaler[0] == scaler[1] < 2.0**16  # steps were skipped for overflow, the same ones
     assert launch["records"][0]["weights"]["fp16"] == launch["records"][1]["weights"]["fp16"]
+
+
+def test_lora_with_checkpointing_trains_the_same_adapters_on_every_rank(launch):
+    records = launch["records"]
+    assert records[0]["lora"] == records[1]["lora"] and len(records[0]["lora"]["steps"]) > 0
+    weights = records[0]["weights"]["lora"]
+    assert weights == records[1]["weights"]["lora"] and weights[0] != weights[-1]  # equal on both, and trained
 
 
 def test_resume_on_two_processes_ends_where_the_uninterrupted_run_does(launch):
