@@ -101,16 +101,10 @@ class Group:
         """`value` summed over the ranks (float64)."""
         if not self.distributed:
             return value
-        total = torch.tensor(value, dtype=torch.float64, device=self.backend_device)
+        on_gpu = dist.get_backend() == "nccl"  # NCCL reduces tensors on the rank's GPU only
+        total = torch.tensor(value, dtype=torch.float64, device=torch.cuda.current_device() if on_gpu else "cpu")
         dist.all_reduce(total)
         return total.item()
-
-    @property
-    def backend_device(self) -> torch.device:
-        """Where this group's collectives take their tensors: the rank's GPU under NCCL, else the CPU."""
-        if self.distributed and dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """`model` under DistributedDataParallel (the model itself in a group of one): its gradients are
