@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from common import table, warn_if_busy, write_results
 
 from pipeline.cache import Cache, Shard
@@ -50,7 +51,8 @@ def grow(folder: Path, start: int, n: int, shard_texts: int = SHARD_TEXTS, rando
         for lo in range(start, start + n, shard_texts):
             cache.add_shard(shard(lo, min(shard_texts, start + n - lo), rng))
         t2 = time.perf_counter()
-        cache.commit([("module", f"{i:064x}") for i in range(start, start + n)])
+        hashes = pa.array((f"{i:064x}" for i in range(start, start + n)), pa.string(), size=n)
+        cache.commit(pa.table({"role": pa.repeat("module", n), "text_hash": hashes}))  # keys in arrow
         t3 = time.perf_counter()
     return {"open_s": t1 - t0, "shards_s": t2 - t1, "commit_s": t3 - t2, "rows": start + n}
 

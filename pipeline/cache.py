@@ -274,46 +274,46 @@ class Cache:
 
     # -------------------------------------------------------------------------------------- commit
 
-    def commit(self, order: list[Key]) -> int:
-        """Commit every pending shard as one new segment, rows in `order` (first appearance) so any interrupted
-        or sharded run gives the same rows as one uninterrupted run. Reads shards block by block (memory-mapped),
-        so memory stays flat however many texts were encoded. Returns rows added."""
+    def commit(self, order: Sequence[Key] | pa.Table) -> int:
+        """Commit every pending shard as one new segment, rows in `order` (first appearance; texts not in it last,
+        sorted) so any interrupted or sharded run gives the same rows as one uninterrupted run. Reads shards block by
+        block (memory-mapped) and keeps the keys in arrow, so memory stays flat however many texts were encoded.
+        Returns rows added."""
         if self.lock is None:
             raise RuntimeError("commit needs the writer's lock (Cache.open)")
         shards = self._pending()
         if not shards:  # nothing to commit; an empty pending/ (a run killed before its first shard) goes
             shutil.rmtree(self.folder / "pending", ignore_errors=True)
             return 0
-        keys: list[Key] = []
-        where: list[tuple[int, int]] = []  # (shard, index in it) of each key
-        info = []
-        for s, (index_path, _) in enumerate(shards):
+        tables = []
+        for number, (index_path, _) in enumerate(shards):  # where each text's embedding is: (shard, index)
             table = _read_shard_index(index_path, ["role", "text_hash", "n_tokens", "truncated"])
-            keys += zip(table.column("role").to_pylist(), table.column("text_hash").to_pylist(), strict=True)
-            where += ((s, i) for i in range(len(table)))
-            info.append((table.column("n_tokens").to_numpy(), table.column("truncated").to_numpy()))
-        found: dict[Key, tuple[int, int]] = {}
-        for i in np.nonzero(self.find(keys) < 0)[0]:  # one lookup for all: a run killed after its commit left rows
-            found.setdefault(keys[i], where[i])
-        new_keys = [k for k in order if k in found] + sorted(set(found) - set(order))
-        if new_keys:
-            source = np.array([found[k] for k in new_keys])
+            place = {"shard": np.full(len(table), number), "index": np.arange(len(table))}
+            tables.append(pa.table({**{c: table.column(c) for c in table.column_names}, **place}))
+        done = pa.concat_tables(tables)
+        missing = self.find(done) < 0
+        if not missing.all():  # a run killed after its commit left rows committed
+            done = done.filter(pa.array(missing))
+        new = done.take(_in_order(_joined(done), _joined(key_table(order))))  # a text in two shards: once
+        if len(new):
+            source = np.column_stack([new.column("shard").to_numpy(), new.column("index").to_numpy()])
             arrays = [_load_npy(npy, index_path, self.fingerprint.dim) for index_path, npy in shards]
-            n_tokens, truncated = (_gather([i[c] for i in info], source) for c in (0, 1))
+            n_tokens, truncated = (new.column(c).to_numpy() for c in ("n_tokens", "truncated"))
             committed = self._adopt_old_file()
             number = int(committed[-1][0].removeprefix("seg-")) + 1 if committed else 0
-            segments = [*committed, self._write_segment(number, new_keys, source, arrays, n_tokens, truncated)]
+            keys = new.select(["role", "text_hash"])
+            segments = [*committed, self._write_segment(number, keys, source, arrays, n_tokens, truncated)]
             self._write_commit(segments)
-            self._extend(segments, new_keys, n_tokens, truncated)
+            self._extend(segments, keys, n_tokens, truncated)
         shutil.rmtree(self.folder / "pending", ignore_errors=True)
-        if new_keys:
+        if len(new):
             self._publish_texts_view()
             manifest = read_manifest(self.folder) or {}  # eval adds texts too: keep the counts true
             write_json(
                 self.folder / "manifest.json",
                 manifest | {"encoder": self.fingerprint.to_dict(), "n_texts": self.n_rows},
             )
-        return len(new_keys)
+        return len(new)
 
     def compact(self) -> int:
         """Merge the committed segments into one (many small runs leave many; each is a file to open and map).
@@ -376,7 +376,7 @@ class Cache:
     def _write_segment(
         self,
         number: int,
-        keys: list[Key],
+        keys: pa.Table,
         source: np.ndarray,
         arrays: list[np.ndarray],
         n_tokens: np.ndarray,
@@ -399,12 +399,11 @@ class Cache:
                     ds[lo : lo + len(block)] = block
 
         atomic_write(stem.with_suffix(".h5"), write)
-        roles, hashes = zip(*keys, strict=True)
         table = pa.table(
             {
-                "text_hash": list(hashes),
+                "text_hash": keys.column("text_hash"),
                 "row": np.arange(self.n_rows, self.n_rows + n),
-                "role": list(roles),
+                "role": keys.column("role"),
                 "n_tokens": n_tokens,
                 "truncated": truncated,
             }
@@ -413,17 +412,16 @@ class Cache:
         return stem.name, n
 
     def _extend(
-        self, segments: list[tuple[str, int]], keys: list[Key], n_tokens: np.ndarray, truncated: np.ndarray
+        self, segments: list[tuple[str, int]], keys: pa.Table, n_tokens: np.ndarray, truncated: np.ndarray
     ) -> None:
         """The state after a commit, from what is in memory (reading the index back would cost O(rows))."""
         start = self.n_rows
         self.segments = _segments(self.folder, segments)
-        roles, hashes = zip(*keys, strict=True)
         new = {"row": np.arange(start, start + len(keys)), "n_tokens": n_tokens, "truncated": truncated}
         self.texts = {name: np.concatenate([self.texts[name], new[name]]) for name in NUMERIC_COLUMNS}
-        self._keys = [  # one more chunk each: nothing already read is copied
-            pa.chunked_array([*column.chunks, pa.array(list(values), pa.string())])
-            for column, values in zip(self._keys, (roles, hashes), strict=True)
+        self._keys = [  # more chunks each: nothing already read is copied
+            pa.chunked_array([*column.chunks, *keys.column(name).cast(pa.string()).chunks])
+            for column, name in zip(self._keys, ("role", "text_hash"), strict=True)
         ]
 
     def _write_commit(self, segments: list[tuple[str, int]]) -> None:
@@ -468,25 +466,25 @@ class Cache:
         roles, hashes = self._keys
         return list(zip(roles.to_pylist(), hashes.to_pylist(), strict=True))
 
-    def find(self, keys: Sequence[Key]) -> np.ndarray:
+    def find(self, keys: Sequence[Key] | pa.Table) -> np.ndarray:
         """The row of each (role, text_hash) key, -1 where the cache lacks it. One hash lookup per committed row in
-        arrow (a table of the asked keys, not of the cache): no Python dict of every row, whatever the cache's size."""
-        out = np.full(len(keys), -1, dtype=np.int64)
-        if not keys or not self.n_rows:
+        arrow (a table of the asked keys, not of the cache): no Python object per row, whatever the cache's size."""
+        asked = key_table(keys)
+        out = np.full(len(asked), -1, dtype=np.int64)
+        if not len(asked) or not self.n_rows:
             return out
-        roles = np.array([k[0] for k in keys], dtype=object)
         committed_roles, committed_hashes = self._keys
-        for role in {k[0] for k in keys}:
-            asked = np.nonzero(roles == role)[0]
-            position = {}  # each asked hash once: index_in finds the first of equal values only
-            inverse = np.array([position.setdefault(keys[i][1], len(position)) for i in asked], dtype=np.int64)
+        for role in pc.unique(asked.column("role")).to_pylist():
+            is_asked = pc.equal(asked.column("role"), role)
+            hashes = asked.column("text_hash").filter(is_asked)
+            distinct = pc.unique(hashes)  # index_in finds the first of equal values only
             mine = pc.equal(committed_roles, role)
-            rows = np.nonzero(mine.to_numpy())[0]
-            where = pc.index_in(committed_hashes.filter(mine), value_set=pa.array(list(position), pa.string()))
+            rows = np.flatnonzero(mine.to_numpy())
+            where = pc.index_in(committed_hashes.filter(mine), value_set=distinct)
             hit = pc.is_valid(where)
-            found = np.full(len(position), -1, dtype=np.int64)
+            found = np.full(len(distinct), -1, dtype=np.int64)
             found[where.filter(hit).to_numpy()] = rows[hit.to_numpy()]
-            out[asked] = found[inverse]
+            out[np.flatnonzero(is_asked.to_numpy())] = found[pc.index_in(hashes, value_set=distinct).to_numpy()]
         return out
 
     def rows(self, keys: list[Key]) -> np.ndarray:
@@ -604,6 +602,33 @@ def _gather(arrays: list[np.ndarray], source: np.ndarray, dim: int | None = None
         mine = source[:, 0] == a
         out[mine] = arrays[a][source[mine, 1]]
     return out
+
+
+def key_table(keys: Sequence[Key] | pa.Table) -> pa.Table:
+    """(role, text_hash) keys as an arrow table with those two columns."""
+    if isinstance(keys, pa.Table):
+        return keys.select(["role", "text_hash"])
+    return pa.table(
+        {"role": pa.array([k[0] for k in keys], pa.string()), "text_hash": pa.array([k[1] for k in keys], pa.string())}
+    )
+
+
+def _joined(keys: pa.Table) -> pa.ChunkedArray:
+    """One string per key (role, NUL, hash): sorts as the (role, text_hash) tuples do."""
+    return pc.binary_join_element_wise(keys.column("role"), keys.column("text_hash"), "\x00")
+
+
+def _in_order(values: pa.ChunkedArray, order: pa.ChunkedArray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct value: those in `order` in its order, then the others
+    sorted."""
+    position = pc.index_in(values, value_set=order)
+    listed = pc.is_valid(position).to_numpy(zero_copy_only=False)
+    _, first = np.unique(position.drop_null().to_numpy(), return_index=True)  # ascending, the first of equal ones
+    rest = np.flatnonzero(~listed)
+    others = values.take(rest)
+    distinct = pc.index_in(pc.unique(others), value_set=others).to_numpy()  # rows of another run's data, if any
+    by_value = pc.sort_indices(others.take(distinct)).to_numpy()
+    return np.concatenate([np.flatnonzero(listed)[first], rest[distinct[by_value]]]).astype(np.int64)
 
 
 def _read_shard_index(path: Path, columns: list[str]) -> pa.Table:

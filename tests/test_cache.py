@@ -19,11 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline.embed
-from pipeline.cache import ROW_COLUMNS, TEXT_COLUMNS, Cache, MappedRows, open_existing
+from pipeline.cache import ROW_COLUMNS, TEXT_COLUMNS, Cache, MappedRows, Shard, open_existing
 from pipeline.config import Config
 from pipeline.data import Pair, assign_split, load_pairs, pair_to_record
 from pipeline.embed import embed_files, pair_texts, text_hash
-from pipeline.encoder import Encoder
+from pipeline.encoder import Encoder, Fingerprint
 from pipeline.errors import ModrmError
 from pipeline.random_qwen3 import build_random_qwen3
 
@@ -771,3 +771,26 @@ def test_find_equals_a_dict_of_every_row(seed_cache) -> None:
     asked = [*keys[::-1], *keys[:7], *other_role, ("module", text_hash("never embedded"))]
     expected = [index.get(k, -1) for k in asked]
     assert cache.find(asked).tolist() == expected and expected.count(-1) >= 1
+
+
+def test_a_commit_takes_each_text_once_in_the_callers_order_then_the_unlisted_sorted(tmp_path: Path) -> None:
+    """Rows follow `order` (first appearance in the caller's pairs); texts no one listed (a killed run's shards for
+    other data) follow, sorted by key; a text in two shards (two ranks, a rerun) is committed once, the first copy."""
+    fingerprint = Fingerprint("synthetic", None, "0" * 64, "mean", True, "", 512, 512, 4)
+    names = ("m1", "m2", "c1", "x1", "x2")  # c: a context; the others module texts
+    key = {name: ("context" if name[0] == "c" else "module", text_hash(name)) for name in names}
+    shards = [["x2", "m2", "c1"], ["m1", "x1", "m2"], ["x2", "x1"]]
+    with Cache.open(tmp_path / "cache", fingerprint) as cache:
+        for number, names in enumerate(shards):
+            vectors = np.arange(len(names) * 4, dtype=np.float16).reshape(-1, 4) + 100 * number
+            cache.add_shard(Shard([key[n] for n in names], np.arange(len(names)), np.zeros(len(names), bool), vectors))
+        assert cache.commit([key["m1"], key["c1"], key["m2"]]) == 5
+        unlisted = sorted([key["x1"], key["x2"]])
+        assert cache.keys() == [key["m1"], key["c1"], key["m2"], *unlisted]
+        first_copy = {  # the shard and position where each text first appears
+            name: (s, names.index(name)) for s, names in reversed(list(enumerate(shards))) for name in names
+        }
+        expected = [first_copy[n] for n in ("m1", "c1", "m2")]
+        expected += [first_copy[n] for n in sorted(("x1", "x2"), key=lambda n: key[n])]
+        vectors = np.asarray(cache.embeddings(), dtype=np.float32)
+        assert [(int(v[0]) // 100, (int(v[0]) % 100) // 4) for v in vectors] == expected
