@@ -277,8 +277,8 @@ class Cache:
     def commit(self, order: Sequence[Key] | pa.Table) -> int:
         """Commit every pending shard as one new segment, rows in `order` (first appearance; texts not in it last,
         sorted) so any interrupted or sharded run gives the same rows as one uninterrupted run. Reads shards block by
-        block (memory-mapped) and keeps the keys in arrow, so memory stays flat however many texts were encoded.
-        Returns rows added."""
+        block (memory-mapped), so one block of embeddings is in memory however many texts were encoded; the keys
+        stay in arrow. Returns rows added."""
         if self.lock is None:
             raise RuntimeError("commit needs the writer's lock (Cache.open)")
         shards = self._pending()
@@ -594,10 +594,9 @@ def _old_texts_rows(folder: Path) -> int:
         raise damaged(folder, f"texts.parquet is unreadable ({err})") from None
 
 
-def _gather(arrays: list[np.ndarray], source: np.ndarray, dim: int | None = None) -> np.ndarray:
-    """Element source[k] = (array, index) of each output row, one fancy-index per array."""
-    shape = (len(source),) if dim is None else (len(source), dim)
-    out = np.empty(shape, dtype=arrays[0].dtype)
+def _gather(arrays: list[np.ndarray], source: np.ndarray, dim: int) -> np.ndarray:
+    """Row source[k] = (array, index) of each output row, one fancy-index per array."""
+    out = np.empty((len(source), dim), dtype=arrays[0].dtype)
     for a in np.unique(source[:, 0]):
         mine = source[:, 0] == a
         out[mine] = arrays[a][source[mine, 1]]
