@@ -487,10 +487,11 @@ class Cache:
             out[np.flatnonzero(is_asked.to_numpy())] = found[pc.index_in(hashes, value_set=distinct).to_numpy()]
         return out
 
-    def rows(self, keys: list[Key]) -> np.ndarray:
-        rows = self.find(keys)
+    def rows(self, keys: Sequence[Key] | pa.Table) -> np.ndarray:
+        asked = key_table(keys)
+        rows = self.find(asked)
         if (rows < 0).any():
-            lacking = keys[int(np.argmax(rows < 0))]
+            lacking = tuple(asked.slice(int(np.argmax(rows < 0)), 1).to_pylist()[0].values())
             raise ModrmError(f"{self.folder}: text {lacking} is not in the cache; run `modrm embed`")
         return rows
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.atomic import write_json
-from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard, read_manifest
+from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard, key_table, read_manifest
 from pipeline.config import Config, EncoderConfig
 from pipeline.data import Pair, assign_split, file_sha256, load_pairs
 from pipeline.distributed import Group
@@ -94,7 +94,8 @@ def ensure_embedded(
         for key, text, head in zip(keys, texts, heads, strict=True):
             unique.setdefault(key, (text, head))
     keys, pending = list(unique), cache.pending_keys()
-    missing = [k for k, row in zip(keys, cache.find(keys), strict=True) if row < 0 and k not in pending]
+    asked = key_table(keys)  # once, in arrow, for every lookup in the cache and its commit
+    missing = [k for k, row in zip(keys, cache.find(asked), strict=True) if row < 0 and k not in pending]
     summary.unique_texts, summary.cached = len(unique), len(unique) - len(missing)
     if missing:
         encoder = Encoder.load(config.encoder, info)
@@ -113,11 +114,11 @@ def ensure_embedded(
         summary.encoded, summary.tokens, summary.fp32_fallbacks = map(sum, zip(*counts, strict=True))
     group.barrier()  # every rank's shards are written
     if group.is_main:
-        cache.commit(list(unique))
+        cache.commit(asked)
     group.barrier()  # the commit is visible
     if not group.is_main:
         cache.reload()
-    rows = cache.rows(keys)  # one lookup in the cache's index; the columns map through it
+    rows = cache.rows(asked)  # one lookup in the cache's index; the columns map through it
     summary.truncated = int(cache.texts["truncated"][rows].sum())
     row_of = dict(zip(keys, rows.tolist(), strict=True))
     return {
