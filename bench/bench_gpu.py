@@ -24,10 +24,11 @@ last.
                 time to issue a forward pass included), a torch profile of lone calls (profile_lone.txt),
                 trajectories/s at several token budgets
     stage0_scale   train_heads on --scale-pairs pairs (10M) at batch 4096 in a process of its own: pairs/s, RSS
-    serve       bench_serve.py on the GPU: `modrm serve` with the 0.6B encoder under 1, 8 and 32 clients,
-                micro-batching (capped at 256 and 16) and batches of one; the servers' logs are kept
-    serve_compiled the same with --compile
-    serve_compile  torch.compile against eager in process: first call, a lone trajectory, 256 at once
+    serve_compile  `Encoder.compile` (what --compile runs) against eager in process: the compile, a lone
+                trajectory, 256 at once
+    serve_compiled bench_serve.py on the GPU: `modrm serve --compile` with the 0.6B encoder under 1 and 32
+                clients, micro-batching and batches of one; the servers' logs are kept
+    serve       the same without --compile, under 1, 8 and 32 clients, micro-batches capped at 256 and 16
 
 All sections together take longer than one 10-minute call on a lent GPU: pick them with --only.
 """
@@ -530,9 +531,9 @@ def main() -> None:
         section("portability", lambda: portability(tmp / "portability"))
         section("serve_profile", lambda: serve_profile(model, tmp / "serve", args.out))
         section("stage0_scale", lambda: stage0_scale(tmp / "stage0-scale", args.scale_pairs))
-        section("serve", lambda: serve(model, tmp / "serve", args.serve_requests, args.out, SERVE_PLAN))
-        section("serve_compiled", lambda: serve(model, tmp / "serve", args.serve_requests, args.out, COMPILED_PLAN))
         section("serve_compile", lambda: serve_compile(model, tmp / "serve"))
+        section("serve_compiled", lambda: serve(model, tmp / "serve", args.serve_requests, args.out, COMPILED_PLAN))
+        section("serve", lambda: serve(model, tmp / "serve", args.serve_requests, args.out, SERVE_PLAN))
     print("\n" + report(results))
     print(f"\nbench_gpu: {time.perf_counter() - started:.0f}s in all; numbers in {args.out / 'bench_gpu.json'}")
 

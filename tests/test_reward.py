@@ -175,10 +175,12 @@ def test_reward_function_refuses_what_it_cannot_score(rm):
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
 def test_compiled_encoder_scores_as_the_eager_one(rm, stage0, seed_records):
-    """`compile=True` (modrm serve --compile): the same rewards from the compiled graph, for a lone trajectory
-    (compiled at load for batches of one) and for a padded batch."""
+    """`compile=True` (modrm serve --compile): the model's repeated blocks compiled, and the same rewards from
+    them, for a lone trajectory (compiled at load for batches of one) and for a padded batch."""
     compiled = RewardModel.load(stage0, device="cpu", compile=True)
-    assert compiled.encoder.model._compiled_call_impl is not None
+    model = compiled.encoder.model
+    blocks = {type(m).__name__ for m in model.modules() if m._compiled_call_impl is not None}
+    assert blocks == set(model._no_split_modules)  # BertEmbeddings and BertLayer for MiniLM
     items = items_of(seed_records, "positive")
     for batch in (items[:1], items):
         got, want = compiled.score(batch), rm.score(batch)
