@@ -28,7 +28,7 @@ last.
                 trajectory, 256 at once
     serve_compiled bench_serve.py on the GPU: `modrm serve --compile` with the 0.6B encoder under 1 and 32
                 clients, micro-batching and batches of one; the servers' logs are kept
-    serve       the same without --compile, under 1, 8 and 32 clients, micro-batches capped at 256 and 16
+    serve       the same with --no-compile, under 1, 8 and 32 clients, micro-batches capped at 256 and 16
 
 All sections together take longer than one 10-minute call on a lent GPU: pick them with --only.
 """
@@ -355,11 +355,11 @@ def serve_compile(folder: Path, workdir: Path) -> dict:
 
 
 SERVE_PLAN = [  # (mode, flags, client counts): eager, micro-batches capped at several sizes, and batches of one
-    ("micro-batching", ["--max-batch", "256"], (1, 8, 32)),
-    ("micro-batching, max 16", ["--max-batch", "16"], (32,)),
-    ("batch of one", ["--max-batch", "1"], (1, 32)),
+    ("eager, micro-batching", ["--no-compile", "--max-batch", "256"], (1, 8, 32)),
+    ("eager, micro-batching, max 16", ["--no-compile", "--max-batch", "16"], (32,)),
+    ("eager, batch of one", ["--no-compile", "--max-batch", "1"], (1, 32)),
 ]
-COMPILED_PLAN = [  # the same server with --compile (compiled once at start, inductor's disk cache after)
+COMPILED_PLAN = [  # the server's default on a GPU: compiled at start (inductor's disk cache after the first)
     ("compiled, micro-batching", ["--compile", "--max-batch", "256"], (1, 32)),
     ("compiled, batch of one", ["--compile", "--max-batch", "1"], (32,)),
 ]

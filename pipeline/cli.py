@@ -256,8 +256,9 @@ def serve_cmd(
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0, help="request body limit")] = 16.0,
     cache_size: Annotated[int, typer.Option("--cache-size", min=0, help="embeddings kept between calls")] = 32768,
     compile: Annotated[
-        bool, typer.Option("--compile", help="compile the encoder's layers at start (GPU: 2-3x faster; ~20 s)")
-    ] = False,
+        bool | None,
+        typer.Option("--compile/--no-compile", help="compile the encoder's layers at start; default: on a GPU"),
+    ] = None,
     empty_reward: Annotated[
         float, typer.Option("--empty-reward", help="/get_reward's reward for a trajectory with no module text")
     ] = 0.0,
@@ -289,6 +290,10 @@ def serve_cmd(
         shutdown_timeout_s=shutdown_timeout,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if compile is None:  # a server lives long enough to repay ~20 s of compiling where it pays: on a GPU
+        from pipeline.encoder import pick_device
+
+        compile = pick_device(device or "auto").type == "cuda"
     rm = RewardModel.load(checkpoint, device or "auto", cache_size=cache_size, compile=compile)
     rm.check_weights(config.weights)
     serve(rm, config, host, port)

@@ -284,6 +284,7 @@ class Encoder(nn.Module):
         self.left_padding = tokenizer.padding_side == "left"
         self.prefix, self.suffix = self._special_tokens()
         self.fallback_batches = 0  # batches whose fast-dtype output was not finite
+        self.compiled = False  # `compile` ran: scoring goes through torch.compile's kernels
         self.fallback_texts = 0  # texts of those batches re-encoded in fp32
 
     @classmethod
@@ -432,6 +433,7 @@ class Encoder(nn.Module):
         names = set(getattr(self.model, "_no_split_modules", None) or ())
         for block in [m for m in self.model.modules() if type(m).__name__ in names] or [self.model]:
             block.compile(dynamic=True)
+        self.compiled = True
         for texts in (["warm up"], ["warm up", "warm up, a longer text"], ["warm up", "warm up"]):
             self.encode(texts)
 

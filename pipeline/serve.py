@@ -4,7 +4,7 @@
                   ->  {"rewards": [float], "scores": [float in 0..1], "extra_logs": {"<module>": [float|null]}}
     POST /score       {"items": [{"task": str, "trajectory": str}]}  ->  {"rewards": [{"<module>": float|null}]}
     GET  /health      200 once the model is loaded
-    GET  /info        modules, stage, encoder, version, limits
+    GET  /info        modules, stage, encoder, device, compiled, version, limits
 
 One model per process. A request is read and checked on the event loop, then queued; a micro-batcher gathers
 the requests that arrive within `batch_wait_ms` (up to `max_batch` trajectories) into one `RewardModel.score`
@@ -239,6 +239,7 @@ class RewardService:
             "checkpoint": str(ckpt.folder),
             "encoder": {"name": ckpt.config.encoder.name, "fingerprint": ckpt.fingerprint.to_dict()},
             "device": str(next(self.rm.heads.parameters()).device),
+            "compiled": self.rm.encoder.compiled,
             "weights": self.weights,
             "version": __version__,
             "limits": self.config.limits() | {"cache_size": self.rm.cache.size},

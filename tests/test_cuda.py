@@ -1,6 +1,6 @@
 """What only a GPU can show: fp16 embedding against an fp32 reference, the fp16 overflow fallback on CUDA,
-mixed-precision stage-0 and stage-1 steps (bf16 autocast, and fp16 through the grad scaler), and a checkpoint
-trained on the GPU evaluated on the CPU.
+mixed-precision stage-0 and stage-1 steps (bf16 autocast, and fp16 through the grad scaler), a checkpoint
+trained on the GPU evaluated on the CPU, and `modrm serve` on the GPU (compiled by default).
 
 Marked `cuda` and skipped where torch sees no GPU; `make bench-gpu` runs them on one (`pytest -m cuda`).
 """
@@ -15,11 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_heads import make_cache, small_config
+from test_serve import running
 
 import pipeline.finetune as ft
 from pipeline.data import load_pairs
 from pipeline.encoder import Encoder
 from pipeline.evaluate import evaluate
+from pipeline.reward import RewardModel
 from pipeline.train_heads import train_heads
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -129,3 +131,22 @@ def test_stage1_steps_in_mixed_precision_and_evaluates_on_the_cpu(
         lines = (tmp_path / device / "scores.jsonl").read_text().splitlines()
         rewards[device] = np.array([[json.loads(x)["r_pos"], json.loads(x)["r_neg"]] for x in lines])
     np.testing.assert_allclose(rewards["cpu"], rewards["cuda"], atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+def test_a_server_on_the_gpu_compiles_by_default_and_scores_as_eager(stage0: Path) -> None:
+    records = json.loads(SEED_PAIRS.read_text())[:8]
+    items = [{"task": r["task"], "trajectory": r["positive"]["trajectory_full_context"]} for r in records]
+    eager = RewardModel.load(stage0, device="cuda").score(items)
+    with running(stage0, "--device", "cuda") as server:  # the last --device wins
+        info = server.request("GET", "/info")[1]
+        assert info["device"].startswith("cuda") and info["compiled"] is True
+        for batch in (items[:1], items):  # a lone trajectory and a padded batch
+            status, answer, _ = server.post("/score", {"items": batch})
+            assert status == 200
+            for got, want in zip(answer["rewards"], eager, strict=False):
+                assert got.keys() == want.keys()
+                for module, value in want.items():
+                    assert (got[module] is None) if value is None else got[module] == pytest.approx(value, abs=0.02)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from pipeline import RewardModel
+from pipeline import RewardModel, cli
 from pipeline.evaluate import evaluate
 from pipeline.integrations import verl
 from pipeline.synth import generate_pairs
@@ -203,8 +204,29 @@ def test_health_and_info(server):
     assert server.request("GET", "/health")[:2] == (200, {"status": "ok"})
     status, info, _ = server.request("GET", "/info")
     assert status == 200 and info["modules"] == MODULES and info["stage"] == 0
+    assert info["device"] == "cpu" and info["compiled"] is False  # compiling is for GPUs unless asked
     assert info["weights"] == WEIGHTS and info["limits"]["max_items"] == 16 and info["encoder"]["fingerprint"]
     assert server.request("GET", "/get_reward")[0] == 405
+
+
+@pytest.mark.parametrize(
+    ("cuda", "flag", "compiled"),
+    [(True, None, True), (True, False, False), (False, None, False), (False, True, True)],
+)
+def test_serve_compiles_by_default_only_on_a_gpu(monkeypatch, cuda, flag, compiled):
+    """`modrm serve` compiles where it pays (a GPU: 2-3x the trajectories/s) unless --no-compile; on a CPU only with
+    --compile. The load is stopped once asked: what matters is what it was asked."""
+    asked = {}
+
+    def load(checkpoint, device, cache_size, compile):
+        asked["compile"] = compile
+        raise SystemExit
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(RewardModel, "load", load)
+    with pytest.raises(SystemExit):
+        cli.serve_cmd(Path("checkpoint"), compile=flag)
+    assert asked == {"compile": compiled}
 
 
 def test_verl_compute_score_calls_the_server(server, rm, records, monkeypatch):
