@@ -7,9 +7,10 @@ carries the full trajectory context and the target module's own text (the seed's
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,33 +64,40 @@ class DataError(ModrmError):
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _read_records(path: Path) -> tuple[list[object], list[Problem]]:
-    """Raw records from a JSON array or JSONL file; malformed JSON is reported with its line."""
+def _records(path: Path, problems: list[Problem]) -> Iterator[object]:
+    """Raw records, one at a time: JSON lines are read line by line (a file of any size never sits in memory),
+    a JSON array at once. Malformed JSON is a problem naming its line (a bad JSON line is skipped)."""
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open(encoding="utf-8") as handle:
+            lines = enumerate(handle, start=1)
+            first = next(((n, line) for n, line in lines if line.strip()), None)
+            if first is None:
+                problems.append(Problem(name, "file", "", "is empty"))
+                return
+            if first[1].lstrip().startswith("["):
+                try:
+                    records = json.loads(first[1] + handle.read())
+                except json.JSONDecodeError as err:
+                    problems.append(
+                        Problem(name, f"line {err.lineno + first[0] - 1}", "", f"malformed JSON ({err.msg})")
+                    )
+                    return
+                yield from records
+                return
+            for lineno, line in itertools.chain([first], lines):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    problems.append(Problem(name, f"line {lineno}", "", f"malformed JSON ({err.msg})"))
+                    continue
+                yield record
     except FileNotFoundError:
-        return [], [Problem(name, "file", "", "no such file")]
+        problems.append(Problem(name, "file", "", "no such file"))
     except (OSError, UnicodeDecodeError) as err:
-        return [], [Problem(name, "file", "", f"cannot be read ({err})")]
-    stripped = text.lstrip()
-    if not stripped:
-        return [], [Problem(name, "file", "", "is empty")]
-    if stripped[0] == "[":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            return [], [Problem(name, f"line {err.lineno}", "", f"malformed JSON ({err.msg})")]
-        return records, []
-    records, problems = [], []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            problems.append(Problem(name, f"line {lineno}", "", f"malformed JSON ({err.msg})"))
-    return records, problems
+        problems.append(Problem(name, "file", "", f"cannot be read ({err})"))
 
 
 def _record_name(record: object, index: int) -> str:
@@ -202,20 +210,14 @@ def _join_flat(file: str, flat: list[tuple[int, dict]], modules: Sequence[str]) 
     return pairs, problems
 
 
-def check_file(path: str | Path, modules: Sequence[str] = DEFAULT_MODULES) -> tuple[list[Pair], list[Problem]]:
-    """Every pair that parses and every problem found, so `validate` can report them all at once."""
-    path = Path(path)
-    file = str(path)
-    records, problems = _read_records(path)
-    if problems and not records:
-        return [], problems
-    if not isinstance(records, list):
-        return [], [Problem(file, "file", "", "must hold a JSON array or JSON lines of records")]
-    if not records and not problems:  # like an empty file: `[]` would otherwise make an empty cache
-        return [], [Problem(file, "file", "", "holds no records")]
-    pairs: list[Pair] = []
+def iter_file(path: str | Path, modules: Sequence[str], problems: list[Problem]) -> Iterator[Pair]:
+    """The valid pairs of one file in file order, as they are read; every problem found goes to `problems`.
+    Flat records (one per side) wait for their partner, so their pairs come after the others."""
+    file, before, count = str(path), len(problems), 0
     flat: list[tuple[int, dict]] = []
-    for index, record in enumerate(records):
+    seen: set[str] = set()
+    for index, record in enumerate(_records(Path(path), problems)):
+        count += 1
         if not isinstance(record, dict):
             problems.append(Problem(file, f"record {index}", "", "must be a JSON object"))
         elif "is_positive" in record:
@@ -225,46 +227,62 @@ def check_file(path: str | Path, modules: Sequence[str] = DEFAULT_MODULES) -> tu
             pair = _parse_pair(check, record, modules)
             problems += check.problems
             if pair is not None:
-                pairs.append(pair)
+                problems += _pair_problems(file, pair, seen)
+                yield pair
     if flat:
         joined, flat_problems = _join_flat(file, flat, modules)
-        pairs += joined
         problems += flat_problems
-    problems += _pair_problems(file, pairs)
-    return pairs, problems
+        for pair in joined:
+            problems += _pair_problems(file, pair, seen)
+            yield pair
+    if count == 0 and len(problems) == before:  # like an empty file: `[]` would otherwise make an empty cache
+        problems.append(Problem(file, "file", "", "holds no records"))
 
 
-def _pair_problems(file: str, pairs: Iterable[Pair]) -> list[Problem]:
-    problems, seen = [], set()
-    for pair in pairs:
-        where = f"pair_id {pair.pair_id!r}"
-        if pair.pair_id in seen:
-            problems.append(Problem(file, where, "pair_id", "duplicate pair_id"))
-        seen.add(pair.pair_id)
-        if pair.positive.context == pair.negative.context and pair.positive.module_text == pair.negative.module_text:
-            problems.append(Problem(file, where, "negative", "identical to the positive side"))
+def _pair_problems(file: str, pair: Pair, seen: set[str]) -> list[Problem]:
+    problems, where = [], f"pair_id {pair.pair_id!r}"
+    if pair.pair_id in seen:
+        problems.append(Problem(file, where, "pair_id", "duplicate pair_id"))
+    seen.add(pair.pair_id)
+    if pair.positive.context == pair.negative.context and pair.positive.module_text == pair.negative.module_text:
+        problems.append(Problem(file, where, "negative", "identical to the positive side"))
     return problems
 
 
-def load_pairs(paths: Sequence[str | Path], modules: Sequence[str] = DEFAULT_MODULES) -> list[Pair]:
-    """All pairs of all files, or a DataError naming the first problem (pair_ids must be unique overall)."""
-    pairs: list[Pair] = []
-    owner: dict[str, str] = {}
+def check_file(path: str | Path, modules: Sequence[str] = DEFAULT_MODULES) -> tuple[list[Pair], list[Problem]]:
+    """Every pair that parses and every problem found, so `validate` can report them all at once."""
     problems: list[Problem] = []
-    for path in paths:
-        file_pairs, file_problems = check_file(path, modules)
-        problems += file_problems
-        earlier = dict(owner)  # duplicates inside this file are check_file's; a file given twice is ours
-        for pair in file_pairs:
-            if pair.pair_id in earlier:
-                problems.append(
-                    Problem(str(path), f"pair_id {pair.pair_id!r}", "pair_id", f"also in {earlier[pair.pair_id]}")
-                )
-            owner.setdefault(pair.pair_id, str(path))
-        pairs += file_pairs
-    if problems:
-        raise DataError(problems)
-    return pairs
+    pairs = list(iter_file(path, modules, problems))
+    return pairs, problems
+
+
+class PairFiles:
+    """The pairs of several files, read from disk on every pass over them: `modrm embed` passes twice and never
+    holds them all. A pass that met a problem raises DataError at its end, naming the first (pair_ids must be
+    unique over all the files)."""
+
+    def __init__(self, paths: Sequence[str | Path], modules: Sequence[str] = DEFAULT_MODULES):
+        self.paths, self.modules = [Path(p) for p in paths], list(modules)
+
+    def __iter__(self) -> Iterator[Pair]:
+        problems: list[Problem] = []
+        owner: dict[str, str] = {}
+        for path in self.paths:
+            earlier = dict(owner)  # duplicates inside this file are iter_file's; a file given twice is ours
+            for pair in iter_file(path, self.modules, problems):
+                if pair.pair_id in earlier:
+                    problems.append(
+                        Problem(str(path), f"pair_id {pair.pair_id!r}", "pair_id", f"also in {earlier[pair.pair_id]}")
+                    )
+                owner.setdefault(pair.pair_id, str(path))
+                yield pair
+        if problems:
+            raise DataError(problems)
+
+
+def load_pairs(paths: Sequence[str | Path], modules: Sequence[str] = DEFAULT_MODULES) -> list[Pair]:
+    """All pairs of all files, or a DataError naming the first problem."""
+    return list(PairFiles(paths, modules))
 
 
 # ---------------------------------------------------------------------------------------------- writing

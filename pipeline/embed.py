@@ -6,21 +6,23 @@ only texts the cache lacks are encoded, and work is written in shards so a kille
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import importlib.metadata as md
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.atomic import write_json
 from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard, key_table, read_manifest
 from pipeline.config import Config, EncoderConfig
-from pipeline.data import Pair, assign_split, file_sha256, load_pairs
+from pipeline.data import Pair, PairFiles, assign_split, file_sha256
 from pipeline.distributed import Group
 from pipeline.encoder import Encoder, ModelInfo, describe
 from pipeline.errors import ModrmError
@@ -62,18 +64,73 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def texts_of(pair: Pair, encoder: EncoderConfig) -> tuple[str, str, str, str]:
+    """A pair's four texts, in ROW_COLUMNS order; the context the encoder sees starts with the task."""
+    return (
+        encoder.context_text(pair.task, pair.positive.context),
+        pair.positive.module_text,
+        encoder.context_text(pair.task, pair.negative.context),
+        pair.negative.module_text,
+    )
+
+
 def pair_texts(pairs: Sequence[Pair], encoder: EncoderConfig) -> dict[str, list[str]]:
-    """The four texts of every pair; the context the encoder sees starts with the task."""
-    return {
-        "pos_ctx_row": [encoder.context_text(p.task, p.positive.context) for p in pairs],
-        "pos_mod_row": [p.positive.module_text for p in pairs],
-        "neg_ctx_row": [encoder.context_text(p.task, p.negative.context) for p in pairs],
-        "neg_mod_row": [p.negative.module_text for p in pairs],
-    }
+    """The four texts of every pair, by column."""
+    texts = [texts_of(p, encoder) for p in pairs]
+    return {column: [t[k] for t in texts] for k, column in enumerate(ROW_COLUMNS)}
+
+
+ROLES = tuple("context" if column.endswith("ctx_row") else "module" for column in ROW_COLUMNS)
+
+
+@dataclass
+class Scan:
+    """What one pass over the pairs leaves, without their texts: each distinct text's key (first appearance
+    order) and length, each pair's four texts as positions in that order, and the pairs index's other columns."""
+
+    keys: dict[Key, int]
+    lengths: list[int]  # characters, to balance ranks before any text is tokenized
+    positions: np.ndarray  # [pairs, 4] int64: where each of a pair's texts is in `keys`
+    table: pa.Table  # pair_id, target_module, task, group, split, pos_outcome, neg_outcome
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.positions)
+
+
+def scan_pairs(pairs: Iterable[Pair], config: Config) -> Scan:
+    """Pass one: keys, lengths and the index columns. A text is hashed and dropped; memory grows with the number
+    of pairs and distinct texts, not with how long the texts are."""
+    keys: dict[Key, int] = {}
+    lengths: list[int] = []
+    positions = array.array("q")
+    columns: dict[str, list] = {name: [] for name in ("pair_id", "target_module", "task", "group", "split")}
+    outcomes: tuple[list, list] = ([], [])
+    d = config.data
+    for pair in pairs:
+        for role, text in zip(ROLES, texts_of(pair, config.encoder), strict=True):
+            position = keys.setdefault((role, text_hash(text)), len(keys))
+            if position == len(lengths):
+                lengths.append(len(text))
+            positions.append(position)
+        for name, value in zip(columns, (pair.pair_id, pair.target_module, pair.task, pair.split_key), strict=False):
+            columns[name].append(value)
+        columns["split"].append(assign_split(pair.split_key, d.train_fraction, d.val_fraction, d.split_seed))
+        outcomes[0].append(pair.positive.outcome)
+        outcomes[1].append(pair.negative.outcome)
+    table = pa.table(
+        {
+            **columns,
+            "pos_outcome": pa.array(outcomes[0], type=pa.float64()),
+            "neg_outcome": pa.array(outcomes[1], type=pa.float64()),
+        }
+    )
+    return Scan(keys, lengths, np.frombuffer(positions, dtype=np.int64).reshape(-1, 4), table)
 
 
 def ensure_embedded(
-    pairs: Sequence[Pair],
+    pairs: Iterable[Pair],
+    scan: Scan,
     cache: Cache,
     config: Config,
     info: ModelInfo,
@@ -81,34 +138,52 @@ def ensure_embedded(
     progress: bool = True,
     group: Group = Group(),
 ) -> dict[str, np.ndarray]:
-    """Cache rows of the four texts of every pair, encoding (and caching) only what the cache lacks. Under torchrun
-    every rank encodes its share of the missing texts into its own pending shards; rank 0 commits them."""
-    columns = pair_texts(pairs, config.encoder)
-    heads = [config.encoder.context_head(p.task) for p in pairs]  # what truncation of a context keeps
-    unique: dict[Key, tuple[str, str]] = {}  # first appearance order, so rows are the same however the run was split
-    column_keys: dict[str, list[Key]] = {}
-    for column, texts in columns.items():
-        role = "context" if column.endswith("ctx_row") else "module"
-        hashes = {t: text_hash(t) for t in dict.fromkeys(texts)}
-        column_keys[column] = keys = [(role, hashes[t]) for t in texts]
-        for key, text, head in zip(keys, texts, heads, strict=True):
-            unique.setdefault(key, (text, head))
-    keys, pending = list(unique), cache.pending_keys()
+    """Cache rows of the four texts of every pair (ROW_COLUMNS), encoding (and caching) only what the cache lacks.
+    Pass two over `pairs` (the same pairs `scan` saw) picks the missing texts up as it meets them and encodes them
+    a shard at a time, so no more texts are held than one shard per role. Under torchrun every rank encodes its
+    share of the missing texts into its own pending shards; rank 0 commits them."""
+    keys, pending = list(scan.keys), cache.pending_keys()
+    group.barrier()  # every rank has read pending/ before any rank adds to it
     asked = key_table(keys)  # once, in arrow, for every lookup in the cache and its commit
-    missing = [k for k, row in zip(keys, cache.find(asked), strict=True) if row < 0 and k not in pending]
-    summary.unique_texts, summary.cached = len(unique), len(unique) - len(missing)
-    if missing:
+    missing = cache.find(asked) < 0
+    if pending:  # texts a killed run (or another rank) already encoded
+        missing &= np.fromiter((k not in pending for k in keys), dtype=bool, count=len(keys))
+    missing = np.flatnonzero(missing)
+    summary.unique_texts, summary.cached = len(keys), len(keys) - len(missing)
+    if len(missing):
         encoder = Encoder.load(config.encoder, info)
-        start = time.perf_counter()
-        encoded = tokens = 0
-        for role in ("context", "module"):
-            todo = [k for k in missing if k[0] == role]
-            limit = config.encoder.max_context_tokens if role == "context" else config.encoder.max_module_tokens
-            mine = rank_share(todo, [unique[k][0] for k in todo], limit, group)
-            for lo in range(0, len(mine), SHARD_TEXTS):
-                shard = _encode_shard(encoder, mine[lo : lo + SHARD_TEXTS], unique, role, progress and group.is_main)
-                cache.add_shard(shard, group.rank)
-                encoded, tokens = encoded + len(shard.keys), tokens + int(shard.n_tokens.sum())
+        limits = {"context": config.encoder.max_context_tokens, "module": config.encoder.max_module_tokens}
+        start, encoded, tokens = time.perf_counter(), 0, 0
+        mine = set(rank_share(missing, np.asarray(scan.lengths)[missing], keys, limits, group).tolist())
+        waiting: dict[str, list[tuple[int, str, str]]] = {"context": [], "module": []}  # (position, text, head)
+
+        def flush(role: str) -> None:
+            nonlocal encoded, tokens
+            shard = _encode_shard(encoder, keys, waiting[role], role, progress and group.is_main)
+            cache.add_shard(shard, group.rank)
+            encoded, tokens = encoded + len(shard.keys), tokens + int(shard.n_tokens.sum())
+            waiting[role] = []
+
+        changed = ModrmError("the pairs changed while they were being embedded (a file rewritten?); run embed again")
+        for n, pair in enumerate(pairs):
+            if n == scan.n_pairs:
+                raise changed
+            head = config.encoder.context_head(pair.task)  # what truncation of a context keeps
+            for role, text, position in zip(
+                ROLES, texts_of(pair, config.encoder), scan.positions[n].tolist(), strict=True
+            ):
+                if position in mine:
+                    mine.discard(position)
+                    if text_hash(text) != keys[position][1]:
+                        raise changed
+                    waiting[role].append((position, text, head))
+                    if len(waiting[role]) == SHARD_TEXTS:
+                        flush(role)
+        if mine:
+            raise changed
+        for role, texts in waiting.items():
+            if texts:
+                flush(role)
         counts = group.gather((encoded, tokens, encoder.fallback_texts))
         summary.seconds = time.perf_counter() - start
         summary.encoded, summary.tokens, summary.fp32_fallbacks = map(sum, zip(*counts, strict=True))
@@ -120,51 +195,42 @@ def ensure_embedded(
         cache.reload()
     rows = cache.rows(asked)  # one lookup in the cache's index; the columns map through it
     summary.truncated = int(cache.texts["truncated"][rows].sum())
-    row_of = dict(zip(keys, rows.tolist(), strict=True))
-    return {
-        column: np.fromiter((row_of[k] for k in ks), dtype=np.int64, count=len(ks))
-        for column, ks in column_keys.items()
-    }
+    return {column: rows[scan.positions[:, k]] for k, column in enumerate(ROW_COLUMNS)}
 
 
-def rank_share(keys: list[Key], texts: list[str], max_tokens: int, group: Group) -> list[Key]:
-    """This rank's share of `keys`, the same split on every rank, balanced by estimated tokens (characters / 4,
-    capped at the role's limit): longest first, dealt out back and forth (0, 1, ..., N-1, N-1, ..., 0, ...)."""
+def rank_share(
+    positions: np.ndarray, lengths: np.ndarray, keys: list[Key], limits: dict[str, int], group: Group
+) -> np.ndarray:
+    """This rank's share of `positions`, the same split on every rank, balanced by estimated tokens (characters /
+    4, capped at the role's limit): longest first, dealt out back and forth (0, 1, ..., N-1, N-1, ..., 0, ...)."""
     if not group.distributed:
-        return keys
-    cost = np.minimum(np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)) // 4 + 1, max_tokens)
+        return positions
+    cap = np.array([limits[keys[p][0]] for p in positions], dtype=np.int64)
+    cost = np.minimum(lengths // 4 + 1, cap)
     order = np.argsort(-cost, kind="stable")
-    position = np.arange(len(order))
-    lap, seat = np.divmod(position, group.world_size)
+    lap, seat = np.divmod(np.arange(len(order)), group.world_size)
     rank = np.where(lap % 2 == 0, seat, group.world_size - 1 - seat)
-    mine = np.sort(order[rank == group.rank])
-    return [keys[i] for i in mine]
+    return positions[np.sort(order[rank == group.rank])]
 
 
 def _encode_shard(
-    encoder: Encoder, keys: list[Key], texts: dict[Key, tuple[str, str]], role: str, progress: bool
+    encoder: Encoder, keys: list[Key], texts: list[tuple[int, str, str]], role: str, progress: bool
 ) -> Shard:
-    tokens = encoder.tokenize([texts[k][0] for k in keys], role, heads=[texts[k][1] for k in keys])
-    embeddings = np.empty((len(keys), encoder.dim), dtype=np.float16)
+    tokens = encoder.tokenize([t for _, t, _ in texts], role, heads=[h for _, _, h in texts])
+    embeddings = np.empty((len(texts), encoder.dim), dtype=np.float16)
     for index, emb in encoder.encode_tokenized(tokens, desc=f"embed {role}s", progress=progress):
         embeddings[index] = emb
-    return Shard(keys, tokens.lengths, tokens.truncated, embeddings)
+    return Shard([keys[p] for p, _, _ in texts], tokens.lengths, tokens.truncated, embeddings)
 
 
-def pairs_table(pairs: Sequence[Pair], rows: dict[str, np.ndarray], config: Config) -> pa.Table:
-    d = config.data
-    return pa.table(
-        {
-            "pair_id": [p.pair_id for p in pairs],
-            "target_module": [p.target_module for p in pairs],
-            "task": [p.task for p in pairs],
-            "group": [p.split_key for p in pairs],
-            "split": [assign_split(p.split_key, d.train_fraction, d.val_fraction, d.split_seed) for p in pairs],
-            **{column: rows[column] for column in ROW_COLUMNS},
-            "pos_outcome": pa.array([p.positive.outcome for p in pairs], type=pa.float64()),
-            "neg_outcome": pa.array([p.negative.outcome for p in pairs], type=pa.float64()),
-        }
-    )
+def pairs_table(scan: Scan, rows: dict[str, np.ndarray]) -> pa.Table:
+    """The pairs index: the scanned columns with each pair's four cache rows."""
+    table = scan.table
+    at = table.column_names.index("pos_outcome")
+    for column in ROW_COLUMNS:
+        table = table.add_column(at, column, pa.array(rows[column]))
+        at += 1
+    return table
 
 
 def versions() -> dict[str, str]:
@@ -187,16 +253,17 @@ def embed_files(
     group = Group.from_env(config.encoder.device)
     encoder = dataclasses.replace(config.encoder, device=group.device(config.encoder.device))  # cuda:LOCAL_RANK
     config = dataclasses.replace(config, encoder=encoder)
-    pairs = load_pairs(paths, config.data.modules)
+    pairs = PairFiles(paths, config.data.modules)
+    scan = scan_pairs(pairs, config)  # every problem of the files is found here, before the cache is touched
     info = describe(config.encoder)
     opened = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait))  # the lock, and any repair
     cache = opened if opened is not None else Cache.read(cache_dir, info.fingerprint)
     try:
-        summary = EmbedSummary(n_pairs=len(pairs))
+        summary = EmbedSummary(n_pairs=scan.n_pairs)
         if group.is_main:
-            summary = _index_pairs(paths, pairs, cache, config, info, summary, progress, append, group)
+            summary = _index_pairs(paths, pairs, scan, cache, config, info, summary, progress, append, group)
         else:
-            ensure_embedded(pairs, cache, config, info, summary, progress, group)
+            ensure_embedded(pairs, scan, cache, config, info, summary, progress, group)
         return summary
     finally:
         cache.close()
@@ -204,7 +271,8 @@ def embed_files(
 
 def _index_pairs(
     paths: Sequence[str | Path],
-    pairs: Sequence[Pair],
+    pairs: Iterable[Pair],
+    scan: Scan,
     cache: Cache,
     config: Config,
     info: ModelInfo,
@@ -217,27 +285,28 @@ def _index_pairs(
     previous = cache.read_pairs() if (cache.folder / "pairs.parquet").exists() else None
     earlier_files = list(manifest.get("data_files", [])) if previous is not None else []
     if append and previous is not None:
-        check_appendable(previous, pairs, manifest, config, cache.folder)
-    rows = ensure_embedded(pairs, cache, config, info, summary, progress, group)
-    table = pairs_table(pairs, rows, config)
+        check_appendable(previous, scan.table, manifest, config, cache.folder)
+    rows = ensure_embedded(pairs, scan, cache, config, info, summary, progress, group)
+    table = pairs_table(scan, rows)
     if append and previous is not None:
         table = pa.concat_tables([previous.select(table.column_names), table])
-        summary.index = f"appended {len(pairs)} pairs to the {len(previous)} already indexed"
+        summary.index = f"appended {scan.n_pairs} pairs to the {len(previous)} already indexed"
     elif previous is not None and earlier_files != [str(p) for p in paths]:
         summary.index = (
             f"replaced: it held {len(previous)} pairs from {', '.join(earlier_files) or 'other files'} "
             "(--append keeps them)"
         )
     cache.write_pairs(table)
-    splits = table.column("split").to_pylist()
-    summary.splits = {s: splits.count(s) for s in ("train", "val", "test")}
+    splits = table.column("split").value_counts().to_pylist()
+    counts = {c["values"]: c["counts"] for c in splits}
+    summary.splits = {s: counts.get(s, 0) for s in ("train", "val", "test")}
     files = [*earlier_files, *map(str, paths)] if append else list(map(str, paths))
     earlier_sha = list(manifest.get("data_sha256", [])) if append and previous is not None else []
     write_manifest(cache, config, files, [*earlier_sha, *map(file_sha256, paths)], summary, len(table))
     return summary
 
 
-def check_appendable(previous: pa.Table, pairs: Sequence[Pair], manifest: dict, config: Config, folder: Path) -> None:
+def check_appendable(previous: pa.Table, new: pa.Table, manifest: dict, config: Config, folder: Path) -> None:
     """Appended pairs keep their ids distinct and are split as the indexed ones were."""
     built = manifest.get("config", {}).get("data", {})
     for key in ("train_fraction", "val_fraction", "split_seed"):
@@ -246,9 +315,9 @@ def check_appendable(previous: pa.Table, pairs: Sequence[Pair], manifest: dict, 
                 f"{folder}: --append with data.{key} = {getattr(config.data, key)!r}, but the index was split with "
                 f"{built[key]!r}; use the same setting, or embed without --append to replace the index"
             )
-    indexed = set(previous.column("pair_id").to_pylist())
-    clash = next((p.pair_id for p in pairs if p.pair_id in indexed), None)
-    if clash is not None:
+    clashes = new.column("pair_id").filter(pc.is_in(new.column("pair_id"), value_set=previous.column("pair_id")))
+    if len(clashes):
+        clash = clashes[0].as_py()
         raise ModrmError(
             f"{folder}: --append: pair_id {clash!r} is already in the pairs index; give distinct ids, or embed "
             "without --append to replace the index"

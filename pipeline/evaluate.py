@@ -22,7 +22,7 @@ from pipeline.cache import ROW_COLUMNS, Cache
 from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.config import Config
 from pipeline.data import SPLITS, Pair, assign_split, file_sha256, load_pairs
-from pipeline.embed import EmbedSummary, ensure_embedded
+from pipeline.embed import EmbedSummary, ensure_embedded, scan_pairs
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
 from pipeline.metrics import summarize
@@ -281,7 +281,7 @@ def score_checkpoint(ckpt: Checkpoint, pairs: Sequence[Pair], cache: Path | None
     info = ckpt.encoder_info()
     summary = EmbedSummary(n_pairs=len(pairs))
     with Cache.open(cache_folder(ckpt, cache), info.fingerprint) as store:
-        rows = ensure_embedded(pairs, store, ckpt.config, info, summary, progress)
+        rows = ensure_embedded(pairs, scan_pairs(pairs, ckpt.config), store, ckpt.config, info, summary, progress)
     lookup = {name: i for i, name in enumerate(ckpt.model.module_names)}
     module_idx = np.array([lookup[p.target_module] for p in pairs], dtype=np.int64)
     emb = store.embeddings(ckpt.config.train.memory_budget_gb * 2**30)

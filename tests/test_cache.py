@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -253,6 +254,58 @@ def test_a_different_encoder_is_refused_and_the_cache_untouched(
     if change != "minilm":
         assert info.value.args[0].count(" vs ") == 1  # only the one differing field is named
     assert _file_hashes(folder) == before
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def test_embed_holds_one_pair_at_a_time(
+    seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """embed reads JSON lines twice (keys first, then the missing texts) instead of loading every pair: while a
+    shard is encoded at most the pair being read is alive, so memory does not grow with the texts."""
+    records = [r | {"pair_id": "streamed-" + r["pair_id"]} for r in json.loads(seed_pairs_path.read_text())]
+    path = _jsonl(tmp_path / "pairs.jsonl", records)
+    monkeypatch.setattr(pipeline.embed, "SHARD_TEXTS", 8)
+    encode_shard, alive = pipeline.embed._encode_shard, []
+
+    def counting(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(isinstance(o, Pair) and o.pair_id.startswith("streamed-") for o in gc.get_objects()))
+        return encode_shard(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.embed, "_encode_shard", counting)
+    summary = embed_files([path], tmp_path / "cache", tiny_config, progress=False)
+    assert summary.n_pairs == 32 and summary.encoded == SEED_UNIQUE_TEXTS and len(alive) >= 12
+    assert max(alive) <= 1
+
+
+@pytest.mark.parametrize("edit", ["a text edited", "a pair dropped", "a pair added"])
+def test_pairs_that_change_between_the_two_passes_are_an_error(
+    seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, edit: str
+) -> None:
+    """A file rewritten while embed runs: the pass that encodes sees other pairs than the pass that keyed them,
+    which would put embeddings under the wrong keys or leave keys without rows. Nothing is committed."""
+    records = json.loads(seed_pairs_path.read_text())
+    path = _jsonl(tmp_path / "pairs.jsonl", records)
+    edited = {
+        "a text edited": [*records[:-1], records[-1] | {"task": records[-1]["task"] + " (edited)"}],
+        "a pair dropped": records[:-1],
+        "a pair added": [*records, records[0] | {"pair_id": "added"}],
+    }[edit]
+    scan_pairs = pipeline.embed.scan_pairs
+
+    def scan_then_rewrite(pairs, config):
+        scan = scan_pairs(pairs, config)
+        _jsonl(path, edited)
+        return scan
+
+    monkeypatch.setattr(pipeline.embed, "scan_pairs", scan_then_rewrite)
+    with pytest.raises(ModrmError, match="changed while they were being embedded"):
+        embed_files([path], tmp_path / "cache", tiny_config, progress=False)
+    assert not (tmp_path / "cache" / "texts.parquet").exists() and not (tmp_path / "cache" / "pairs.parquet").exists()
 
 
 # ---------------------------------------------------------------------------------------------- resume
