@@ -72,6 +72,7 @@ demo: install
 bench: install
 	$(BIN)/python bench/bench_embed.py
 	$(BIN)/python bench/bench_cache.py
+	$(BIN)/python bench/bench_embed_memory.py
 	$(BIN)/python bench/bench_heads.py
 	$(BIN)/python bench/bench_finetune.py
 	$(BIN)/python bench/bench_ddp_finetune.py

@@ -113,9 +113,11 @@ def scan_pairs(pairs: Iterable[Pair], config: Config) -> Scan:
             if position == len(lengths):
                 lengths.append(len(text))
             positions.append(position)
-        for name, value in zip(columns, (pair.pair_id, pair.target_module, pair.task, pair.split_key), strict=False):
+        split = assign_split(pair.split_key, d.train_fraction, d.val_fraction, d.split_seed)
+        for name, value in zip(
+            columns, (pair.pair_id, pair.target_module, pair.task, pair.split_key, split), strict=True
+        ):
             columns[name].append(value)
-        columns["split"].append(assign_split(pair.split_key, d.train_fraction, d.val_fraction, d.split_seed))
         outcomes[0].append(pair.positive.outcome)
         outcomes[1].append(pair.negative.outcome)
     table = pa.table(
