@@ -11,17 +11,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from common import table, warn_if_busy, write_results
+from common import in_fresh_process, table, warn_if_busy, write_results
 
 from pipeline.cache import Cache, Shard
 from pipeline.embed import SHARD_TEXTS
@@ -59,16 +56,12 @@ def grow(folder: Path, start: int, n: int, shard_texts: int = SHARD_TEXTS, rando
 
 def child_peak_rss(n_texts: int, folder: Path) -> dict:
     """`grow` in a fresh interpreter, so its peak RSS is its own."""
-    code = (
-        "import json, resource, sys; sys.path.insert(0, 'bench')\n"
+    return in_fresh_process(
+        "import sys; sys.path.insert(0, 'bench')\n"
         "from pathlib import Path\n"
         "from bench_cache import grow\n"
         f"r = grow(Path({str(folder)!r}), 0, {n_texts})\n"
-        "r['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "print(json.dumps(r))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

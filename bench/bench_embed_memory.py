@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import table, warn_if_busy, write_results
+from common import in_fresh_process, table, warn_if_busy, write_results
 
 from pipeline.data import DEFAULT_MODULES
 from pipeline.random_qwen3 import build_random_qwen3
@@ -47,18 +45,15 @@ def peak_rss(data: Path, cache: Path, model: Path, load_only: bool) -> dict:
         if load_only
         else f"summary = embed_files([{str(data)!r}], {str(cache)!r}, config, progress=False)"
     )
-    code = (
-        "import json, resource, time\n"
+    return in_fresh_process(
+        "import time\n"
         "from pipeline.config import Config\n"
         "from pipeline.embed import embed_files\n"
         "from pipeline.encoder import Encoder\n"
         f"config = Config(); config.encoder.name, config.encoder.device = {str(model)!r}, 'cpu'\n"
         f"start = time.perf_counter(); {work}\n"
-        "print(json.dumps({'peak_rss_mib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,"
-        " 'seconds': time.perf_counter() - start, 'encoded': summary.encoded if summary else 0}))\n"
+        "r = {'seconds': time.perf_counter() - start, 'encoded': summary.encoded if summary else 0}\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -96,3 +98,12 @@ def write_results(name: str, results: dict, started: float, busy_at_start: float
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\n{name}: {payload['total_seconds']:.0f}s in all; numbers in {path.relative_to(ROOT)}")
     return path
+
+
+def in_fresh_process(code: str) -> dict:
+    """Run `code`, which leaves its results in a dict `r`, in a fresh interpreter (from the project's root), so
+    the peak RSS added to them is its own."""
+    tail = "\nimport json, resource\nr['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
+    tail += "\nprint(json.dumps(r))\n"
+    done = subprocess.run([sys.executable, "-c", code + tail], capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(done.stdout.strip().splitlines()[-1])
