@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm.auto import tqdm
 
 from pipeline.atomic import write_json
 from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard, key_table, read_manifest
@@ -98,7 +99,7 @@ class Scan:
         return len(self.positions)
 
 
-def scan_pairs(pairs: Iterable[Pair], config: Config) -> Scan:
+def scan_pairs(pairs: Iterable[Pair], config: Config, progress: bool = False) -> Scan:
     """Pass one: keys, lengths and the index columns. A text is hashed and dropped; memory grows with the number
     of pairs and distinct texts, not with how long the texts are."""
     keys: dict[Key, int] = {}
@@ -107,7 +108,7 @@ def scan_pairs(pairs: Iterable[Pair], config: Config) -> Scan:
     columns: dict[str, list] = {name: [] for name in ("pair_id", "target_module", "task", "group", "split")}
     outcomes: tuple[list, list] = ([], [])
     d = config.data
-    for pair in pairs:
+    for pair in tqdm(pairs, desc="read pairs", unit="pair", disable=not progress, dynamic_ncols=True):
         for role, text in zip(ROLES, texts_of(pair, config.encoder), strict=True):
             position = keys.setdefault((role, text_hash(text)), len(keys))
             if position == len(lengths):
@@ -256,7 +257,7 @@ def embed_files(
     encoder = dataclasses.replace(config.encoder, device=group.device(config.encoder.device))  # cuda:LOCAL_RANK
     config = dataclasses.replace(config, encoder=encoder)
     pairs = PairFiles(paths, config.data.modules)
-    scan = scan_pairs(pairs, config)  # every problem of the files is found here, before the cache is touched
+    scan = scan_pairs(pairs, config, progress and group.is_main)  # every problem is found here, before any write
     info = describe(config.encoder)
     opened = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait))  # the lock, and any repair
     cache = opened if opened is not None else Cache.read(cache_dir, info.fingerprint)
