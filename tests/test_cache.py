@@ -297,8 +297,8 @@ def test_pairs_that_change_between_the_two_passes_are_an_error(
     }[edit]
     scan_pairs = pipeline.embed.scan_pairs
 
-    def scan_then_rewrite(pairs, config):
-        scan = scan_pairs(pairs, config)
+    def scan_then_rewrite(*args):
+        scan = scan_pairs(*args)
         _jsonl(path, edited)
         return scan
 
