@@ -50,7 +50,7 @@ def make_cache(folder: Path, n_pairs: int, dim: int, seed: int = 0, max_rows: in
     n_rows = 4 * n_pairs if max_rows is None else min(4 * n_pairs, max_rows)
     fingerprint = Fingerprint("synthetic", None, "0" * 64, "mean", True, "", 512, 512, dim)
     with Cache.open(folder, fingerprint) as cache:
-        keys = [("context" if i % 2 == 0 else "module", str(i)) for i in range(n_rows)]
+        keys = [("context" if i % 2 == 0 else "module", f"{i:064x}") for i in range(n_rows)]
         embeddings = rng.standard_normal((n_rows, dim), dtype=np.float32).astype(np.float16)
         cache.add_shard(Shard(keys, np.full(n_rows, 64), np.zeros(n_rows, dtype=bool), embeddings))
         cache.commit(keys)

@@ -40,24 +40,36 @@ import pyarrow.parquet as pq
 from pipeline.atomic import atomic_write, write_json
 from pipeline.encoder import Fingerprint
 from pipeline.errors import ModrmError
+from pipeline.keys import KEY, Key, as_arrow, as_keys, index_in, pack, unpack
 
 TEXT_COLUMNS = ("text_hash", "row", "role", "n_tokens", "truncated")
-NUMERIC_COLUMNS = ("row", "n_tokens", "truncated")  # Cache.texts; the keys stay in arrow (Cache.keys, Cache.find)
+TEXT_SCHEMA = pa.schema(
+    [
+        ("text_hash", pa.string()),
+        ("row", pa.int64()),
+        ("role", pa.string()),
+        ("n_tokens", pa.int64()),
+        ("truncated", pa.bool_()),
+    ]
+)
+NUMERIC_COLUMNS = ("row", "n_tokens", "truncated")  # Cache.texts; the keys stay packed (Cache.keys, Cache.find)
 ROW_COLUMNS = ("pos_ctx_row", "pos_mod_row", "neg_ctx_row", "neg_mod_row")
 SEGMENTS_KEY, FINGERPRINT_KEY = "modrm_segments", "modrm_fingerprint"
 COPY_ROWS = 1 << 14  # rows per block when a commit gathers shards into its segment (32 MiB at dim 1024)
-
-Key = tuple[str, str]  # (role, text_hash)
+INDEX_ROWS = 1 << 16  # rows per row group of a segment's texts index, written and read a group at a time
 
 
 @dataclass
 class Shard:
     """Embeddings of some texts, encoded but not yet committed to the cache."""
 
-    keys: list[Key]
+    keys: np.ndarray  # KEY (or anything `as_keys` takes)
     n_tokens: np.ndarray
     truncated: np.ndarray
     embeddings: np.ndarray  # float16
+
+    def __post_init__(self) -> None:
+        self.keys = as_keys(self.keys)
 
 
 @dataclass(frozen=True)
@@ -227,31 +239,34 @@ class Cache:
             raise damaged(self.folder, f"{what} is truncated ({segment.h5.stat().st_size:,} bytes)")
 
     def _read_texts(self) -> dict[str, np.ndarray]:
-        files = [s.texts or self.folder / "texts.parquet" for s in self.segments]
+        """The segments' texts indexes, a row group at a time: the keys packed (33 bytes a row), the rest numpy."""
+        self._keys: list[np.ndarray] = []  # KEY, one array per row group read or commit made
+        columns: dict[str, list[np.ndarray]] = {name: [] for name in NUMERIC_COLUMNS}
         try:
-            tables = [pq.read_table(path, columns=list(TEXT_COLUMNS)) for path in files]
-            table = pa.concat_tables(tables) if tables else None
-            if table is None:
-                self._keys = [pa.chunked_array([], pa.string()), pa.chunked_array([], pa.string())]
-                return _empty_texts()
-            table = table.slice(0, sum(s.rows for s in self.segments))
-            texts = {name: table.column(name).to_numpy() for name in NUMERIC_COLUMNS}
-            self._keys = [table.column(name).cast(pa.string()) for name in ("role", "text_hash")]
+            for segment in self.segments:
+                path, left = segment.texts or self.folder / "texts.parquet", segment.rows
+                with pq.ParquetFile(path) as index:
+                    for batch in index.iter_batches(batch_size=INDEX_ROWS, columns=list(TEXT_COLUMNS)):
+                        batch = batch.slice(0, left)
+                        left -= len(batch)
+                        self._keys.append(pack(batch.column("role"), batch.column("text_hash")))
+                        for name in NUMERIC_COLUMNS:
+                            columns[name].append(batch.column(name).to_numpy(zero_copy_only=False))
+                if left:
+                    raise ValueError(f"{path.name} lists {segment.rows - left} of its {segment.rows} rows")
         except (OSError, ValueError, KeyError, pa.ArrowException) as err:
             raise damaged(self.folder, f"the texts index is unreadable ({err})") from None
+        empty = _empty_texts()
+        texts = {name: np.concatenate([empty[name], *parts]) for name, parts in columns.items()}
         if not np.array_equal(texts["row"], np.arange(len(texts["row"]))):
             raise damaged(self.folder, "the texts index's rows are not 0, 1, 2, ...")
         return texts
 
     # -------------------------------------------------------------------------------------- pending
 
-    def pending_keys(self) -> set[Key]:
+    def pending_keys(self) -> np.ndarray:
         """Texts that a killed run (or another rank) finished; a shard counts once its index file exists."""
-        keys: set[Key] = set()
-        for index_path, _ in self._pending():
-            table = _read_shard_index(index_path, ["role", "text_hash"])
-            keys.update(zip(table.column("role").to_pylist(), table.column("text_hash").to_pylist(), strict=True))
-        return keys
+        return np.concatenate([np.empty(0, KEY), *(_read_shard_index(path)[0] for path, _ in self._pending())])
 
     def _pending(self) -> list[tuple[Path, Path]]:
         """(index, embeddings) of every finished shard, in a fixed order."""
@@ -266,42 +281,45 @@ class Cache:
         number = len(list(pending.glob(f"shard-r{rank:03d}-*.parquet")))
         stem = pending / f"shard-r{rank:03d}-{number:06d}"
         atomic_write(stem.with_suffix(".npy"), lambda tmp: _save_npy(tmp, shard.embeddings))
-        roles, hashes = zip(*shard.keys, strict=True)
+        spelled = unpack(shard.keys)
         table = pa.table(
-            {"text_hash": list(hashes), "role": list(roles), "n_tokens": shard.n_tokens, "truncated": shard.truncated}
+            {
+                **{c: spelled.column(c) for c in ("text_hash", "role")},
+                "n_tokens": shard.n_tokens,
+                "truncated": shard.truncated,
+            }
         )
         atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(table, tmp))
 
     # -------------------------------------------------------------------------------------- commit
 
-    def commit(self, order: Sequence[Key] | pa.Table) -> int:
+    def commit(self, order: Sequence[Key] | pa.Table | np.ndarray) -> int:
         """Commit every pending shard as one new segment, rows in `order` (first appearance; texts not in it last,
         sorted) so any interrupted or sharded run gives the same rows as one uninterrupted run. Reads shards block by
         block (memory-mapped), so one block of embeddings is in memory however many texts were encoded; the keys
-        stay in arrow. Returns rows added."""
+        stay packed (33 bytes each, some 100 bytes a text at the commit's peak). Returns rows added."""
         if self.lock is None:
             raise RuntimeError("commit needs the writer's lock (Cache.open)")
         shards = self._pending()
         if not shards:  # nothing to commit; an empty pending/ (a run killed before its first shard) goes
             shutil.rmtree(self.folder / "pending", ignore_errors=True)
             return 0
-        tables = []
-        for number, (index_path, _) in enumerate(shards):  # where each text's embedding is: (shard, index)
-            table = _read_shard_index(index_path, ["role", "text_hash", "n_tokens", "truncated"])
-            place = {"shard": np.full(len(table), number), "index": np.arange(len(table))}
-            tables.append(pa.table({**{c: table.column(c) for c in table.column_names}, **place}))
-        done = pa.concat_tables(tables)
-        missing = self.find(done) < 0
-        if not missing.all():  # a run killed after its commit left rows committed
-            done = done.filter(pa.array(missing))
-        new = done.take(_in_order(_joined(done), _joined(key_table(order))))  # a text in two shards: once
+        parts = [_read_shard_index(path, ["n_tokens", "truncated"]) for path, _ in shards]
+        keys = np.concatenate([shard_keys for shard_keys, _ in parts])
+        n_tokens, truncated = (
+            np.concatenate([t.column(c).to_numpy() for _, t in parts]) for c in ("n_tokens", "truncated")
+        )
+        sizes = [len(shard_keys) for shard_keys, _ in parts]
+        source = np.column_stack(  # where each text's embedding is: (shard, index)
+            [np.repeat(np.arange(len(sizes)), sizes), np.concatenate([np.arange(n) for n in sizes])]
+        )
+        fresh = np.flatnonzero(self.find(keys) < 0)  # a run killed after its commit left rows committed
+        new = fresh[_in_order(keys[fresh], as_keys(order))]  # a text in two shards: once
         if len(new):
-            source = np.column_stack([new.column("shard").to_numpy(), new.column("index").to_numpy()])
             arrays = [_load_npy(npy, index_path, self.fingerprint.dim) for index_path, npy in shards]
-            n_tokens, truncated = (new.column(c).to_numpy() for c in ("n_tokens", "truncated"))
+            keys, source, n_tokens, truncated = keys[new], source[new], n_tokens[new], truncated[new]
             committed = self._adopt_old_file()
             number = int(committed[-1][0].removeprefix("seg-")) + 1 if committed else 0
-            keys = new.select(["role", "text_hash"])
             segments = [*committed, self._write_segment(number, keys, source, arrays, n_tokens, truncated)]
             self._write_commit(segments)
             self._extend(segments, keys, n_tokens, truncated)
@@ -338,7 +356,7 @@ class Cache:
                     ds[lo : lo + len(block)] = block
 
         atomic_write(stem.with_suffix(".h5"), write)
-        atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(self._index_table(), tmp))
+        self._write_whole_index(stem.with_suffix(".parquet"))
         self._write_commit([(stem.name, self.n_rows)])
         self.segments = _segments(self.folder, [(stem.name, self.n_rows)])
         self._publish_texts_view()
@@ -362,21 +380,17 @@ class Cache:
             os.link(self.segments[0].h5, stem.with_suffix(".h5"))
         except OSError:  # a filesystem without hard links: one copy, once
             shutil.copyfile(self.segments[0].h5, stem.with_suffix(".h5"))
-        atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(self._index_table(), tmp))
+        self._write_whole_index(stem.with_suffix(".parquet"))
         return [(stem.name, self.n_rows)]
 
-    def _index_table(self) -> pa.Table:
-        """Every committed row's index entry (TEXT_COLUMNS), from what is in memory: one segment's parquet file."""
-        roles, hashes = self._keys
-        return pa.table(
-            {"text_hash": hashes, "row": self.texts["row"], "role": roles}
-            | {name: self.texts[name] for name in ("n_tokens", "truncated")}
-        )
+    def _write_whole_index(self, path: Path) -> None:
+        """Every committed row's index entry, from what is in memory, as one segment's texts index."""
+        _write_index(path, np.concatenate(self._keys), 0, self.texts["n_tokens"], self.texts["truncated"])
 
     def _write_segment(
         self,
         number: int,
-        keys: pa.Table,
+        keys: np.ndarray,
         source: np.ndarray,
         arrays: list[np.ndarray],
         n_tokens: np.ndarray,
@@ -399,30 +413,18 @@ class Cache:
                     ds[lo : lo + len(block)] = block
 
         atomic_write(stem.with_suffix(".h5"), write)
-        table = pa.table(
-            {
-                "text_hash": keys.column("text_hash"),
-                "row": np.arange(self.n_rows, self.n_rows + n),
-                "role": keys.column("role"),
-                "n_tokens": n_tokens,
-                "truncated": truncated,
-            }
-        )
-        atomic_write(stem.with_suffix(".parquet"), lambda tmp: pq.write_table(table, tmp))
+        _write_index(stem.with_suffix(".parquet"), keys, self.n_rows, n_tokens, truncated)
         return stem.name, n
 
     def _extend(
-        self, segments: list[tuple[str, int]], keys: pa.Table, n_tokens: np.ndarray, truncated: np.ndarray
+        self, segments: list[tuple[str, int]], keys: np.ndarray, n_tokens: np.ndarray, truncated: np.ndarray
     ) -> None:
         """The state after a commit, from what is in memory (reading the index back would cost O(rows))."""
         start = self.n_rows
         self.segments = _segments(self.folder, segments)
         new = {"row": np.arange(start, start + len(keys)), "n_tokens": n_tokens, "truncated": truncated}
         self.texts = {name: np.concatenate([self.texts[name], new[name]]) for name in NUMERIC_COLUMNS}
-        self._keys = [  # more chunks each: nothing already read is copied
-            pa.chunked_array([*column.chunks, *keys.column(name).cast(pa.string()).chunks])
-            for column, name in zip(self._keys, ("role", "text_hash"), strict=True)
-        ]
+        self._keys.append(keys)  # one more chunk: nothing already read is copied
 
     def _write_commit(self, segments: list[tuple[str, int]]) -> None:
         """Replace embeddings.h5 by a virtual dataset over `segments`: the commit point."""
@@ -463,35 +465,27 @@ class Cache:
 
     def keys(self) -> list[Key]:
         """Every committed (role, text_hash), in row order (as Python objects: for inspection and tests)."""
-        roles, hashes = self._keys
-        return list(zip(roles.to_pylist(), hashes.to_pylist(), strict=True))
+        spelled = unpack(np.concatenate([np.empty(0, KEY), *self._keys]))
+        return list(zip(spelled.column("role").to_pylist(), spelled.column("text_hash").to_pylist(), strict=True))
 
-    def find(self, keys: Sequence[Key] | pa.Table) -> np.ndarray:
-        """The row of each (role, text_hash) key, -1 where the cache lacks it. One hash lookup per committed row in
-        arrow (a table of the asked keys, not of the cache): no Python object per row, whatever the cache's size."""
-        asked = key_table(keys)
+    def find(self, keys: Sequence[Key] | pa.Table | np.ndarray) -> np.ndarray:
+        """The row of each key, -1 where the cache lacks it. One hash table of the asked keys, probed by every
+        committed row in arrow: no Python object per row, whatever the cache's size."""
+        asked = as_keys(keys)
         out = np.full(len(asked), -1, dtype=np.int64)
         if not len(asked) or not self.n_rows:
             return out
-        committed_roles, committed_hashes = self._keys
-        for role in pc.unique(asked.column("role")).to_pylist():
-            is_asked = pc.equal(asked.column("role"), role)
-            hashes = asked.column("text_hash").filter(is_asked)
-            distinct = pc.unique(hashes)  # index_in finds the first of equal values only
-            mine = pc.equal(committed_roles, role)
-            rows = np.flatnonzero(mine.to_numpy())
-            where = pc.index_in(committed_hashes.filter(mine), value_set=distinct)
-            hit = pc.is_valid(where)
-            found = np.full(len(distinct), -1, dtype=np.int64)
-            found[where.filter(hit).to_numpy()] = rows[hit.to_numpy()]
-            out[np.flatnonzero(is_asked.to_numpy())] = found[pc.index_in(hashes, value_set=distinct).to_numpy()]
-        return out
+        committed = pa.chunked_array([as_arrow(chunk) for chunk in self._keys], type=pa.binary(33))
+        where = index_in(committed, asked)  # for each row: the first asked key equal to its key
+        hit = np.flatnonzero(where >= 0)
+        out[where[hit]] = hit
+        return out[index_in(asked, asked)]  # a key asked twice: the row found for its first copy
 
-    def rows(self, keys: Sequence[Key] | pa.Table) -> np.ndarray:
-        asked = key_table(keys)
+    def rows(self, keys: Sequence[Key] | pa.Table | np.ndarray) -> np.ndarray:
+        asked = as_keys(keys)
         rows = self.find(asked)
         if (rows < 0).any():
-            lacking = tuple(asked.slice(int(np.argmax(rows < 0)), 1).to_pylist()[0].values())
+            lacking = tuple(unpack(asked[rows < 0][:1]).to_pylist()[0].values())
             raise ModrmError(f"{self.folder}: text {lacking} is not in the cache; run `modrm embed`")
         return rows
 
@@ -604,36 +598,41 @@ def _gather(arrays: list[np.ndarray], source: np.ndarray, dim: int) -> np.ndarra
     return out
 
 
-def key_table(keys: Sequence[Key] | pa.Table) -> pa.Table:
-    """(role, text_hash) keys as an arrow table with those two columns."""
-    if isinstance(keys, pa.Table):
-        return keys.select(["role", "text_hash"])
-    return pa.table(
-        {"role": pa.array([k[0] for k in keys], pa.string()), "text_hash": pa.array([k[1] for k in keys], pa.string())}
-    )
+def _in_order(keys: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct key: those in `order` in its order, then the others
+    (another run's texts, if any) sorted."""
+    position = index_in(keys, order)
+    listed, rest = np.flatnonzero(position >= 0), np.flatnonzero(position < 0)
+    _, first = np.unique(position[listed], return_index=True)  # ascending, the first of equal ones
+    _, first_rest = np.unique(keys[rest], return_index=True)
+    return np.concatenate([listed[first], rest[first_rest]])
 
 
-def _joined(keys: pa.Table) -> pa.ChunkedArray:
-    """One string per key (role, NUL, hash): sorts as the (role, text_hash) tuples do."""
-    return pc.binary_join_element_wise(keys.column("role"), keys.column("text_hash"), "\x00")
+def _write_index(path: Path, keys: np.ndarray, start: int, n_tokens: np.ndarray, truncated: np.ndarray) -> None:
+    """A segment's texts index (TEXT_COLUMNS) for rows start, start + 1, ...: the keys spelled out a row group at
+    a time, so it costs one group's strings whatever the rows."""
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, TEXT_SCHEMA) as writer:
+            for lo in range(0, len(keys), INDEX_ROWS):
+                spelled, block = unpack(keys[lo : lo + INDEX_ROWS]), slice(lo, lo + INDEX_ROWS)
+                columns = {
+                    "text_hash": spelled.column("text_hash"),
+                    "row": np.arange(start + lo, start + lo + len(spelled)),
+                    "role": spelled.column("role"),
+                    "n_tokens": n_tokens[block],
+                    "truncated": truncated[block],
+                }
+                writer.write_table(pa.table(columns, schema=TEXT_SCHEMA))
+
+    atomic_write(path, write)
 
 
-def _in_order(values: pa.ChunkedArray, order: pa.ChunkedArray) -> np.ndarray:
-    """Indices of the first occurrence of each distinct value: those in `order` in its order, then the others
-    sorted."""
-    position = pc.index_in(values, value_set=order)
-    listed = pc.is_valid(position).to_numpy(zero_copy_only=False)
-    _, first = np.unique(position.drop_null().to_numpy(), return_index=True)  # ascending, the first of equal ones
-    rest = np.flatnonzero(~listed)
-    others = values.take(rest)
-    distinct = pc.index_in(pc.unique(others), value_set=others).to_numpy()  # rows of another run's data, if any
-    by_value = pc.sort_indices(others.take(distinct)).to_numpy()
-    return np.concatenate([np.flatnonzero(listed)[first], rest[distinct[by_value]]]).astype(np.int64)
-
-
-def _read_shard_index(path: Path, columns: list[str]) -> pa.Table:
+def _read_shard_index(path: Path, columns: Sequence[str] = ()) -> tuple[np.ndarray, pa.Table]:
+    """A pending shard's keys, and its other `columns`."""
     try:
-        return pq.read_table(path, columns=columns)
+        table = pq.read_table(path, columns=["role", "text_hash", *columns])
+        return pack(table.column("role"), table.column("text_hash")), table.select(list(columns))
     except (OSError, ValueError, KeyError, pa.ArrowException) as err:
         raise ModrmError(
             f"{path}: an unfinished run's shard is damaged ({err}); remove {path.parent} (its texts are encoded again)"

@@ -6,9 +6,7 @@ only texts the cache lacks are encoded, and work is written in shards so a kille
 
 from __future__ import annotations
 
-import array
 import dataclasses
-import hashlib
 import importlib.metadata as md
 import time
 from collections.abc import Iterable, Sequence
@@ -21,14 +19,16 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from pipeline.atomic import write_json
-from pipeline.cache import ROW_COLUMNS, Cache, Key, Shard, key_table, read_manifest
+from pipeline.cache import ROW_COLUMNS, Cache, Shard, read_manifest
 from pipeline.config import Config, EncoderConfig
 from pipeline.data import Pair, PairFiles, assign_split, file_sha256
 from pipeline.distributed import Group
 from pipeline.encoder import Encoder, ModelInfo, describe
 from pipeline.errors import ModrmError
+from pipeline.keys import ROLE_NAMES, FirstSeen, index_in, roles_of, text_key
 
 SHARD_TEXTS = 4096  # texts per resumable shard: a kill loses at most this much work
+INDEX_BATCH = 1 << 13  # pairs per arrow batch of the pairs index's columns while they are read
 
 
 @dataclass
@@ -61,10 +61,6 @@ class EmbedSummary:
         ]
 
 
-def text_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def texts_of(pair: Pair, encoder: EncoderConfig) -> tuple[str, str, str, str]:
     """A pair's four texts, in ROW_COLUMNS order; the context the encoder sees starts with the task."""
     return (
@@ -82,6 +78,10 @@ def pair_texts(pairs: Sequence[Pair], encoder: EncoderConfig) -> dict[str, list[
 
 
 ROLES = tuple("context" if column.endswith("ctx_row") else "module" for column in ROW_COLUMNS)
+INDEX_SCHEMA = pa.schema(  # the pairs index's columns but the rows, as a scan collects them
+    [(name, pa.string()) for name in ("pair_id", "target_module", "task", "group", "split")]
+    + [(name, pa.float64()) for name in ("pos_outcome", "neg_outcome")]
+)
 
 
 @dataclass
@@ -89,10 +89,10 @@ class Scan:
     """What one pass over the pairs leaves, without their texts: each distinct text's key (first appearance
     order) and length, each pair's four texts as positions in that order, and the pairs index's other columns."""
 
-    keys: dict[Key, int]
-    lengths: list[int]  # characters, to balance ranks before any text is tokenized
+    keys: np.ndarray  # KEY (pipeline.keys): 33 bytes a distinct text
+    lengths: np.ndarray  # characters, to balance ranks before any text is tokenized
     positions: np.ndarray  # [pairs, 4] int64: where each of a pair's texts is in `keys`
-    table: pa.Table  # pair_id, target_module, task, group, split, pos_outcome, neg_outcome
+    table: pa.Table  # INDEX_SCHEMA
 
     @property
     def n_pairs(self) -> int:
@@ -100,35 +100,25 @@ class Scan:
 
 
 def scan_pairs(pairs: Iterable[Pair], config: Config, progress: bool = False) -> Scan:
-    """Pass one: keys, lengths and the index columns. A text is hashed and dropped; memory grows with the number
-    of pairs and distinct texts, not with how long the texts are."""
-    keys: dict[Key, int] = {}
-    lengths: list[int] = []
-    positions = array.array("q")
-    columns: dict[str, list] = {name: [] for name in ("pair_id", "target_module", "task", "group", "split")}
-    outcomes: tuple[list, list] = ([], [])
+    """Pass one: keys, lengths and the index columns. A text is hashed and dropped, and what is kept is packed:
+    33 bytes a distinct text (numpy), 32 a pair for its positions, and its index columns (arrow)."""
+    seen = FirstSeen()
+    batches: list[pa.RecordBatch] = []
+    columns: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     d = config.data
     for pair in tqdm(pairs, desc="read pairs", unit="pair", disable=not progress, dynamic_ncols=True):
         for role, text in zip(ROLES, texts_of(pair, config.encoder), strict=True):
-            position = keys.setdefault((role, text_hash(text)), len(keys))
-            if position == len(lengths):
-                lengths.append(len(text))
-            positions.append(position)
+            seen.add(text_key(role, text), len(text))
         split = assign_split(pair.split_key, d.train_fraction, d.val_fraction, d.split_seed)
-        for name, value in zip(
-            columns, (pair.pair_id, pair.target_module, pair.task, pair.split_key, split), strict=True
-        ):
+        values = (pair.pair_id, pair.target_module, pair.task, pair.split_key, split)
+        for name, value in zip(columns, (*values, pair.positive.outcome, pair.negative.outcome), strict=True):
             columns[name].append(value)
-        outcomes[0].append(pair.positive.outcome)
-        outcomes[1].append(pair.negative.outcome)
-    table = pa.table(
-        {
-            **columns,
-            "pos_outcome": pa.array(outcomes[0], type=pa.float64()),
-            "neg_outcome": pa.array(outcomes[1], type=pa.float64()),
-        }
-    )
-    return Scan(keys, lengths, np.frombuffer(positions, dtype=np.int64).reshape(-1, 4), table)
+        if len(columns["pair_id"]) == INDEX_BATCH:
+            batches.append(pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA))
+            columns = {name: [] for name in INDEX_SCHEMA.names}
+    batches.append(pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA))
+    keys, lengths, places = seen.finish()
+    return Scan(keys, lengths, places.reshape(-1, 4), pa.Table.from_batches(batches))
 
 
 def ensure_embedded(
@@ -145,19 +135,19 @@ def ensure_embedded(
     Pass two over `pairs` (the same pairs `scan` saw) picks the missing texts up as it meets them and encodes them
     a shard at a time, so no more texts are held than one shard per role. Under torchrun every rank encodes its
     share of the missing texts into its own pending shards; rank 0 commits them."""
-    keys, pending = list(scan.keys), cache.pending_keys()
+    keys, pending = scan.keys, cache.pending_keys()
     group.barrier()  # every rank has read pending/ before any rank adds to it
-    asked = key_table(keys)  # once, in arrow, for every lookup in the cache and its commit
-    missing = cache.find(asked) < 0
-    if pending:  # texts a killed run (or another rank) already encoded
-        missing &= np.fromiter((k not in pending for k in keys), dtype=bool, count=len(keys))
+    missing = cache.find(keys) < 0
+    if len(pending):  # texts a killed run (or another rank) already encoded
+        missing &= index_in(keys, pending) < 0
     missing = np.flatnonzero(missing)
     summary.unique_texts, summary.cached = len(keys), len(keys) - len(missing)
     if len(missing):
         encoder = Encoder.load(config.encoder, info)
         limits = {"context": config.encoder.max_context_tokens, "module": config.encoder.max_module_tokens}
         start, encoded, tokens = time.perf_counter(), 0, 0
-        mine = set(rank_share(missing, np.asarray(scan.lengths)[missing], keys, limits, group).tolist())
+        mine = np.zeros(len(keys), dtype=bool)  # this rank's texts not yet met on pass two
+        mine[rank_share(missing, scan.lengths[missing], keys, limits, group)] = True
         waiting: dict[str, list[tuple[int, str, str]]] = {"context": [], "module": []}  # (position, text, head)
 
         def flush(role: str) -> None:
@@ -175,14 +165,14 @@ def ensure_embedded(
             for role, text, position in zip(
                 ROLES, texts_of(pair, config.encoder), scan.positions[n].tolist(), strict=True
             ):
-                if position in mine:
-                    mine.discard(position)
-                    if text_hash(text) != keys[position][1]:
+                if mine[position]:
+                    mine[position] = False
+                    if text_key(role, text) != keys[position].tobytes():
                         raise changed
                     waiting[role].append((position, text, head))
                     if len(waiting[role]) == SHARD_TEXTS:
                         flush(role)
-        if mine:
+        if mine.any():
             raise changed
         for role, texts in waiting.items():
             if texts:
@@ -192,23 +182,23 @@ def ensure_embedded(
         summary.encoded, summary.tokens, summary.fp32_fallbacks = map(sum, zip(*counts, strict=True))
     group.barrier()  # every rank's shards are written
     if group.is_main:
-        cache.commit(asked)
+        cache.commit(keys)
     group.barrier()  # the commit is visible
     if not group.is_main:
         cache.reload()
-    rows = cache.rows(asked)  # one lookup in the cache's index; the columns map through it
+    rows = cache.rows(keys)  # one lookup in the cache's index; the columns map through it
     summary.truncated = int(cache.texts["truncated"][rows].sum())
     return {column: rows[scan.positions[:, k]] for k, column in enumerate(ROW_COLUMNS)}
 
 
 def rank_share(
-    positions: np.ndarray, lengths: np.ndarray, keys: list[Key], limits: dict[str, int], group: Group
+    positions: np.ndarray, lengths: np.ndarray, keys: np.ndarray, limits: dict[str, int], group: Group
 ) -> np.ndarray:
     """This rank's share of `positions`, the same split on every rank, balanced by estimated tokens (characters /
     4, capped at the role's limit): longest first, dealt out back and forth (0, 1, ..., N-1, N-1, ..., 0, ...)."""
     if not group.distributed:
         return positions
-    cap = np.array([limits[keys[p][0]] for p in positions], dtype=np.int64)
+    cap = np.array([limits[role] for role in ROLE_NAMES], dtype=np.int64)[roles_of(keys[positions])]
     cost = np.minimum(lengths // 4 + 1, cap)
     order = np.argsort(-cost, kind="stable")
     lap, seat = np.divmod(np.arange(len(order)), group.world_size)
@@ -217,13 +207,13 @@ def rank_share(
 
 
 def _encode_shard(
-    encoder: Encoder, keys: list[Key], texts: list[tuple[int, str, str]], role: str, progress: bool
+    encoder: Encoder, keys: np.ndarray, texts: list[tuple[int, str, str]], role: str, progress: bool
 ) -> Shard:
     tokens = encoder.tokenize([t for _, t, _ in texts], role, heads=[h for _, _, h in texts])
     embeddings = np.empty((len(texts), encoder.dim), dtype=np.float16)
     for index, emb in encoder.encode_tokenized(tokens, desc=f"embed {role}s", progress=progress):
         embeddings[index] = emb
-    return Shard([keys[p] for p, _, _ in texts], tokens.lengths, tokens.truncated, embeddings)
+    return Shard(keys[[p for p, _, _ in texts]], tokens.lengths, tokens.truncated, embeddings)
 
 
 def pairs_table(scan: Scan, rows: dict[str, np.ndarray]) -> pa.Table:

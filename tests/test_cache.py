@@ -23,9 +23,10 @@ import pipeline.embed
 from pipeline.cache import ROW_COLUMNS, TEXT_COLUMNS, Cache, MappedRows, Shard, open_existing
 from pipeline.config import Config
 from pipeline.data import Pair, assign_split, load_pairs, pair_to_record
-from pipeline.embed import embed_files, pair_texts, text_hash
+from pipeline.embed import embed_files, pair_texts
 from pipeline.encoder import Encoder, Fingerprint
 from pipeline.errors import ModrmError
+from pipeline.keys import text_hash
 from pipeline.random_qwen3 import build_random_qwen3
 
 SEED_UNIQUE_TEXTS = 98  # 63 contexts + 35 module texts for the 128 text slots of the 32 seed pairs

@@ -9,6 +9,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from test_cli import modrm
@@ -53,11 +55,23 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _edit_first_hash(path: Path) -> None:
+    table = pq.read_table(path)
+    hashes = table.column("text_hash").to_pylist()
+    pq.write_table(table.set_column(0, "text_hash", pa.array(["not a hash", *hashes[1:]])), path)
+
+
+def _keep_rows(path: Path, rows: int) -> None:
+    pq.write_table(pq.read_table(path).slice(0, rows), path)
+
+
 DAMAGE: dict[str, Callable[[Path], None]] = {
     "embeddings.h5 missing": lambda c: (c / "embeddings.h5").unlink(),
     "embeddings.h5 truncated": lambda c: truncate(c / "embeddings.h5"),
     "a segment truncated": lambda c: truncate(c / "segments" / "seg-000000.h5"),
     "a segment's texts truncated": lambda c: truncate(c / "segments" / "seg-000000.parquet"),
+    "a segment's texts with a key that is not one": lambda c: _edit_first_hash(c / "segments" / "seg-000000.parquet"),
+    "a segment's texts short of its rows": lambda c: _keep_rows(c / "segments" / "seg-000000.parquet", 3),
     "embeddings.h5 garbage": lambda c: (c / "embeddings.h5").write_bytes(b"\x89HDF\r\n not really"),
     "manifest.json garbage": lambda c: (c / "manifest.json").write_text("{not json"),
     "manifest.json without a fingerprint": lambda c: (c / "manifest.json").write_text('{"encoder": {"dim": 3}}'),
@@ -67,6 +81,8 @@ EXPECTED = {
     "embeddings.h5 truncated": "embeddings.h5",
     "a segment truncated": "segments/seg-000000.h5",
     "a segment's texts truncated": "the texts index is unreadable",
+    "a segment's texts with a key that is not one": "the texts index is unreadable (a text_hash is not 64 hex digits)",
+    "a segment's texts short of its rows": "the texts index is unreadable (seg-000000.parquet lists 3 of its",
     "embeddings.h5 garbage": "embeddings.h5 is unreadable",
     "manifest.json garbage": "manifest.json is not valid JSON",
     "manifest.json without a fingerprint": "manifest.json has no valid encoder fingerprint",

@@ -17,6 +17,7 @@ from pipeline.config import Config, HeadConfig
 from pipeline.encoder import Fingerprint
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads, preference_loss
+from pipeline.keys import text_hash
 from pipeline.train_heads import train_heads
 from pipeline.training import autocast_dtype
 
@@ -90,7 +91,7 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
             m = (t * pairs_per_task + j) % len(modules)
             ctx = rng.normal(size=dim)
             for side, sign in (("pos", 1.0), ("neg", -1.0)):
-                keys += [("context", f"{t}-{j}-{side}-c"), ("module", f"{t}-{j}-{side}-m")]
+                keys += [("context", text_hash(f"{t}-{j}-{side}-c")), ("module", text_hash(f"{t}-{j}-{side}-m"))]
                 embs += [ctx + 0.1 * rng.normal(size=dim), sign * directions[m] + 0.5 * rng.normal(size=dim)]
             records.append((f"p{t}-{j}", modules[m], f"task {t}", len(keys) - 4))
     emb = np.array(embs, dtype=np.float16)

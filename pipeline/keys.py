@@ -1,0 +1,139 @@
+"""A text's key in the cache: its role and the SHA-256 of its text, packed in 33 bytes (a role byte, the digest).
+
+The cache's parquet files spell a key as two strings (role, 64 hex digits) for pandas and people; in memory
+modrm holds keys packed, one numpy array of KEY: a million take 33 MB (as Python tuples of hex strings they took
+about 250 MB), sort in the order of (role, hex digest), and reach arrow's hash kernels without a copy.
+"""
+
+from __future__ import annotations
+
+import array
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ROLE_NAMES = ("context", "module")  # a key's first byte is its role's place here
+KEY = np.dtype("V33")
+ROLE_BYTES = {role: bytes([code]) for code, role in enumerate(ROLE_NAMES)}
+
+Key = tuple[str, str]  # (role, text_hash): a key as the parquet files and people spell it
+
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+_NIBBLE = np.full(256, 255, dtype=np.uint8)
+_NIBBLE[_HEX] = np.arange(16, dtype=np.uint8)
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def text_key(role: str, text: str) -> bytes:
+    """The packed key of one text (the hot loop's: no hex, no tuple)."""
+    return ROLE_BYTES[role] + hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def pack(roles: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """KEY array from role and text_hash string columns; ValueError names what is not a key."""
+    codes = pc.index_in(roles, value_set=pa.array(ROLE_NAMES))
+    if codes.null_count:
+        raise ValueError(f"a role is not one of {', '.join(ROLE_NAMES)}")
+    try:
+        fixed = hashes.cast(pa.binary(64))
+    except pa.ArrowInvalid:
+        raise ValueError("a text_hash is not 64 hex digits") from None
+    if isinstance(fixed, pa.ChunkedArray):
+        fixed = fixed.combine_chunks() if fixed.num_chunks else pa.array([], pa.binary(64))
+    n = len(fixed)
+    digits = np.frombuffer(fixed.buffers()[1], dtype=np.uint8)[fixed.offset * 64 : (fixed.offset + n) * 64]
+    nibbles = _NIBBLE[digits.reshape(n, 64)]
+    if (nibbles == 255).any():
+        raise ValueError("a text_hash is not 64 lowercase hex digits")
+    out = np.empty((n, 33), dtype=np.uint8)
+    out[:, 0] = codes.to_numpy(zero_copy_only=False)
+    out[:, 1:] = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return out.view(KEY).reshape(n)
+
+
+def unpack(keys: np.ndarray) -> pa.Table:
+    """The role and text_hash string columns of KEY array `keys`."""
+    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), 33)
+    digits = np.empty((len(keys), 64), dtype=np.uint8)
+    digits[:, 0::2], digits[:, 1::2] = _HEX[raw[:, 1:] >> 4], _HEX[raw[:, 1:] & 15]
+    hashes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(64), len(keys), [None, pa.py_buffer(digits)])
+    return pa.table({"role": pc.take(pa.array(ROLE_NAMES), raw[:, 0]), "text_hash": hashes.cast(pa.string())})
+
+
+def as_keys(keys: Sequence[Key] | pa.Table | np.ndarray) -> np.ndarray:
+    """KEY array from packed keys, a table with role and text_hash columns, or (role, text_hash) tuples."""
+    if isinstance(keys, np.ndarray) and keys.dtype == KEY:
+        return keys
+    if isinstance(keys, pa.Table):
+        return pack(keys.column("role"), keys.column("text_hash"))
+    keys = list(keys)
+    return pack(pa.array([k[0] for k in keys], pa.string()), pa.array([k[1] for k in keys], pa.string()))
+
+
+def roles_of(keys: np.ndarray) -> np.ndarray:
+    """Each key's role, as its place in ROLE_NAMES."""
+    return np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), 33)[:, 0]
+
+
+def as_arrow(keys: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """The same bytes as an arrow array, for its hash kernels (no copy)."""
+    keys = np.ascontiguousarray(keys)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(33), len(keys), [None, pa.py_buffer(keys)])
+
+
+def index_in(keys: np.ndarray | pa.ChunkedArray, among: np.ndarray) -> np.ndarray:
+    """Where each key first is in `among`, -1 where it is not: one hash table of `among`, in arrow."""
+    values = keys if isinstance(keys, pa.ChunkedArray) else as_arrow(keys)
+    where = pc.index_in(values, value_set=as_arrow(among))
+    return where.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+class FirstSeen:
+    """Numbers keys by first appearance as they stream in, in numpy: 33 bytes a distinct key and 8 an appearance
+    (a dict of Python bytes would take about 150 a distinct key). Keys wait in a buffer; each full buffer is
+    deduplicated on its own, and `finish` deduplicates what the buffers left."""
+
+    def __init__(self, buffer_keys: int = 1 << 16):
+        self.buffer_keys = buffer_keys
+        self.buffer = bytearray()
+        self.lengths = array.array("q")
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (distinct keys, their lengths, places)
+
+    def add(self, key: bytes, length: int) -> None:
+        """One appearance of `key`, a text of `length` characters."""
+        self.buffer += key
+        self.lengths.append(length)
+        if len(self.lengths) == self.buffer_keys:
+            self._fold()
+
+    def _fold(self) -> None:
+        keys = np.frombuffer(bytes(self.buffer), dtype=KEY)
+        distinct, first, places = _numbered(keys)
+        self.parts.append((distinct, np.frombuffer(self.lengths, dtype=np.int64)[first], places))
+        self.buffer, self.lengths = bytearray(), array.array("q")
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(each distinct key once, in first-appearance order; its text's length; every appearance's place in
+        the first)."""
+        if self.lengths or not self.parts:
+            self._fold()
+        keys, lengths = (np.concatenate(column) for column in list(zip(*self.parts, strict=True))[:2])
+        distinct, first, renumber = _numbered(keys)  # each part's keys come in their first-appearance order
+        offsets = np.cumsum([0] + [len(part[0]) for part in self.parts[:-1]])
+        parts = [renumber[offset + part[2]] for offset, part in zip(offsets, self.parts, strict=True)]
+        return distinct, lengths[first], np.concatenate(parts)
+
+
+def _numbered(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct keys in first-appearance order, where each first appears, each key's place among them)."""
+    distinct, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    by_appearance = np.argsort(first, kind="stable")
+    place = np.empty(len(distinct), dtype=np.int64)
+    place[by_appearance] = np.arange(len(distinct))
+    return distinct[by_appearance], first[by_appearance], place[inverse.reshape(-1)]
