@@ -8,6 +8,7 @@ about 250 MB), sort in the order of (role, hex digest), and reach arrow's hash k
 from __future__ import annotations
 
 import array
+import binascii
 import hashlib
 from collections.abc import Sequence
 
@@ -17,13 +18,10 @@ import pyarrow.compute as pc
 
 ROLE_NAMES = ("context", "module")  # a key's first byte is its role's place here
 KEY = np.dtype("V33")
+_FIELDS = np.dtype([("role", "u1"), ("digest", "V32")])  # the same 33 bytes, by field
 ROLE_BYTES = {role: bytes([code]) for code, role in enumerate(ROLE_NAMES)}
 
 Key = tuple[str, str]  # (role, text_hash): a key as the parquet files and people spell it
-
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-_NIBBLE = np.full(256, 255, dtype=np.uint8)
-_NIBBLE[_HEX] = np.arange(16, dtype=np.uint8)
 
 
 def text_hash(text: str) -> str:
@@ -37,33 +35,33 @@ def text_key(role: str, text: str) -> bytes:
 
 def pack(roles: pa.Array | pa.ChunkedArray, hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """KEY array from role and text_hash string columns; ValueError names what is not a key."""
-    codes = pc.index_in(roles, value_set=pa.array(ROLE_NAMES))
+    codes = _one_chunk(pc.index_in(roles, value_set=pa.array(ROLE_NAMES)))
     if codes.null_count:
         raise ValueError(f"a role is not one of {', '.join(ROLE_NAMES)}")
     try:
-        fixed = hashes.cast(pa.binary(64))
-    except pa.ArrowInvalid:
+        fixed = _one_chunk(hashes.cast(pa.binary(64)))
+        digests = binascii.unhexlify(
+            memoryview(fixed.buffers()[1])[fixed.offset * 64 : (fixed.offset + len(fixed)) * 64]
+        )
+    except (pa.ArrowInvalid, binascii.Error):
         raise ValueError("a text_hash is not 64 hex digits") from None
-    if isinstance(fixed, pa.ChunkedArray):
-        fixed = fixed.combine_chunks() if fixed.num_chunks else pa.array([], pa.binary(64))
-    n = len(fixed)
-    digits = np.frombuffer(fixed.buffers()[1], dtype=np.uint8)[fixed.offset * 64 : (fixed.offset + n) * 64]
-    nibbles = _NIBBLE[digits.reshape(n, 64)]
-    if (nibbles == 255).any():
-        raise ValueError("a text_hash is not 64 lowercase hex digits")
-    out = np.empty((n, 33), dtype=np.uint8)
-    out[:, 0] = codes.to_numpy(zero_copy_only=False)
-    out[:, 1:] = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
-    return out.view(KEY).reshape(n)
+    out = np.empty(len(fixed), dtype=_FIELDS)
+    out["role"], out["digest"] = codes.to_numpy(), np.frombuffer(digests, dtype="V32")
+    return out.view(KEY)
 
 
 def unpack(keys: np.ndarray) -> pa.Table:
     """The role and text_hash string columns of KEY array `keys`."""
-    raw = np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), 33)
-    digits = np.empty((len(keys), 64), dtype=np.uint8)
-    digits[:, 0::2], digits[:, 1::2] = _HEX[raw[:, 1:] >> 4], _HEX[raw[:, 1:] & 15]
+    fields = keys.view(_FIELDS)
+    digits = binascii.hexlify(np.ascontiguousarray(fields["digest"]))
     hashes = pa.FixedSizeBinaryArray.from_buffers(pa.binary(64), len(keys), [None, pa.py_buffer(digits)])
-    return pa.table({"role": pc.take(pa.array(ROLE_NAMES), raw[:, 0]), "text_hash": hashes.cast(pa.string())})
+    return pa.table({"role": pc.take(pa.array(ROLE_NAMES), fields["role"]), "text_hash": hashes.cast(pa.string())})
+
+
+def _one_chunk(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if not isinstance(values, pa.ChunkedArray):
+        return values
+    return values.chunk(0) if values.num_chunks == 1 else pa.concat_arrays(values.chunks or [pa.array([], values.type)])
 
 
 def as_keys(keys: Sequence[Key] | pa.Table | np.ndarray) -> np.ndarray:
@@ -78,7 +76,7 @@ def as_keys(keys: Sequence[Key] | pa.Table | np.ndarray) -> np.ndarray:
 
 def roles_of(keys: np.ndarray) -> np.ndarray:
     """Each key's role, as its place in ROLE_NAMES."""
-    return np.ascontiguousarray(keys).view(np.uint8).reshape(len(keys), 33)[:, 0]
+    return keys.view(_FIELDS)["role"]
 
 
 def as_arrow(keys: np.ndarray) -> pa.FixedSizeBinaryArray:
