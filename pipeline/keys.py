@@ -1,8 +1,8 @@
 """A text's key in the cache: its role and the SHA-256 of its text, packed in 33 bytes (a role byte, the digest).
 
 The cache's parquet files spell a key as two strings (role, 64 hex digits) for pandas and people; in memory
-modrm holds keys packed, one numpy array of KEY: a million take 33 MB (as Python tuples of hex strings they took
-about 250 MB), sort in the order of (role, hex digest), and reach arrow's hash kernels without a copy.
+modrm holds keys packed, one numpy array of KEY: a million take 33 MB (as Python tuples of hex strings, about
+180 MB), sort in the order of (role, hex digest), and reach arrow's hash kernels without a copy.
 """
 
 from __future__ import annotations
