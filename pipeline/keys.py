@@ -121,7 +121,8 @@ class FirstSeen:
         the first)."""
         if self.lengths or not self.parts:
             self._fold()
-        keys, lengths = (np.concatenate(column) for column in list(zip(*self.parts, strict=True))[:2])
+        keys = np.concatenate([part[0] for part in self.parts])
+        lengths = np.concatenate([part[1] for part in self.parts])
         distinct, first, renumber = _numbered(keys)  # each part's keys come in their first-appearance order
         offsets = np.cumsum([0] + [len(part[0]) for part in self.parts[:-1]])
         parts = [renumber[offset + part[2]] for offset, part in zip(offsets, self.parts, strict=True)]

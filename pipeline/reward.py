@@ -13,7 +13,6 @@ score through `head_rewards`, the one place the heads run.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 from collections import OrderedDict
@@ -28,6 +27,7 @@ from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.encoder import Encoder
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
+from pipeline.keys import text_key
 from pipeline.trajectory import module_views
 
 DEFAULT_CACHE_SIZE = 32768  # embeddings kept: 128 MiB at 1024 dimensions
@@ -47,25 +47,22 @@ class Stats:
 
 
 class EmbeddingLRU:
-    """The most recent embeddings by (role, sha256 of the text): keys stay small however long the text."""
+    """The most recent embeddings by text key (pipeline.keys: role and sha256 of the text): keys stay small
+    however long the text."""
 
     def __init__(self, size: int):
         if size < 0:
             raise ModrmError(f"cache size {size}: must be 0 (off) or more")
         self.size = size
-        self._entries: OrderedDict[tuple[str, bytes], np.ndarray] = OrderedDict()
+        self._entries: OrderedDict[bytes, np.ndarray] = OrderedDict()
 
-    @staticmethod
-    def key(role: str, text: str) -> tuple[str, bytes]:
-        return role, hashlib.sha256(text.encode("utf-8")).digest()
-
-    def get(self, key: tuple[str, bytes]) -> np.ndarray | None:
+    def get(self, key: bytes) -> np.ndarray | None:
         found = self._entries.get(key)
         if found is not None:
             self._entries.move_to_end(key)
         return found
 
-    def put(self, key: tuple[str, bytes], value: np.ndarray) -> None:
+    def put(self, key: bytes, value: np.ndarray) -> None:
         if self.size:
             self._entries[key] = value
             self._entries.move_to_end(key)
@@ -172,7 +169,7 @@ class RewardModel:
         self, texts: Sequence[str], role: str, heads: Sequence[str] | None = None, progress: bool = False
     ) -> np.ndarray:
         """float32 embeddings of unique `texts`: from the LRU where it has them, the rest encoded in one pass."""
-        keys = [EmbeddingLRU.key(role, t) for t in texts]
+        keys = [text_key(role, t) for t in texts]
         out = np.empty((len(texts), self.encoder.dim), dtype=np.float32)
         missing = []
         for i, key in enumerate(keys):
