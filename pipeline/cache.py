@@ -27,7 +27,8 @@ import mmap
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,8 @@ import pyarrow.parquet as pq
 from pipeline.atomic import atomic_write, write_json
 from pipeline.encoder import Fingerprint
 from pipeline.errors import ModrmError
-from pipeline.keys import KEY, Key, as_arrow, as_keys, index_in, pack, unpack
+from pipeline.keys import BUCKETS, KEY, Key, as_arrow, as_keys, bucket, index_in, pack, unpack
+from pipeline.spill import Spill, records
 
 TEXT_COLUMNS = ("text_hash", "row", "role", "n_tokens", "truncated")
 TEXT_SCHEMA = pa.schema(
@@ -55,8 +57,12 @@ TEXT_SCHEMA = pa.schema(
 NUMERIC_COLUMNS = ("row", "n_tokens", "truncated")  # Cache.texts; the keys stay packed (Cache.keys, Cache.find)
 ROW_COLUMNS = ("pos_ctx_row", "pos_mod_row", "neg_ctx_row", "neg_mod_row")
 SEGMENTS_KEY, FINGERPRINT_KEY = "modrm_segments", "modrm_fingerprint"
-COPY_ROWS = 1 << 14  # rows per block when a commit gathers shards into its segment (32 MiB at dim 1024)
+COPY_ROWS = 1 << 14  # rows per block when compact copies the segments into one (32 MiB at dim 1024)
 INDEX_ROWS = 1 << 16  # rows per row group of a segment's texts index, written and read a group at a time
+SHARD_TEXT = np.dtype([("key", KEY), ("shard", np.int64), ("index", np.int64)])  # a commit's records on disk
+LISTED_TEXT = np.dtype([("key", KEY), ("row", np.int64)])
+PLACED_TEXT = np.dtype([("index", np.int64), ("row", np.int64)])
+INDEXED_TEXT = np.dtype([("row", np.int64), ("key", KEY), ("n_tokens", np.int64), ("truncated", np.bool_)])
 
 
 @dataclass
@@ -139,7 +145,18 @@ class Cache:
     def reload(self) -> None:
         """Read the last commit (another rank's, after a barrier)."""
         self.segments = self._read_segments()
-        self.texts = self._read_texts()
+        self._index: tuple[list[np.ndarray], dict[str, np.ndarray]] | None = self._read_texts()
+
+    @property
+    def texts(self) -> dict[str, np.ndarray]:
+        """NUMERIC_COLUMNS of every committed row (read again after a commit, when first asked for)."""
+        return self._loaded()[1]
+
+    def _loaded(self) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """(the committed keys, packed, a chunk per row group; the texts' NUMERIC_COLUMNS)."""
+        if self._index is None:
+            self._index = self._read_texts()
+        return self._index
 
     # -------------------------------------------------------------------------------------- opening
 
@@ -193,7 +210,7 @@ class Cache:
 
     @property
     def n_rows(self) -> int:
-        return len(self.texts["row"])
+        return sum(segment.rows for segment in self.segments)
 
     def _read_segments(self) -> list[Segment]:
         """The committed segments: embeddings.h5's list, or the whole old-style file as one segment."""
@@ -238,9 +255,9 @@ class Cache:
         if offset is not None and segment.h5.stat().st_size < offset + shape[0] * shape[1] * 2:
             raise damaged(self.folder, f"{what} is truncated ({segment.h5.stat().st_size:,} bytes)")
 
-    def _read_texts(self) -> dict[str, np.ndarray]:
+    def _read_texts(self) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
         """The segments' texts indexes, a row group at a time: the keys packed (33 bytes a row), the rest numpy."""
-        self._keys: list[np.ndarray] = []  # KEY, one array per row group read or commit made
+        keys: list[np.ndarray] = []
         columns: dict[str, list[np.ndarray]] = {name: [] for name in NUMERIC_COLUMNS}
         try:
             for segment in self.segments:
@@ -249,7 +266,7 @@ class Cache:
                     for batch in index.iter_batches(batch_size=INDEX_ROWS, columns=list(TEXT_COLUMNS)):
                         batch = batch.slice(0, left)
                         left -= len(batch)
-                        self._keys.append(pack(batch.column("role"), batch.column("text_hash")))
+                        keys.append(pack(batch.column("role"), batch.column("text_hash")))
                         for name in NUMERIC_COLUMNS:
                             columns[name].append(batch.column(name).to_numpy(zero_copy_only=False))
                 if left:
@@ -260,7 +277,7 @@ class Cache:
         texts = {name: np.concatenate([empty[name], *parts]) for name, parts in columns.items()}
         if not np.array_equal(texts["row"], np.arange(len(texts["row"]))):
             raise damaged(self.folder, "the texts index's rows are not 0, 1, 2, ...")
-        return texts
+        return keys, texts
 
     # -------------------------------------------------------------------------------------- pending
 
@@ -294,44 +311,68 @@ class Cache:
     # -------------------------------------------------------------------------------------- commit
 
     def commit(self, order: Sequence[Key] | pa.Table | np.ndarray) -> int:
-        """Commit every pending shard as one new segment, rows in `order` (first appearance; texts not in it last,
-        sorted) so any interrupted or sharded run gives the same rows as one uninterrupted run. Reads shards block by
-        block (memory-mapped), so one block of embeddings is in memory however many texts were encoded; the keys
-        stay packed (33 bytes each, some 100 bytes a text at the commit's peak). Returns rows added."""
+        """Commit every pending shard as one new segment: first the texts of `order` in its order (the texts new to
+        the cache, in the caller's first appearance; each must be in a shard), then any other pending text (another
+        run's) sorted by key; a text in two shards once, its first copy. So an interrupted or sharded run gives the
+        rows of one uninterrupted run. Texts meet their rows by key a bucket at a time on disk (pipeline.spill) and
+        rows are written a shard at a time: memory holds a bucket of keys and a shard, and a byte per text of
+        `order` (which may be a memory map), however many texts are committed. Returns rows added."""
         if self.lock is None:
             raise RuntimeError("commit needs the writer's lock (Cache.open)")
         shards = self._pending()
-        if not shards:  # nothing to commit; an empty pending/ (a run killed before its first shard) goes
-            shutil.rmtree(self.folder / "pending", ignore_errors=True)
-            return 0
-        parts = [_read_shard_index(path, ["n_tokens", "truncated"]) for path, _ in shards]
-        keys = np.concatenate([shard_keys for shard_keys, _ in parts])
-        n_tokens, truncated = (
-            np.concatenate([t.column(c).to_numpy() for _, t in parts]) for c in ("n_tokens", "truncated")
-        )
-        sizes = [len(shard_keys) for shard_keys, _ in parts]
-        source = np.column_stack(  # where each text's embedding is: (shard, index)
-            [np.repeat(np.arange(len(sizes)), sizes), np.concatenate([np.arange(n) for n in sizes])]
-        )
-        fresh = np.flatnonzero(self.find(keys) < 0)  # a run killed after its commit left rows committed
-        new = fresh[_in_order(keys[fresh], as_keys(order))]  # a text in two shards: once
-        if len(new):
-            arrays = [_load_npy(npy, index_path, self.fingerprint.dim) for index_path, npy in shards]
-            keys, source, n_tokens, truncated = keys[new], source[new], n_tokens[new], truncated[new]
-            committed = self._adopt_old_file()
-            number = int(committed[-1][0].removeprefix("seg-")) + 1 if committed else 0
-            segments = [*committed, self._write_segment(number, keys, source, arrays, n_tokens, truncated)]
-            self._write_commit(segments)
-            self._extend(segments, keys, n_tokens, truncated)
+        order = as_keys(order)
+        added = 0
+        with tempfile.TemporaryDirectory(prefix="modrm-commit-") as work:
+            placed, added = self._place(shards, order, Path(work))
+            if added:
+                committed = self._adopt_old_file()
+                number = int(committed[-1][0].removeprefix("seg-")) + 1 if committed else 0
+                segments = [*committed, self._write_segment(number, shards, placed, added, Path(work))]
+                self._write_commit(segments)
+                self.segments, self._index = _segments(self.folder, segments), None  # read again when asked
         shutil.rmtree(self.folder / "pending", ignore_errors=True)
-        if len(new):
+        if added:
             self._publish_texts_view()
             manifest = read_manifest(self.folder) or {}  # eval adds texts too: keep the counts true
             write_json(
                 self.folder / "manifest.json",
                 manifest | {"encoder": self.fingerprint.to_dict(), "n_texts": self.n_rows},
             )
-        return len(new)
+        return added
+
+    def _place(self, shards: list[tuple[Path, Path]], order: np.ndarray, work: Path) -> tuple[Spill, int]:
+        """Where each shard text goes in the new segment: (index in its shard, row) records, by shard; and the
+        segment's rows. A bucket of keys at a time: the shards' texts, deduplicated and less what is committed (a
+        run killed after its commit point leaves its shards), meet `order`'s by key."""
+        found = Spill(work / "found", SHARD_TEXT, BUCKETS)
+        for number, (path, _) in enumerate(shards):
+            keys = _read_shard_index(path)[0]
+            found.add(bucket(keys), records(SHARD_TEXT, key=keys, shard=number, index=np.arange(len(keys))))
+        listed = Spill(work / "listed", LISTED_TEXT, BUCKETS)
+        for lo in range(0, len(order), INDEX_ROWS):
+            keys = np.array(order[lo : lo + INDEX_ROWS])
+            listed.add(bucket(keys), records(LISTED_TEXT, key=keys, row=np.arange(lo, lo + len(keys))))
+            if isinstance(order, np.memmap):
+                _release_pages(order)  # of a memory map, one block's pages at a time
+        placed = Spill(work / "placed", PLACED_TEXT, max(len(shards), 1))
+        filled, rows = np.zeros(len(order), dtype=bool), len(order)
+        for lo, hi in found.groups(INDEX_ROWS):
+            texts = found.read(lo, hi)
+            keys, first = np.unique(texts["key"], return_index=True)  # in key order, the first copy of each
+            fresh = self.find(keys) < 0
+            texts, keys = texts[first][fresh], keys[fresh]
+            wanted = listed.read(lo, hi)
+            at = index_in(keys, wanted["key"])
+            row = wanted["row"][at]
+            unlisted = at < 0
+            row[unlisted] = rows + np.arange(unlisted.sum())
+            rows += int(unlisted.sum())
+            filled[row[~unlisted]] = True
+            placed.add(texts["shard"], records(PLACED_TEXT, index=texts["index"], row=row))
+        if not filled.all():
+            lacking = unpack(order[np.flatnonzero(~filled)[:1]]).to_pylist()[0]
+            raise ModrmError(f"{self.folder}: text {tuple(lacking.values())} is to be committed but no shard has it")
+        return placed, rows
 
     def compact(self) -> int:
         """Merge the committed segments into one (many small runs leave many; each is a file to open and map).
@@ -385,46 +426,55 @@ class Cache:
 
     def _write_whole_index(self, path: Path) -> None:
         """Every committed row's index entry, from what is in memory, as one segment's texts index."""
-        _write_index(path, np.concatenate(self._keys), 0, self.texts["n_tokens"], self.texts["truncated"])
+        keys, texts = self._loaded()
+        starts = np.cumsum([0, *map(len, keys)])[:-1]
+        numeric = (texts[c] for c in ("n_tokens", "truncated"))
+        n_tokens, truncated = (np.split(column, starts[1:]) for column in numeric)
+        _write_index(path, zip(keys, n_tokens, truncated, strict=True), 0)
 
     def _write_segment(
-        self,
-        number: int,
-        keys: np.ndarray,
-        source: np.ndarray,
-        arrays: list[np.ndarray],
-        n_tokens: np.ndarray,
-        truncated: np.ndarray,
+        self, number: int, shards: list[tuple[Path, Path]], placed: Spill, rows: int, work: Path
     ) -> tuple[str, int]:
-        """segments/seg-N.h5 and .parquet: the new rows gathered from the shards, block by block."""
+        """segments/seg-N.h5 and .parquet: each shard's texts scattered to their rows, a shard at a time (its pages
+        dropped after), the texts index through a spill by row group."""
         stem = self.folder / "segments" / f"seg-{number:06d}"
         stem.parent.mkdir(exist_ok=True)
-        n, dim = len(keys), self.fingerprint.dim
+        dim = self.fingerprint.dim
+        index = Spill(work / "index", INDEXED_TEXT, rows // INDEX_ROWS + 1)
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as out:
-                ds = out.create_dataset("embeddings", shape=(n, dim), dtype=np.float16)
-                for lo in range(0, n, COPY_ROWS):
-                    block = _gather(arrays, source[lo : lo + COPY_ROWS], dim)
-                    for array in arrays:  # what was read stays in the page cache, not in this process
-                        _release_pages(array)
-                    if not np.isfinite(block).all():
-                        raise ModrmError(f"{self.folder}: refusing to write non-finite embeddings to the cache")
-                    ds[lo : lo + len(block)] = block
+                ds = out.create_dataset("embeddings", shape=(rows, dim), dtype=np.float16)
+                ds[rows - 1] = 0  # allocates the contiguous storage, so it can be memory-mapped
+                offset = ds.id.get_offset()
+            segment = np.memmap(tmp, dtype=np.float16, mode="r+", offset=offset, shape=(rows, dim))
+            for number, (index_path, npy) in enumerate(shards):
+                where = placed.read(number)
+                if not len(where):
+                    continue
+                shard = _load_npy(npy, index_path, dim)
+                block = shard[where["index"]]
+                _release_pages(shard)
+                if not np.isfinite(block).all():
+                    raise ModrmError(f"{self.folder}: refusing to write non-finite embeddings to the cache")
+                segment[where["row"]] = block
+                segment.flush()
+                _release_pages(segment)  # written back: the segment's pages stay in the page cache, not here
+                keys, table = _read_shard_index(index_path, ["n_tokens", "truncated"])
+                n_tokens, truncated = (table.column(c).to_numpy()[where["index"]] for c in ("n_tokens", "truncated"))
+                text = records(INDEXED_TEXT, row=where["row"], key=keys[where["index"]], n_tokens=n_tokens)
+                text["truncated"] = truncated
+                index.add(where["row"] // INDEX_ROWS, text)
+            del segment
+
+        def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            for part in range(index.parts):
+                texts = np.sort(index.read(part), order="row")
+                yield texts["key"], texts["n_tokens"], texts["truncated"]
 
         atomic_write(stem.with_suffix(".h5"), write)
-        _write_index(stem.with_suffix(".parquet"), keys, self.n_rows, n_tokens, truncated)
-        return stem.name, n
-
-    def _extend(
-        self, segments: list[tuple[str, int]], keys: np.ndarray, n_tokens: np.ndarray, truncated: np.ndarray
-    ) -> None:
-        """The state after a commit, from what is in memory (reading the index back would cost O(rows))."""
-        start = self.n_rows
-        self.segments = _segments(self.folder, segments)
-        new = {"row": np.arange(start, start + len(keys)), "n_tokens": n_tokens, "truncated": truncated}
-        self.texts = {name: np.concatenate([self.texts[name], new[name]]) for name in NUMERIC_COLUMNS}
-        self._keys.append(keys)  # one more chunk: nothing already read is copied
+        _write_index(stem.with_suffix(".parquet"), blocks(), self.n_rows)
+        return stem.name, rows
 
     def _write_commit(self, segments: list[tuple[str, int]]) -> None:
         """Replace embeddings.h5 by a virtual dataset over `segments`: the commit point."""
@@ -465,7 +515,7 @@ class Cache:
 
     def keys(self) -> list[Key]:
         """Every committed (role, text_hash), in row order (as Python objects: for inspection and tests)."""
-        spelled = unpack(np.concatenate([np.empty(0, KEY), *self._keys]))
+        spelled = unpack(np.concatenate([np.empty(0, KEY), *self._loaded()[0]]))
         return list(zip(spelled.column("role").to_pylist(), spelled.column("text_hash").to_pylist(), strict=True))
 
     def find(self, keys: Sequence[Key] | pa.Table | np.ndarray) -> np.ndarray:
@@ -475,7 +525,7 @@ class Cache:
         out = np.full(len(asked), -1, dtype=np.int64)
         if not len(asked) or not self.n_rows:
             return out
-        committed = pa.chunked_array([as_arrow(chunk) for chunk in self._keys], type=pa.binary(33))
+        committed = pa.chunked_array([as_arrow(chunk) for chunk in self._loaded()[0]], type=pa.binary(33))
         where = index_in(committed, asked)  # for each row: the first asked key equal to its key
         hit = np.flatnonzero(where >= 0)
         out[where[hit]] = hit
@@ -589,41 +639,24 @@ def _old_texts_rows(folder: Path) -> int:
         raise damaged(folder, f"texts.parquet is unreadable ({err})") from None
 
 
-def _gather(arrays: list[np.ndarray], source: np.ndarray, dim: int) -> np.ndarray:
-    """Row source[k] = (array, index) of each output row, one fancy-index per array."""
-    out = np.empty((len(source), dim), dtype=arrays[0].dtype)
-    for a in np.unique(source[:, 0]):
-        mine = source[:, 0] == a
-        out[mine] = arrays[a][source[mine, 1]]
-    return out
-
-
-def _in_order(keys: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """Indices of the first occurrence of each distinct key: those in `order` in its order, then the others
-    (another run's texts, if any) sorted."""
-    position = index_in(keys, order)
-    listed, rest = np.flatnonzero(position >= 0), np.flatnonzero(position < 0)
-    _, first = np.unique(position[listed], return_index=True)  # ascending, the first of equal ones
-    _, first_rest = np.unique(keys[rest], return_index=True)
-    return np.concatenate([listed[first], rest[first_rest]])
-
-
-def _write_index(path: Path, keys: np.ndarray, start: int, n_tokens: np.ndarray, truncated: np.ndarray) -> None:
-    """A segment's texts index (TEXT_COLUMNS) for rows start, start + 1, ...: the keys spelled out a row group at
-    a time, so it costs one group's strings whatever the rows."""
+def _write_index(path: Path, blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], start: int) -> None:
+    """A segment's texts index (TEXT_COLUMNS) for rows start, start + 1, ...: from blocks of (keys, n_tokens,
+    truncated) in row order, the keys spelled out a block at a time, a row group each."""
 
     def write(tmp: Path) -> None:
+        row = start
         with pq.ParquetWriter(tmp, TEXT_SCHEMA) as writer:
-            for lo in range(0, len(keys), INDEX_ROWS):
-                spelled, block = unpack(keys[lo : lo + INDEX_ROWS]), slice(lo, lo + INDEX_ROWS)
+            for keys, n_tokens, truncated in blocks:
+                spelled = unpack(keys)
                 columns = {
                     "text_hash": spelled.column("text_hash"),
-                    "row": np.arange(start + lo, start + lo + len(spelled)),
+                    "row": np.arange(row, row + len(keys)),
                     "role": spelled.column("role"),
-                    "n_tokens": n_tokens[block],
-                    "truncated": truncated[block],
+                    "n_tokens": n_tokens,
+                    "truncated": truncated,
                 }
                 writer.write_table(pa.table(columns, schema=TEXT_SCHEMA))
+                row += len(keys)
 
     atomic_write(path, write)
 

@@ -6,26 +6,32 @@ only texts the cache lacks are encoded, and work is written in shards so a kille
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import hashlib
 import importlib.metadata as md
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline.atomic import write_json
+from pipeline.atomic import atomic_write, write_json
 from pipeline.cache import ROW_COLUMNS, Cache, Shard, read_manifest
 from pipeline.config import Config, EncoderConfig
 from pipeline.data import Pair, PairFiles, assign_split, file_sha256
 from pipeline.distributed import Group
 from pipeline.encoder import Encoder, ModelInfo, describe
 from pipeline.errors import ModrmError
-from pipeline.keys import ROLE_NAMES, FirstSeen, index_in, roles_of, text_key
+from pipeline.keys import BUCKETS, KEY, ROLE_NAMES, bucket, index_in, roles_of, text_key
+from pipeline.spill import Bits, Spill, records
 
 SHARD_TEXTS = 4096  # texts per resumable shard: a kill loses at most this much work
 INDEX_BATCH = 1 << 13  # pairs per arrow batch of the pairs index's columns while they are read
@@ -82,43 +88,119 @@ INDEX_SCHEMA = pa.schema(  # the pairs index's columns but the rows, as a scan c
     [(name, pa.string()) for name in ("pair_id", "target_module", "task", "group", "split")]
     + [(name, pa.float64()) for name in ("pos_outcome", "neg_outcome")]
 )
+APPEARANCE = np.dtype([("key", KEY), ("at", np.int64), ("length", np.int64)])  # a text where pass one met it
+ROW_CODE = np.dtype([("at", np.int64), ("code", np.int64)])  # its cache row, or -(its text's first appearance + 1)
+NEW_TEXT = np.dtype([("at", np.int64), ("key", KEY), ("cost", np.int64), ("encode", np.bool_)])
+GROUP_APPEARANCES = 1 << 18  # appearances deduplicated at once (a few buckets of keys: some 40 MB)
+RANGE = 1 << 20  # appearances brought back in pair order at once (8 MB of rows)
 
 
 @dataclass
 class Scan:
-    """What one pass over the pairs leaves, without their texts: each distinct text's key (first appearance
-    order) and length, each pair's four texts as positions in that order, and the pairs index's other columns."""
+    """What pass one over the pairs leaves, on disk in `work`, without their texts: every appearance of a text
+    (its key, place and length) bucketed by key, and the pairs index's other columns. A pair's texts are
+    appearances 4n .. 4n + 3, in ROW_COLUMNS order."""
 
-    keys: np.ndarray  # KEY (pipeline.keys): 33 bytes a distinct text
-    lengths: np.ndarray  # characters, to balance ranks before any text is tokenized
-    positions: np.ndarray  # [pairs, 4] int64: where each of a pair's texts is in `keys`
-    table: pa.Table  # INDEX_SCHEMA
+    work: Path
+    n_pairs: int
+    appearances: Spill  # APPEARANCE records, by pipeline.keys.bucket
+    index: Path  # parquet, INDEX_SCHEMA
 
     @property
-    def n_pairs(self) -> int:
-        return len(self.positions)
+    def n_appearances(self) -> int:
+        return 4 * self.n_pairs
 
 
-def scan_pairs(pairs: Iterable[Pair], config: Config, progress: bool = False) -> Scan:
-    """Pass one: keys, lengths and the index columns. A text is hashed and dropped, and what is kept is packed:
-    33 bytes a distinct text (numpy), 32 a pair for its positions, and its index columns (arrow)."""
-    seen = FirstSeen()
-    batches: list[pa.RecordBatch] = []
+def scan_pairs(pairs: Iterable[Pair], config: Config, work: Path, progress: bool = False) -> Scan:
+    """Pass one: each text is hashed and dropped; its key goes to disk with its place and length, a batch at a
+    time, as do the index columns. What is held is one batch, however many pairs."""
+    appearances = Spill(work / "appearances", APPEARANCE, BUCKETS)
+    keys, lengths = bytearray(), array.array("q")
     columns: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
-    d = config.data
-    for pair in tqdm(pairs, desc="read pairs", unit="pair", disable=not progress, dynamic_ncols=True):
-        for role, text in zip(ROLES, texts_of(pair, config.encoder), strict=True):
-            seen.add(text_key(role, text), len(text))
-        split = assign_split(pair.split_key, d.train_fraction, d.val_fraction, d.split_seed)
-        values = (pair.pair_id, pair.target_module, pair.task, pair.split_key, split)
-        for name, value in zip(columns, (*values, pair.positive.outcome, pair.negative.outcome), strict=True):
-            columns[name].append(value)
-        if len(columns["pair_id"]) == INDEX_BATCH:
-            batches.append(pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA))
-            columns = {name: [] for name in INDEX_SCHEMA.names}
-    batches.append(pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA))
-    keys, lengths, places = seen.finish()
-    return Scan(keys, lengths, places.reshape(-1, 4), pa.Table.from_batches(batches))
+    d, n_pairs = config.data, 0
+    with pq.ParquetWriter(work / "index.parquet", INDEX_SCHEMA) as index:
+
+        def flush() -> None:
+            nonlocal keys, lengths, columns
+            at = np.arange(4 * n_pairs - len(lengths), 4 * n_pairs)
+            found, length = np.frombuffer(keys, dtype=KEY), np.frombuffer(lengths, dtype=np.int64)
+            appearances.add(bucket(found), records(APPEARANCE, key=found, at=at, length=length))
+            index.write_batch(pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA))
+            keys, lengths, columns = bytearray(), array.array("q"), {name: [] for name in INDEX_SCHEMA.names}
+
+        for pair in tqdm(pairs, desc="read pairs", unit="pair", disable=not progress, dynamic_ncols=True):
+            for role, text in zip(ROLES, texts_of(pair, config.encoder), strict=True):
+                keys += text_key(role, text)
+                lengths.append(len(text))
+            split = assign_split(pair.split_key, d.train_fraction, d.val_fraction, d.split_seed)
+            values = (pair.pair_id, pair.target_module, pair.task, pair.split_key, split)
+            for name, value in zip(columns, (*values, pair.positive.outcome, pair.negative.outcome), strict=True):
+                columns[name].append(value)
+            n_pairs += 1
+            if n_pairs % INDEX_BATCH == 0:
+                flush()
+        flush()
+    appearances.flush()
+    return Scan(work, n_pairs, appearances, work / "index.parquet")
+
+
+@dataclass
+class Plan:
+    """Where every text of the pairs goes, worked out by key from pass one's buckets before anything is encoded.
+    On disk: each appearance's cache row (pair order) and the texts the cache lacks (first-appearance order: the
+    commit's order, so their rows are known now). In memory, a bit an appearance: what this rank encodes."""
+
+    rows: Path  # int64 [pairs, 4]: each text's cache row once `listed` is committed
+    listed: Path  # KEY: the texts new to the cache, in first-appearance order
+    n_listed: int
+    mine: Bits  # the first appearances of the texts this rank encodes
+    mine_digest: bytes  # SHA-256 of their keys in order: pass two must meet the same texts
+    to_encode: int  # by every rank together
+    unique: int
+    truncated: int  # among the cached texts
+
+
+def make_plan(scan: Scan, cache: Cache, pending: np.ndarray, limits: dict[str, int], group: Group) -> Plan:
+    """Deduplicate by key a group of buckets at a time (the first appearance of each text wins), look the texts up
+    in the cache and in the pending shards, then bring rows and shares back in pair order a range at a time."""
+    n, base = scan.n_appearances, cache.n_rows
+    ranges = n // RANGE + 1
+    codes = Spill(scan.work / "codes", ROW_CODE, ranges)
+    news = Spill(scan.work / "new", NEW_TEXT, ranges)
+    first = Bits(n)  # the first appearance of each text the cache lacks: its row is base + the count before it
+    cap = np.array([limits[role] for role in ROLE_NAMES], dtype=np.int64)
+    unique = truncated = to_encode = 0
+    for lo, hi in scan.appearances.groups(GROUP_APPEARANCES):
+        seen = scan.appearances.read(lo, hi)  # each bucket's in pair order
+        keys, where, inverse = np.unique(seen["key"], return_index=True, return_inverse=True)
+        at, row = seen["at"][where], cache.find(keys)
+        new = row < 0
+        codes.add(seen["at"] // RANGE, records(ROW_CODE, at=seen["at"], code=np.where(new, -1 - at, row)[inverse]))
+        unique += len(keys)
+        truncated += int(cache.texts["truncated"][row[~new]].sum()) if (~new).any() else 0
+        keys, at, length = keys[new], at[new], seen["length"][where][new]
+        done = index_in(keys, pending) >= 0 if len(pending) else np.zeros(len(keys), dtype=bool)
+        cost = np.minimum(length // 4 + 1, cap[roles_of(keys)])  # estimated tokens, to balance ranks
+        news.add(at // RANGE, records(NEW_TEXT, at=at, key=keys, cost=cost, encode=~done))
+        to_encode += int((~done).sum())
+        first.set(at)
+    rank, mine, digest = first.ranks(), Bits(n), hashlib.sha256()
+    rows, listed = scan.work / "rows.bin", scan.work / "listed.bin"
+    with rows.open("wb") as rows_out, listed.open("wb") as listed_out:
+        for r in range(ranges):
+            coded = codes.read(r)
+            row = np.empty(len(coded), dtype=np.int64)
+            row[coded["at"] - r * RANGE] = coded["code"]  # every appearance of the range once
+            new = row < 0
+            row[new] = base + rank(-1 - row[new])
+            row.tofile(rows_out)
+            texts = np.sort(news.read(r), order="at")
+            np.ascontiguousarray(texts["key"]).tofile(listed_out)
+            encode = texts[texts["encode"]]
+            share = encode[rank_share(encode["cost"], group)]
+            mine.set(share["at"])
+            digest.update(np.ascontiguousarray(share["key"]).tobytes())
+    return Plan(rows, listed, first.count(), mine, digest.digest(), to_encode, unique, truncated)
 
 
 def ensure_embedded(
@@ -130,100 +212,108 @@ def ensure_embedded(
     summary: EmbedSummary,
     progress: bool = True,
     group: Group = Group(),
-) -> dict[str, np.ndarray]:
-    """Cache rows of the four texts of every pair (ROW_COLUMNS), encoding (and caching) only what the cache lacks.
-    Pass two over `pairs` (the same pairs `scan` saw) picks the missing texts up as it meets them and encodes them
-    a shard at a time, so no more texts are held than one shard per role. Under torchrun every rank encodes its
-    share of the missing texts into its own pending shards; rank 0 commits them."""
-    keys, pending = scan.keys, cache.pending_keys()
+) -> Path:
+    """Encode (and cache) what the cache lacks of the pairs' texts; returns the file of their cache rows
+    (`read_rows`). Pass two over `pairs` (the same pairs `scan` saw) picks up this rank's texts as it meets them
+    and encodes them a shard at a time, so no more texts are held than one shard per role. Under torchrun every
+    rank encodes its share of the missing texts into its own pending shards; rank 0 commits them."""
+    pending = cache.pending_keys()
     group.barrier()  # every rank has read pending/ before any rank adds to it
-    missing = cache.find(keys) < 0
-    if len(pending):  # texts a killed run (or another rank) already encoded
-        missing &= index_in(keys, pending) < 0
-    missing = np.flatnonzero(missing)
-    summary.unique_texts, summary.cached = len(keys), len(keys) - len(missing)
-    if len(missing):
-        encoder = Encoder.load(config.encoder, info)
-        limits = {"context": config.encoder.max_context_tokens, "module": config.encoder.max_module_tokens}
-        start, encoded, tokens = time.perf_counter(), 0, 0
-        mine = np.zeros(len(keys), dtype=bool)  # this rank's texts not yet met on pass two
-        mine[rank_share(missing, scan.lengths[missing], keys, limits, group)] = True
-        waiting: dict[str, list[tuple[int, str, str]]] = {"context": [], "module": []}  # (position, text, head)
-
-        def flush(role: str) -> None:
-            nonlocal encoded, tokens
-            shard = _encode_shard(encoder, keys, waiting[role], role, progress and group.is_main)
-            cache.add_shard(shard, group.rank)
-            encoded, tokens = encoded + len(shard.keys), tokens + int(shard.n_tokens.sum())
-            waiting[role] = []
-
-        changed = ModrmError("the pairs changed while they were being embedded (a file rewritten?); run embed again")
-        for n, pair in enumerate(pairs):
-            if n == scan.n_pairs:
-                raise changed
-            head = config.encoder.context_head(pair.task)  # what truncation of a context keeps
-            for role, text, position in zip(
-                ROLES, texts_of(pair, config.encoder), scan.positions[n].tolist(), strict=True
-            ):
-                if mine[position]:
-                    mine[position] = False
-                    if text_key(role, text) != keys[position].tobytes():
-                        raise changed
-                    waiting[role].append((position, text, head))
-                    if len(waiting[role]) == SHARD_TEXTS:
-                        flush(role)
-        if mine.any():
-            raise changed
-        for role, texts in waiting.items():
-            if texts:
-                flush(role)
-        counts = group.gather((encoded, tokens, encoder.fallback_texts))
+    limits = {"context": config.encoder.max_context_tokens, "module": config.encoder.max_module_tokens}
+    plan = make_plan(scan, cache, pending, limits, group)
+    summary.unique_texts, summary.cached = plan.unique, plan.unique - plan.to_encode  # pending counts as cached
+    if plan.to_encode:
+        encoder = Encoder.load(config.encoder, info) if plan.mine.count() else None
+        start = time.perf_counter()
+        encoded, tokens = _encode_mine(pairs, scan, plan, cache, config, encoder, progress, group)
+        counts = group.gather((encoded, tokens, encoder.fallback_texts if encoder else 0))
         summary.seconds = time.perf_counter() - start
         summary.encoded, summary.tokens, summary.fp32_fallbacks = map(sum, zip(*counts, strict=True))
     group.barrier()  # every rank's shards are written
     if group.is_main:
-        cache.commit(keys)
+        cache.commit(np.memmap(plan.listed, dtype=KEY, mode="r") if plan.n_listed else np.empty(0, KEY))
+        summary.truncated = plan.truncated + (
+            _truncated(cache.segments[-1].texts, plan.n_listed) if plan.n_listed else 0
+        )
     group.barrier()  # the commit is visible
-    if not group.is_main:
-        cache.reload()
-    rows = cache.rows(keys)  # one lookup in the cache's index; the columns map through it
-    summary.truncated = int(cache.texts["truncated"][rows].sum())
-    return {column: rows[scan.positions[:, k]] for k, column in enumerate(ROW_COLUMNS)}
+    return plan.rows
 
 
-def rank_share(
-    positions: np.ndarray, lengths: np.ndarray, keys: np.ndarray, limits: dict[str, int], group: Group
-) -> np.ndarray:
-    """This rank's share of `positions`, the same split on every rank, balanced by estimated tokens (characters /
-    4, capped at the role's limit): longest first, dealt out back and forth (0, 1, ..., N-1, N-1, ..., 0, ...)."""
+def _encode_mine(
+    pairs: Iterable[Pair],
+    scan: Scan,
+    plan: Plan,
+    cache: Cache,
+    config: Config,
+    encoder: Encoder | None,
+    progress: bool,
+    group: Group,
+) -> tuple[int, int]:
+    """Pass two: this rank's texts, encoded into pending shards as they are met. Returns (texts, tokens)."""
+    waiting: dict[str, list[tuple[bytes, str, str]]] = {"context": [], "module": []}  # (key, text, head)
+    encoded = tokens = met = 0
+    digest = hashlib.sha256()
+
+    def flush(role: str) -> None:
+        nonlocal encoded, tokens
+        shard = _encode_shard(encoder, waiting[role], role, progress and group.is_main)
+        cache.add_shard(shard, group.rank)
+        encoded, tokens = encoded + len(shard.keys), tokens + int(shard.n_tokens.sum())
+        waiting[role] = []
+
+    changed = ModrmError("the pairs changed while they were being embedded (a file rewritten?); run embed again")
+    for n, pair in enumerate(pairs):
+        met = n + 1
+        if met > scan.n_pairs:
+            raise changed
+        wanted = plan.mine.nibble(n)
+        if not wanted:
+            continue
+        head = config.encoder.context_head(pair.task)  # what truncation of a context keeps
+        for k, (role, text) in enumerate(zip(ROLES, texts_of(pair, config.encoder), strict=True)):
+            if wanted >> k & 1:
+                key = text_key(role, text)
+                digest.update(key)
+                waiting[role].append((key, text, head))
+                if len(waiting[role]) == SHARD_TEXTS:
+                    flush(role)
+    if met != scan.n_pairs or digest.digest() != plan.mine_digest:
+        raise changed
+    for role, texts in waiting.items():
+        if texts:
+            flush(role)
+    return encoded, tokens
+
+
+def _truncated(texts_index: Path, rows: int) -> int:
+    """How many of a segment's first rows were truncated (the texts a run listed come first in its segment)."""
+    truncated = pq.read_table(texts_index, columns=["truncated"]).column(0).slice(0, rows)
+    return int(pc.sum(truncated).as_py() or 0)
+
+
+def read_rows(path: Path, start: int = 0, n: int = -1) -> np.ndarray:
+    """Pairs start .. start + n of a rows file (all from `start` when n is -1): int64 [pairs, 4]."""
+    return np.fromfile(path, dtype=np.int64, count=4 * n if n >= 0 else -1, offset=32 * start).reshape(-1, 4)
+
+
+def rank_share(cost: np.ndarray, group: Group) -> np.ndarray:
+    """This rank's share of texts of these estimated costs (as indices, ascending), the same split on every rank,
+    balanced: longest first, dealt out back and forth (0, 1, ..., N-1, N-1, ..., 0, ...)."""
     if not group.distributed:
-        return positions
-    cap = np.array([limits[role] for role in ROLE_NAMES], dtype=np.int64)[roles_of(keys[positions])]
-    cost = np.minimum(lengths // 4 + 1, cap)
+        return np.arange(len(cost))
     order = np.argsort(-cost, kind="stable")
     lap, seat = np.divmod(np.arange(len(order)), group.world_size)
     rank = np.where(lap % 2 == 0, seat, group.world_size - 1 - seat)
-    return positions[np.sort(order[rank == group.rank])]
+    return np.sort(order[rank == group.rank])
 
 
-def _encode_shard(
-    encoder: Encoder, keys: np.ndarray, texts: list[tuple[int, str, str]], role: str, progress: bool
-) -> Shard:
+def _encode_shard(encoder: Encoder, texts: list[tuple[bytes, str, str]], role: str, progress: bool) -> Shard:
     tokens = encoder.tokenize([t for _, t, _ in texts], role, heads=[h for _, _, h in texts])
     embeddings = np.empty((len(texts), encoder.dim), dtype=np.float16)
     for index, emb in encoder.encode_tokenized(tokens, desc=f"embed {role}s", progress=progress):
         embeddings[index] = emb
-    return Shard(keys[[p for p, _, _ in texts]], tokens.lengths, tokens.truncated, embeddings)
-
-
-def pairs_table(scan: Scan, rows: dict[str, np.ndarray]) -> pa.Table:
-    """The pairs index: the scanned columns with each pair's four cache rows."""
-    table = scan.table
-    at = table.column_names.index("pos_outcome")
-    for column in ROW_COLUMNS:
-        table = table.add_column(at, column, pa.array(rows[column]))
-        at += 1
-    return table
+    keys = np.frombuffer(b"".join(k for k, _, _ in texts), dtype=KEY)
+    return Shard(keys, tokens.lengths, tokens.truncated, embeddings)
 
 
 def versions() -> dict[str, str]:
@@ -241,25 +331,27 @@ def embed_files(
 ) -> EmbedSummary:
     """`modrm embed`: load and validate the pairs, encode what the cache lacks, write the pairs index. The index
     holds these files' pairs (and says so when it replaced others), or with `append` the earlier ones too.
+    Working files (keys, rows: some 60 bytes a pair) go to a temporary folder (TMPDIR).
 
     Under torchrun, rank 0 holds the cache's lock and writes the index; every rank encodes a share."""
     group = Group.from_env(config.encoder.device)
     encoder = dataclasses.replace(config.encoder, device=group.device(config.encoder.device))  # cuda:LOCAL_RANK
     config = dataclasses.replace(config, encoder=encoder)
     pairs = PairFiles(paths, config.data.modules)
-    scan = scan_pairs(pairs, config, progress and group.is_main)  # every problem is found here, before any write
-    info = describe(config.encoder)
-    opened = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait))  # the lock, and any repair
-    cache = opened if opened is not None else Cache.read(cache_dir, info.fingerprint)
-    try:
-        summary = EmbedSummary(n_pairs=scan.n_pairs)
-        if group.is_main:
-            summary = _index_pairs(paths, pairs, scan, cache, config, info, summary, progress, append, group)
-        else:
-            ensure_embedded(pairs, scan, cache, config, info, summary, progress, group)
-        return summary
-    finally:
-        cache.close()
+    with tempfile.TemporaryDirectory(prefix=f"modrm-embed-r{group.rank}-") as work:
+        scan = scan_pairs(pairs, config, Path(work), progress and group.is_main)  # every problem found before a write
+        info = describe(config.encoder)
+        opened = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait))  # the lock, and any repair
+        cache = opened if opened is not None else Cache.read(cache_dir, info.fingerprint)
+        try:
+            summary = EmbedSummary(n_pairs=scan.n_pairs)
+            if group.is_main:
+                summary = _index_pairs(paths, pairs, scan, cache, config, info, summary, progress, append, group)
+            else:
+                ensure_embedded(pairs, scan, cache, config, info, summary, progress, group)
+            return summary
+        finally:
+            cache.close()
 
 
 def _index_pairs(
@@ -275,32 +367,64 @@ def _index_pairs(
     group: Group,
 ) -> EmbedSummary:
     manifest = read_manifest(cache.folder) or {}
-    previous = cache.read_pairs() if (cache.folder / "pairs.parquet").exists() else None
+    previous = cache.read_pairs(["pair_id"]) if (cache.folder / "pairs.parquet").exists() else None
+    n_previous = len(previous) if previous is not None else 0
     earlier_files = list(manifest.get("data_files", [])) if previous is not None else []
     if append and previous is not None:
-        check_appendable(previous, scan.table, manifest, config, cache.folder)
+        check_appendable(previous.column("pair_id"), scan, manifest, config, cache.folder)
     rows = ensure_embedded(pairs, scan, cache, config, info, summary, progress, group)
-    table = pairs_table(scan, rows)
     if append and previous is not None:
-        table = pa.concat_tables([previous.select(table.column_names), table])
-        summary.index = f"appended {scan.n_pairs} pairs to the {len(previous)} already indexed"
+        summary.index = f"appended {scan.n_pairs} pairs to the {n_previous} already indexed"
     elif previous is not None and earlier_files != [str(p) for p in paths]:
         summary.index = (
-            f"replaced: it held {len(previous)} pairs from {', '.join(earlier_files) or 'other files'} "
+            f"replaced: it held {n_previous} pairs from {', '.join(earlier_files) or 'other files'} "
             "(--append keeps them)"
         )
-    cache.write_pairs(table)
-    splits = table.column("split").value_counts().to_pylist()
-    counts = {c["values"]: c["counts"] for c in splits}
-    summary.splits = {s: counts.get(s, 0) for s in ("train", "val", "test")}
+    splits = write_pairs_index(cache, scan, rows, append and previous is not None)
+    summary.splits = {s: splits.get(s, 0) for s in ("train", "val", "test")}
     files = [*earlier_files, *map(str, paths)] if append else list(map(str, paths))
     earlier_sha = list(manifest.get("data_sha256", [])) if append and previous is not None else []
-    write_manifest(cache, config, files, [*earlier_sha, *map(file_sha256, paths)], summary, len(table))
+    total = scan.n_pairs + (n_previous if append else 0)
+    write_manifest(cache, config, files, [*earlier_sha, *map(file_sha256, paths)], summary, total)
     return summary
 
 
-def check_appendable(previous: pa.Table, new: pa.Table, manifest: dict, config: Config, folder: Path) -> None:
-    """Appended pairs keep their ids distinct and are split as the indexed ones were."""
+def write_pairs_index(cache: Cache, scan: Scan, rows: Path, append: bool) -> dict[str, int]:
+    """pairs.parquet (atomically): with `append` the indexed pairs first, then the scanned ones with their four
+    cache rows, a batch at a time. Returns the pairs of each split."""
+    splits: Counter[str] = Counter()
+    schema = INDEX_SCHEMA
+    at = schema.get_field_index("pos_outcome")
+    for k, column in enumerate(ROW_COLUMNS):
+        schema = schema.insert(at + k, pa.field(column, pa.int64()))
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        if append:
+            with pq.ParquetFile(cache.folder / "pairs.parquet") as previous:
+                for batch in previous.iter_batches(batch_size=INDEX_BATCH, columns=schema.names):
+                    yield pa.RecordBatch.from_arrays([batch.column(name) for name in schema.names], schema=schema)
+        start = 0
+        with pq.ParquetFile(scan.index) as index:
+            for batch in index.iter_batches(batch_size=INDEX_BATCH):
+                block = read_rows(rows, start, len(batch))
+                start += len(batch)
+                columns = dict(zip(batch.schema.names, batch.columns, strict=True))
+                columns |= {column: pa.array(block[:, k]) for k, column in enumerate(ROW_COLUMNS)}
+                yield pa.RecordBatch.from_pydict(columns, schema=schema)
+
+    def write(tmp: Path) -> None:
+        with pq.ParquetWriter(tmp, schema) as out:
+            for batch in batches():
+                out.write_batch(batch)
+                for count in pc.value_counts(batch.column(schema.get_field_index("split"))).to_pylist():
+                    splits[count["values"]] += count["counts"]
+
+    atomic_write(cache.folder / "pairs.parquet", write)
+    return dict(splits)
+
+
+def check_appendable(indexed: pa.ChunkedArray, scan: Scan, manifest: dict, config: Config, folder: Path) -> None:
+    """Appended pairs keep their ids distinct from the `indexed` ones and are split as those were."""
     built = manifest.get("config", {}).get("data", {})
     for key in ("train_fraction", "val_fraction", "split_seed"):
         if key in built and built[key] != getattr(config.data, key):
@@ -308,13 +432,14 @@ def check_appendable(previous: pa.Table, new: pa.Table, manifest: dict, config: 
                 f"{folder}: --append with data.{key} = {getattr(config.data, key)!r}, but the index was split with "
                 f"{built[key]!r}; use the same setting, or embed without --append to replace the index"
             )
-    clashes = new.column("pair_id").filter(pc.is_in(new.column("pair_id"), value_set=previous.column("pair_id")))
-    if len(clashes):
-        clash = clashes[0].as_py()
-        raise ModrmError(
-            f"{folder}: --append: pair_id {clash!r} is already in the pairs index; give distinct ids, or embed "
-            "without --append to replace the index"
-        )
+    with pq.ParquetFile(scan.index) as index:
+        for batch in index.iter_batches(batch_size=INDEX_BATCH, columns=["pair_id"]):
+            clashes = batch.column(0).filter(pc.is_in(batch.column(0), value_set=indexed))
+            if len(clashes):
+                raise ModrmError(
+                    f"{folder}: --append: pair_id {clashes[0].as_py()!r} is already in the pairs index; give "
+                    "distinct ids, or embed without --append to replace the index"
+                )
 
 
 def write_manifest(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from pipeline.cache import ROW_COLUMNS, Cache
 from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.config import Config
 from pipeline.data import SPLITS, Pair, assign_split, file_sha256, load_pairs
-from pipeline.embed import EmbedSummary, ensure_embedded, scan_pairs
+from pipeline.embed import EmbedSummary, ensure_embedded, read_rows, scan_pairs
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
 from pipeline.metrics import summarize
@@ -279,9 +280,11 @@ class Scored:
 def score_checkpoint(ckpt: Checkpoint, pairs: Sequence[Pair], cache: Path | None, progress: bool) -> Scored:
     """Embed what the cache lacks (never `write_pairs`: that index belongs to training), then score."""
     info = ckpt.encoder_info()
-    summary = EmbedSummary(n_pairs=len(pairs))
-    with Cache.open(cache_folder(ckpt, cache), info.fingerprint) as store:
-        rows = ensure_embedded(pairs, scan_pairs(pairs, ckpt.config), store, ckpt.config, info, summary, progress)
+    summary, store_at = EmbedSummary(n_pairs=len(pairs)), cache_folder(ckpt, cache)
+    with tempfile.TemporaryDirectory(prefix="modrm-eval-") as work, Cache.open(store_at, info.fingerprint) as store:
+        scan = scan_pairs(pairs, ckpt.config, Path(work))
+        placed = read_rows(ensure_embedded(pairs, scan, store, ckpt.config, info, summary, progress))
+    rows = {column: placed[:, k] for k, column in enumerate(ROW_COLUMNS)}
     lookup = {name: i for i, name in enumerate(ckpt.model.module_names)}
     module_idx = np.array([lookup[p.target_module] for p in pairs], dtype=np.int64)
     emb = store.embeddings(ckpt.config.train.memory_budget_gb * 2**30)

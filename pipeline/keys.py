@@ -7,7 +7,6 @@ modrm holds keys packed, one numpy array of KEY: a million take 33 MB (as Python
 
 from __future__ import annotations
 
-import array
 import binascii
 import hashlib
 from collections.abc import Sequence
@@ -85,54 +84,17 @@ def as_arrow(keys: np.ndarray) -> pa.FixedSizeBinaryArray:
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(33), len(keys), [None, pa.py_buffer(keys)])
 
 
+BUCKETS = len(ROLE_NAMES) * 256  # a key's bucket: its role and its digest's first byte, so buckets go in key order
+
+
+def bucket(keys: np.ndarray) -> np.ndarray:
+    """Each key's bucket (int64): one text's appearances all meet in one, and they are about equal in size."""
+    first_bytes = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, KEY.itemsize)[:, :2].astype(np.int64)
+    return first_bytes[:, 0] * 256 + first_bytes[:, 1]
+
+
 def index_in(keys: np.ndarray | pa.ChunkedArray, among: np.ndarray) -> np.ndarray:
     """Where each key first is in `among`, -1 where it is not: one hash table of `among`, in arrow."""
     values = keys if isinstance(keys, pa.ChunkedArray) else as_arrow(keys)
     where = pc.index_in(values, value_set=as_arrow(among))
     return where.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-class FirstSeen:
-    """Numbers keys by first appearance as they stream in, in numpy: 33 bytes a distinct key and 8 an appearance
-    (a dict of Python bytes would take about 150 a distinct key). Keys wait in a buffer; each full buffer is
-    deduplicated on its own, and `finish` deduplicates what the buffers left."""
-
-    def __init__(self, buffer_keys: int = 1 << 16):
-        self.buffer_keys = buffer_keys
-        self.buffer = bytearray()
-        self.lengths = array.array("q")
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (distinct keys, their lengths, places)
-
-    def add(self, key: bytes, length: int) -> None:
-        """One appearance of `key`, a text of `length` characters."""
-        self.buffer += key
-        self.lengths.append(length)
-        if len(self.lengths) == self.buffer_keys:
-            self._fold()
-
-    def _fold(self) -> None:
-        keys = np.frombuffer(bytes(self.buffer), dtype=KEY)
-        distinct, first, places = _numbered(keys)
-        self.parts.append((distinct, np.frombuffer(self.lengths, dtype=np.int64)[first], places))
-        self.buffer, self.lengths = bytearray(), array.array("q")
-
-    def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(each distinct key once, in first-appearance order; its text's length; every appearance's place in
-        the first)."""
-        if self.lengths or not self.parts:
-            self._fold()
-        keys = np.concatenate([part[0] for part in self.parts])
-        lengths = np.concatenate([part[1] for part in self.parts])
-        distinct, first, renumber = _numbered(keys)  # each part's keys come in their first-appearance order
-        offsets = np.cumsum([0] + [len(part[0]) for part in self.parts[:-1]])
-        parts = [renumber[offset + part[2]] for offset, part in zip(offsets, self.parts, strict=True)]
-        return distinct, lengths[first], np.concatenate(parts)
-
-
-def _numbered(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(distinct keys in first-appearance order, where each first appears, each key's place among them)."""
-    distinct, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    by_appearance = np.argsort(first, kind="stable")
-    place = np.empty(len(distinct), dtype=np.int64)
-    place[by_appearance] = np.arange(len(distinct))
-    return distinct[by_appearance], first[by_appearance], place[inverse.reshape(-1)]

@@ -1,4 +1,4 @@
-"""Packed text keys against plain Python oracles: hex strings, tuples, a dict that numbers by first appearance."""
+"""Packed text keys against plain Python oracles: hex strings, tuples, a dict."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.keys import ROLE_NAMES, FirstSeen, as_keys, index_in, roles_of, text_hash, text_key, unpack
+from pipeline.keys import (
+    BUCKETS,
+    ROLE_NAMES,
+    as_keys,
+    bucket,
+    index_in,
+    roles_of,
+    text_hash,
+    text_key,
+    unpack,
+)
 
 
 def _texts(n: int, distinct: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -48,25 +58,13 @@ def test_what_is_not_a_key_is_refused(spelled: list[tuple[str, str]], message: s
         as_keys(spelled)
 
 
-@pytest.mark.parametrize("buffer_keys", [1, 7, 64, 1 << 16])
-def test_first_seen_numbers_keys_as_a_dict_by_first_appearance(buffer_keys: int) -> None:
-    """Keys repeat within and across buffers; every buffer size gives the dict's numbering."""
-    texts = _texts(3000, 400, seed=2)
-    seen = FirstSeen(buffer_keys)
-    for role, text in texts:
-        seen.add(text_key(role, text), len(text))
-    keys, lengths, places = seen.finish()
-    numbered: dict[tuple[str, str], int] = {}
-    for role, text in texts:
-        numbered.setdefault((role, text), len(numbered))
-    assert [tuple(row.values()) for row in unpack(keys).to_pylist()] == [(r, text_hash(t)) for r, t in numbered]
-    assert lengths.tolist() == [len(t) for _, t in numbered]
-    assert places.tolist() == [numbered[t] for t in texts]
-
-
-def test_first_seen_of_nothing_is_empty() -> None:
-    keys, lengths, places = FirstSeen().finish()
-    assert len(keys) == len(lengths) == len(places) == 0
+def test_buckets_follow_key_order_and_spread_evenly() -> None:
+    """A commit writes the texts no run listed bucket by bucket, sorted: buckets must go in key order."""
+    keys = np.sort(as_keys([(role, text_hash(text)) for role, text in _texts(20_000, 10_000, seed=5)]))
+    buckets = bucket(keys)
+    assert (np.diff(buckets) >= 0).all() and buckets.min() >= 0 and buckets.max() < BUCKETS
+    sizes = np.bincount(buckets[np.unique(keys, return_index=True)[1]], minlength=BUCKETS)
+    assert sizes.max() < 3 * sizes.mean()
 
 
 def test_index_in_finds_the_first_equal_key_or_minus_one() -> None:
