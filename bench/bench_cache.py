@@ -17,21 +17,26 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from common import in_fresh_process, table, warn_if_busy, write_results
 
 from pipeline.cache import Cache, Shard
 from pipeline.embed import SHARD_TEXTS
 from pipeline.encoder import Fingerprint
+from pipeline.keys import KEY, as_keys, text_hash
 
 DIM = 1024
 FINGERPRINT = Fingerprint("synthetic", None, "0" * 64, "mean", True, "", 512, 512, DIM)
 
 
+def hashes(start: int, n: int) -> list[str]:
+    """The text hashes of texts start .. start + n: SHA-256 digests, as embed's are (spread over the buckets)."""
+    return [text_hash(str(i)) for i in range(start, start + n)]
+
+
 def shard(start: int, n: int, rng: np.random.Generator | None) -> Shard:
     """Texts start..start+n with random vectors (or, without `rng`, one constant vector: building a big base
     cache is then disk-bound, not spent drawing random numbers)."""
-    keys = [("module", f"{i:064x}") for i in range(start, start + n)]
+    keys = [("module", h) for h in hashes(start, n)]
     if rng is None:
         embeddings = np.broadcast_to(np.full(DIM, 0.5, dtype=np.float16), (n, DIM))
     else:
@@ -48,8 +53,11 @@ def grow(folder: Path, start: int, n: int, shard_texts: int = SHARD_TEXTS, rando
         for lo in range(start, start + n, shard_texts):
             cache.add_shard(shard(lo, min(shard_texts, start + n - lo), rng))
         t2 = time.perf_counter()
-        hashes = pa.array((f"{i:064x}" for i in range(start, start + n)), pa.string(), size=n)
-        cache.commit(pa.table({"role": pa.repeat("module", n), "text_hash": hashes}))  # keys in arrow
+        with (folder / "order.tmp").open("wb") as order:  # as embed hands its order over: a file, memory-mapped
+            for lo in range(start, start + n, shard_texts):
+                as_keys([("module", h) for h in hashes(lo, min(shard_texts, start + n - lo))]).tofile(order)
+        cache.commit(np.memmap(folder / "order.tmp", dtype=KEY, mode="r"))
+        (folder / "order.tmp").unlink()
         t3 = time.perf_counter()
     return {"open_s": t1 - t0, "shards_s": t2 - t1, "commit_s": t3 - t2, "rows": start + n}
 

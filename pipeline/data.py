@@ -210,12 +210,15 @@ def _join_flat(file: str, flat: list[tuple[int, dict]], modules: Sequence[str]) 
     return pairs, problems
 
 
-def iter_file(path: str | Path, modules: Sequence[str], problems: list[Problem]) -> Iterator[Pair]:
+def iter_file(
+    path: str | Path, modules: Sequence[str], problems: list[Problem], check_ids: bool = True
+) -> Iterator[Pair]:
     """The valid pairs of one file in file order, as they are read; every problem found goes to `problems`.
-    Flat records (one per side) wait for their partner, so their pairs come after the others."""
+    Flat records (one per side) wait for their partner, so their pairs come after the others. Without
+    `check_ids` a pair_id seen twice is left to the caller (a set of every id costs some 100 bytes a pair)."""
     file, before, count = str(path), len(problems), 0
     flat: list[tuple[int, dict]] = []
-    seen: set[str] = set()
+    seen: set[str] | None = set() if check_ids else None
     for index, record in enumerate(_records(Path(path), problems)):
         count += 1
         if not isinstance(record, dict):
@@ -239,11 +242,12 @@ def iter_file(path: str | Path, modules: Sequence[str], problems: list[Problem])
         problems.append(Problem(file, "file", "", "holds no records"))
 
 
-def _pair_problems(file: str, pair: Pair, seen: set[str]) -> list[Problem]:
+def _pair_problems(file: str, pair: Pair, seen: set[str] | None) -> list[Problem]:
     problems, where = [], f"pair_id {pair.pair_id!r}"
-    if pair.pair_id in seen:
-        problems.append(Problem(file, where, "pair_id", "duplicate pair_id"))
-    seen.add(pair.pair_id)
+    if seen is not None:
+        if pair.pair_id in seen:
+            problems.append(duplicate_id(file, pair.pair_id, file))
+        seen.add(pair.pair_id)
     if pair.positive.context == pair.negative.context and pair.positive.module_text == pair.negative.module_text:
         problems.append(Problem(file, where, "negative", "identical to the positive side"))
     return problems
@@ -256,25 +260,35 @@ def check_file(path: str | Path, modules: Sequence[str] = DEFAULT_MODULES) -> tu
     return pairs, problems
 
 
+def duplicate_id(file: str, pair_id: str, first_file: str) -> Problem:
+    """The problem of a pair_id met a second time, in `file`; first met in `first_file`."""
+    message = "duplicate pair_id" if file == first_file else f"also in {first_file}"
+    return Problem(file, f"pair_id {pair_id!r}", "pair_id", message)
+
+
 class PairFiles:
     """The pairs of several files, read from disk on every pass over them: `modrm embed` passes twice and never
     holds them all. A pass that met a problem raises DataError at its end, naming the first (pair_ids must be
-    unique over all the files)."""
+    unique over all the files: checked here with a dict of every id, or, without `check_ids`, by the caller;
+    `counts` holds the pairs each file gave on the last pass, to name a pair's file from its number)."""
 
-    def __init__(self, paths: Sequence[str | Path], modules: Sequence[str] = DEFAULT_MODULES):
-        self.paths, self.modules = [Path(p) for p in paths], list(modules)
+    def __init__(self, paths: Sequence[str | Path], modules: Sequence[str] = DEFAULT_MODULES, check_ids: bool = True):
+        self.paths, self.modules, self.check_ids = [Path(p) for p in paths], list(modules), check_ids
+        self.counts: list[int] = []
 
     def __iter__(self) -> Iterator[Pair]:
         problems: list[Problem] = []
         owner: dict[str, str] = {}
+        self.counts = []
         for path in self.paths:
             earlier = dict(owner)  # duplicates inside this file are iter_file's; a file given twice is ours
-            for pair in iter_file(path, self.modules, problems):
-                if pair.pair_id in earlier:
-                    problems.append(
-                        Problem(str(path), f"pair_id {pair.pair_id!r}", "pair_id", f"also in {earlier[pair.pair_id]}")
-                    )
-                owner.setdefault(pair.pair_id, str(path))
+            self.counts.append(0)
+            for pair in iter_file(path, self.modules, problems, self.check_ids):
+                if self.check_ids:
+                    if pair.pair_id in earlier:
+                        problems.append(duplicate_id(str(path), pair.pair_id, earlier[pair.pair_id]))
+                    owner.setdefault(pair.pair_id, str(path))
+                self.counts[-1] += 1
                 yield pair
         if problems:
             raise DataError(problems)

@@ -2,6 +2,14 @@
 
 Texts are deduplicated by content across all files, within each role (a context seen in ten pairs is encoded once),
 only texts the cache lacks are encoded, and work is written in shards so a killed run resumes.
+
+Memory does not grow with the number of pairs or texts: nothing per text is held but a bit per appearance.
+    pass one   (scan_pairs)  each text is hashed to its key and dropped; keys go to disk bucketed by key
+    plan       (make_plan)   a few buckets at a time: first appearances, cache lookups; then, a range of
+                             positions at a time, each text's future cache row and each rank's share
+    pass two   (ensure_embedded)  this rank's texts, met again, encoded a shard at a time into pending/
+    commit     (Cache.commit)  the shards become one segment, rows in the plan's order
+    the index  (write_pairs_index)  the pairs index, a batch at a time, from pass one's columns and the rows
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from tqdm.auto import tqdm
 from pipeline.atomic import atomic_write, write_json
 from pipeline.cache import ROW_COLUMNS, Cache, Shard, read_manifest
 from pipeline.config import Config, EncoderConfig
-from pipeline.data import Pair, PairFiles, assign_split, file_sha256
+from pipeline.data import DataError, Pair, PairFiles, assign_split, duplicate_id, file_sha256
 from pipeline.distributed import Group
 from pipeline.encoder import Encoder, ModelInfo, describe
 from pipeline.errors import ModrmError
@@ -91,8 +99,9 @@ INDEX_SCHEMA = pa.schema(  # the pairs index's columns but the rows, as a scan c
 APPEARANCE = np.dtype([("key", KEY), ("at", np.int64), ("length", np.int64)])  # a text where pass one met it
 ROW_CODE = np.dtype([("at", np.int64), ("code", np.int64)])  # its cache row, or -(its text's first appearance + 1)
 NEW_TEXT = np.dtype([("at", np.int64), ("key", KEY), ("cost", np.int64), ("encode", np.bool_)])
-GROUP_APPEARANCES = 1 << 18  # appearances deduplicated at once (a few buckets of keys: some 40 MB)
-RANGE = 1 << 20  # appearances brought back in pair order at once (8 MB of rows)
+PAIR_ID = np.dtype([("hash", np.uint64), ("pair", np.int64)])  # a pair_id's 8-byte hash, where the pair is
+GROUP_APPEARANCES = 1 << 16  # appearances deduplicated at once (a few buckets of keys: some 10 MB)
+RANGE = 1 << 16  # appearances brought back in pair order at once (a few MB)
 
 
 @dataclass
@@ -104,6 +113,7 @@ class Scan:
     work: Path
     n_pairs: int
     appearances: Spill  # APPEARANCE records, by pipeline.keys.bucket
+    ids: Spill  # PAIR_ID records, by hash
     index: Path  # parquet, INDEX_SCHEMA
 
     @property
@@ -115,6 +125,7 @@ def scan_pairs(pairs: Iterable[Pair], config: Config, work: Path, progress: bool
     """Pass one: each text is hashed and dropped; its key goes to disk with its place and length, a batch at a
     time, as do the index columns. What is held is one batch, however many pairs."""
     appearances = Spill(work / "appearances", APPEARANCE, BUCKETS)
+    ids = Spill(work / "ids", PAIR_ID, BUCKETS)
     keys, lengths = bytearray(), array.array("q")
     columns: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     d, n_pairs = config.data, 0
@@ -125,6 +136,9 @@ def scan_pairs(pairs: Iterable[Pair], config: Config, work: Path, progress: bool
             at = np.arange(4 * n_pairs - len(lengths), 4 * n_pairs)
             found, length = np.frombuffer(keys, dtype=KEY), np.frombuffer(lengths, dtype=np.int64)
             appearances.add(bucket(found), records(APPEARANCE, key=found, at=at, length=length))
+            hashes = np.array([_id_hash(pair_id) for pair_id in columns["pair_id"]], dtype=np.uint64)
+            numbers = np.arange(n_pairs - len(hashes), n_pairs)
+            ids.add((hashes % BUCKETS).astype(np.int64), records(PAIR_ID, hash=hashes, pair=numbers))
             index.write_batch(pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA))
             keys, lengths, columns = bytearray(), array.array("q"), {name: [] for name in INDEX_SCHEMA.names}
 
@@ -141,7 +155,42 @@ def scan_pairs(pairs: Iterable[Pair], config: Config, work: Path, progress: bool
                 flush()
         flush()
     appearances.flush()
-    return Scan(work, n_pairs, appearances, work / "index.parquet")
+    return Scan(work, n_pairs, appearances, ids, work / "index.parquet")
+
+
+def _id_hash(pair_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(pair_id.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def check_unique_ids(scan: Scan, files: Sequence[tuple[str, int]]) -> None:
+    """pair_ids unique over all the files (given with the pairs each gave, in order), checked a bucket of id
+    hashes at a time: only pairs whose hashes meet are read back, to compare their ids. DataError names each pair
+    met again, in pair order, as PairFiles would."""
+    suspects = [np.empty(0, np.int64)]
+    for lo, hi in scan.ids.groups(GROUP_APPEARANCES):
+        ids = np.sort(scan.ids.read(lo, hi), order=["hash", "pair"])
+        same = ids["hash"][1:] == ids["hash"][:-1]
+        suspects.append(ids["pair"][np.concatenate([same, [False]]) | np.concatenate([[False], same])])
+    suspects = np.sort(np.concatenate(suspects))
+    if not len(suspects):
+        return
+    names: list[str] = []
+    with pq.ParquetFile(scan.index) as index:
+        start = 0
+        for batch in index.iter_batches(batch_size=INDEX_BATCH, columns=["pair_id"]):
+            inside = suspects[(suspects >= start) & (suspects < start + len(batch))] - start
+            names += batch.column(0).take(pa.array(inside)).to_pylist()
+            start += len(batch)
+    ends = np.cumsum([count for _, count in files])
+    file_of = [files[int(np.searchsorted(ends, n, side="right"))][0] for n in suspects.tolist()]
+    first: dict[str, str] = {}  # where each suspect id was first met
+    problems = []
+    for name, file in zip(names, file_of, strict=True):
+        if name in first:
+            problems.append(duplicate_id(file, name, first[name]))
+        first.setdefault(name, file)
+    if problems:
+        raise DataError(problems)
 
 
 @dataclass
@@ -331,15 +380,16 @@ def embed_files(
 ) -> EmbedSummary:
     """`modrm embed`: load and validate the pairs, encode what the cache lacks, write the pairs index. The index
     holds these files' pairs (and says so when it replaced others), or with `append` the earlier ones too.
-    Working files (keys, rows: some 60 bytes a pair) go to a temporary folder (TMPDIR).
+    Working files (keys, places, rows: up to some 700 bytes a pair) go to a temporary folder (TMPDIR).
 
     Under torchrun, rank 0 holds the cache's lock and writes the index; every rank encodes a share."""
     group = Group.from_env(config.encoder.device)
     encoder = dataclasses.replace(config.encoder, device=group.device(config.encoder.device))  # cuda:LOCAL_RANK
     config = dataclasses.replace(config, encoder=encoder)
-    pairs = PairFiles(paths, config.data.modules)
+    pairs = PairFiles(paths, config.data.modules, check_ids=False)  # ids: check_unique_ids, on disk
     with tempfile.TemporaryDirectory(prefix=f"modrm-embed-r{group.rank}-") as work:
         scan = scan_pairs(pairs, config, Path(work), progress and group.is_main)  # every problem found before a write
+        check_unique_ids(scan, list(zip(map(str, paths), pairs.counts, strict=True)))
         info = describe(config.encoder)
         opened = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait))  # the lock, and any repair
         cache = opened if opened is not None else Cache.read(cache_dir, info.fingerprint)

@@ -94,3 +94,9 @@ def stage0(tmp_path_factory: pytest.TempPathFactory) -> Path:
     embed_files([FIXTURES / "seed_training_pairs.json"], root / "cache", config, progress=False)
     train_heads(root / "cache", root / "stage0", config, progress=False)
     return root / "stage0"
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_qwen3: Path, make_config: Callable[..., Config]) -> Config:
+    """The tiny Qwen3 with short limits, which keep it fast; some seed texts are still truncated."""
+    return make_config(tiny_qwen3, max_context_tokens=128, max_module_tokens=64)

@@ -45,12 +45,6 @@ FINGERPRINT_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def tiny_config(tiny_qwen3: Path, make_config: Callable[..., Config]) -> Config:
-    """Short limits keep the tiny model fast; some seed texts are still truncated."""
-    return make_config(tiny_qwen3, max_context_tokens=128, max_module_tokens=64)
-
-
-@pytest.fixture(scope="module")
 def seed_cache(tmp_path_factory: pytest.TempPathFactory, seed_pairs_path: Path, tiny_config: Config):
     """One uninterrupted run over the seed pairs: (folder, summary). Tests that write copy it first."""
     folder = tmp_path_factory.mktemp("seed_cache") / "cache"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -11,9 +12,9 @@ import pytest
 import pipeline.embed
 from pipeline.cache import Cache, Shard
 from pipeline.config import Config
-from pipeline.data import Pair, Side
+from pipeline.data import DataError, Pair, Side, load_pairs
 from pipeline.distributed import Group
-from pipeline.embed import ROLES, make_plan, read_rows, scan_pairs, texts_of
+from pipeline.embed import ROLES, embed_files, make_plan, read_rows, scan_pairs, texts_of
 from pipeline.encoder import Fingerprint
 from pipeline.keys import KEY, as_keys, text_hash
 
@@ -95,3 +96,30 @@ def test_ranks_share_the_texts_to_encode_once_balanced_by_length(cache: Cache, t
     costs = [sum(cost[at] for at in range(len(texts)) if share[at // 4] >> (at % 4) & 1) for share in shares]
     assert max(costs) - min(costs) <= max(LIMITS.values())
     assert all(plan.n_listed == alone.n_listed for plan in plans)
+
+
+@pytest.mark.parametrize("where", ["one file", "two files", "a file twice"])
+def test_embed_finds_a_pair_id_met_twice_as_loading_does(
+    seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, where: str
+) -> None:
+    """embed checks pair_ids on disk (a bucket of id hashes at a time), not with a dict: the same error."""
+    records = json.loads(seed_pairs_path.read_text())
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([*records[:10], records[3] if where == "one file" else records[10]]))
+    second.write_text(json.dumps([records[11], records[7], records[12]]))
+    paths = {"one file": [first], "two files": [first, second], "a file twice": [first, first]}[where]
+    with pytest.raises(DataError) as expected:
+        load_pairs(paths)
+    with pytest.raises(DataError) as found:
+        embed_files(paths, tmp_path / "cache", tiny_config, progress=False)
+    assert str(found.value) == str(expected.value) and found.value.problems == expected.value.problems
+    assert not (tmp_path / "cache" / "pairs.parquet").exists()
+
+
+def test_ids_whose_hashes_meet_are_compared_by_id(
+    seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hash shared by different ids (as 8 bytes of hash may be) is not a duplicate."""
+    monkeypatch.setattr(pipeline.embed, "_id_hash", lambda pair_id: len(pair_id))
+    summary = embed_files([seed_pairs_path], tmp_path / "cache", tiny_config, progress=False)
+    assert summary.n_pairs == 32
