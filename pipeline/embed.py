@@ -124,6 +124,7 @@ class Scan:
 def scan_pairs(pairs: Iterable[Pair], config: Config, work: Path, progress: bool = False) -> Scan:
     """Pass one: each text is hashed and dropped; its key goes to disk with its place and length, a batch at a
     time, as do the index columns. What is held is one batch, however many pairs."""
+    work.mkdir(parents=True, exist_ok=True)
     appearances = Spill(work / "appearances", APPEARANCE, BUCKETS)
     ids = Spill(work / "ids", PAIR_ID, BUCKETS)
     keys, lengths = bytearray(), array.array("q")
@@ -154,7 +155,6 @@ def scan_pairs(pairs: Iterable[Pair], config: Config, work: Path, progress: bool
             if n_pairs % INDEX_BATCH == 0:
                 flush()
         flush()
-    appearances.flush()
     return Scan(work, n_pairs, appearances, ids, work / "index.parquet")
 
 

@@ -17,45 +17,58 @@ BUFFER_RECORDS = 1 << 16  # records gathered before they are sorted by part and 
 
 
 class Spill:
-    """Fixed-size records (a numpy dtype), each added with its part; read back by part, in the order added."""
+    """Fixed-size records (a numpy dtype), each added with its part; read back by part, in the order added. The
+    last BUFFER_RECORDS added wait in memory, so a small spill never touches the disk."""
 
     def __init__(self, folder: Path, dtype: np.dtype, parts: int):
         shutil.rmtree(folder, ignore_errors=True)  # a new spill: nothing of an earlier one with its name
-        folder.mkdir(parents=True)
         self.folder, self.dtype, self.parts = folder, np.dtype(dtype), parts
-        self.counts = np.zeros(parts, dtype=np.int64)
+        self.written = np.zeros(parts, dtype=np.int64)  # records of each part in its file
         self.buffer: list[tuple[np.ndarray, np.ndarray]] = []
         self.buffered = 0
+        self.held: tuple[np.ndarray, np.ndarray] | None = None  # the buffer by part: (bounds, records)
 
     def add(self, part: np.ndarray, records: np.ndarray) -> None:
         self.buffer.append((np.asarray(part, dtype=np.int64), records.astype(self.dtype, copy=False)))
-        self.buffered += len(records)
+        self.buffered, self.held = self.buffered + len(records), None
         if self.buffered >= BUFFER_RECORDS:
             self.flush()
 
     def flush(self) -> None:
-        if not self.buffered:
-            return
-        part = np.concatenate([p for p, _ in self.buffer])
-        records = np.concatenate([r for _, r in self.buffer])
-        order = np.argsort(part, kind="stable")
-        bounds = np.searchsorted(part[order], np.arange(self.parts + 1))
-        records = records[order]
+        """Append what waits in memory to the part files."""
+        bounds, records = self._by_part()
+        self.folder.mkdir(parents=True, exist_ok=True)
         for p in np.flatnonzero(np.diff(bounds)):
             with self._path(p).open("ab") as out:
                 records[bounds[p] : bounds[p + 1]].tofile(out)
-        self.counts += np.diff(bounds)
-        self.buffer, self.buffered = [], 0
+        self.written += np.diff(bounds)
+        self.buffer, self.buffered, self.held = [], 0, None
+
+    def _by_part(self) -> tuple[np.ndarray, np.ndarray]:
+        """The waiting records sorted by part (stably), and where each part's begin."""
+        if self.held is None:
+            part = np.concatenate([np.empty(0, np.int64), *(p for p, _ in self.buffer)])
+            records = np.concatenate([np.empty(0, self.dtype), *(r for _, r in self.buffer)])
+            order = np.argsort(part, kind="stable")
+            self.held = np.searchsorted(part[order], np.arange(self.parts + 1)), records[order]
+        return self.held
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.written + np.diff(self._by_part()[0])
 
     def read(self, lo: int, hi: int | None = None) -> np.ndarray:
         """The records of parts lo .. hi - 1 (lo alone by default): each part's in the order they were added."""
-        self.flush()
-        parts = [np.fromfile(self._path(p), dtype=self.dtype) for p in range(lo, hi or lo + 1) if self.counts[p]]
+        bounds, held = self._by_part()
+        parts = []
+        for p in range(lo, lo + 1 if hi is None else hi):
+            if self.written[p]:
+                parts.append(np.fromfile(self._path(p), dtype=self.dtype))
+            parts.append(held[bounds[p] : bounds[p + 1]])
         return np.concatenate([np.empty(0, self.dtype), *parts])
 
     def groups(self, records: int) -> Iterator[tuple[int, int]]:
         """(lo, hi): consecutive parts of about `records` records together (more where one part holds more)."""
-        self.flush()
         lo, held = 0, 0
         for p, count in enumerate(self.counts.tolist()):
             held += count
