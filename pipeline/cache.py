@@ -321,7 +321,6 @@ class Cache:
             raise RuntimeError("commit needs the writer's lock (Cache.open)")
         shards = self._pending()
         order = as_keys(order)
-        added = 0
         with tempfile.TemporaryDirectory(prefix="modrm-commit-") as work:
             placed, added = self._place(shards, order, Path(work))
             if added:
@@ -448,8 +447,8 @@ class Cache:
                 ds[rows - 1] = 0  # allocates the contiguous storage, so it can be memory-mapped
                 offset = ds.id.get_offset()
             segment = np.memmap(tmp, dtype=np.float16, mode="r+", offset=offset, shape=(rows, dim))
-            for number, (index_path, npy) in enumerate(shards):
-                where = placed.read(number)
+            for shard_number, (index_path, npy) in enumerate(shards):
+                where = placed.read(shard_number)
                 if not len(where):
                     continue
                 shard = _load_npy(npy, index_path, dim)
