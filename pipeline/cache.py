@@ -28,6 +28,7 @@ import os
 import shutil
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ TEXT_SCHEMA = pa.schema(
 NUMERIC_COLUMNS = ("row", "n_tokens", "truncated")  # Cache.texts; the keys stay packed (Cache.keys, Cache.find)
 ROW_COLUMNS = ("pos_ctx_row", "pos_mod_row", "neg_ctx_row", "neg_mod_row")
 SEGMENTS_KEY, FINGERPRINT_KEY = "modrm_segments", "modrm_fingerprint"
+COMMITTED_PENDING_KEY = "modrm_committed_pending"  # the id of the pending/ folder the last commit took in
 COPY_ROWS = 1 << 14  # rows per block when compact copies the segments into one (32 MiB at dim 1024)
 INDEX_ROWS = 1 << 16  # rows per row group of a segment's texts index, written and read a group at a time
 SHARD_TEXT = np.dtype([("key", KEY), ("shard", np.int64), ("index", np.int64)])  # a commit's records on disk
@@ -204,9 +206,11 @@ class Cache:
                 path.unlink()
         if self._segmented():
             self._publish_texts_view()
-        pending_fp = self.folder / "pending" / "fingerprint.json"
-        if pending_fp.exists() and _pending_differs(pending_fp, self.fingerprint):
-            shutil.rmtree(self.folder / "pending")
+        pending = self.folder / "pending"
+        if (pending / "fingerprint.json").exists() and _pending_differs(pending / "fingerprint.json", self.fingerprint):
+            shutil.rmtree(pending)
+        if self._pending() and _pending_id(pending) in (None, self.committed_pending):
+            shutil.rmtree(pending)  # committed by a run killed before it removed them (or of unknown origin)
 
     @property
     def n_rows(self) -> int:
@@ -215,6 +219,7 @@ class Cache:
     def _read_segments(self) -> list[Segment]:
         """The committed segments: embeddings.h5's list, or the whole old-style file as one segment."""
         path = self.folder / "embeddings.h5"
+        self.committed_pending: str | None = None
         if not path.exists():  # a new cache, or one whose first commit a kill prevented; or a damaged one
             view = self.folder / "texts.parquet"
             if (view.is_dir() and any(view.iterdir())) or (view.is_file() and _old_texts_rows(self.folder)):
@@ -223,6 +228,7 @@ class Cache:
         try:
             with h5py.File(path, "r") as f:
                 listed = f.attrs.get(SEGMENTS_KEY)
+                self.committed_pending = f.attrs.get(COMMITTED_PENDING_KEY)
         except (OSError, ValueError) as err:
             raise damaged(self.folder, f"embeddings.h5 is unreadable ({err})") from None
         if listed is None:  # a cache from before segments: its one file, indexed by a texts.parquet file
@@ -294,6 +300,7 @@ class Cache:
         pending = self.folder / "pending"
         if not (pending / "fingerprint.json").exists():  # not `pending.exists()`: a kill may follow the mkdir
             pending.mkdir(parents=True, exist_ok=True)
+            write_json(pending / "id.json", {"id": uuid.uuid4().hex})  # which commit took them in, at the next open
             write_json(pending / "fingerprint.json", self.fingerprint.to_dict())
         number = len(list(pending.glob(f"shard-r{rank:03d}-*.parquet")))
         stem = pending / f"shard-r{rank:03d}-{number:06d}"
@@ -327,7 +334,7 @@ class Cache:
                 committed = self._adopt_old_file()
                 number = int(committed[-1][0].removeprefix("seg-")) + 1 if committed else 0
                 segments = [*committed, self._write_segment(number, shards, placed, added, Path(work))]
-                self._write_commit(segments)
+                self._write_commit(segments, _pending_id(self.folder / "pending"))
                 self.segments, self._index = _segments(self.folder, segments), None  # read again when asked
         shutil.rmtree(self.folder / "pending", ignore_errors=True)
         if added:
@@ -341,8 +348,9 @@ class Cache:
 
     def _place(self, shards: list[tuple[Path, Path]], order: np.ndarray, work: Path) -> tuple[Spill, int]:
         """Where each shard text goes in the new segment: (index in its shard, row) records, by shard; and the
-        segment's rows. A bucket of keys at a time: the shards' texts, deduplicated and less what is committed (a
-        run killed after its commit point leaves its shards), meet `order`'s by key."""
+        segment's rows. A bucket of keys at a time: the shards' texts, deduplicated, meet `order`'s by key. None of
+        them is committed already (pending/ goes at the next open once a commit took it in): so no lookup in the
+        committed index, whose size would set the cost."""
         found = Spill(work / "found", SHARD_TEXT, BUCKETS)
         for number, (path, _) in enumerate(shards):
             keys = _read_shard_index(path)[0]
@@ -358,8 +366,7 @@ class Cache:
         for lo, hi in found.groups(INDEX_ROWS):
             texts = found.read(lo, hi)
             keys, first = np.unique(texts["key"], return_index=True)  # in key order, the first copy of each
-            fresh = self.find(keys) < 0
-            texts, keys = texts[first][fresh], keys[fresh]
+            texts = texts[first]
             wanted = listed.read(lo, hi)
             at = index_in(keys, wanted["key"])
             row = wanted["row"][at]
@@ -475,8 +482,9 @@ class Cache:
         _write_index(stem.with_suffix(".parquet"), blocks(), self.n_rows)
         return stem.name, rows
 
-    def _write_commit(self, segments: list[tuple[str, int]]) -> None:
-        """Replace embeddings.h5 by a virtual dataset over `segments`: the commit point."""
+    def _write_commit(self, segments: list[tuple[str, int]], pending_id: str | None = None) -> None:
+        """Replace embeddings.h5 by a virtual dataset over `segments`: the commit point. It names the pending/
+        folder it took in, so a kill before that folder is removed cannot commit its texts twice."""
         total, dim = sum(rows for _, rows in segments), self.fingerprint.dim
         layout = h5py.VirtualLayout(shape=(total, dim), dtype=np.float16)
         start = 0
@@ -488,6 +496,7 @@ class Cache:
             with h5py.File(tmp, "w") as f:
                 f.create_virtual_dataset("embeddings", layout)
                 f.attrs[SEGMENTS_KEY] = json.dumps(segments)
+                f.attrs[COMMITTED_PENDING_KEY] = pending_id or ""
                 f.attrs[FINGERPRINT_KEY] = json.dumps(self.fingerprint.to_dict())
 
         atomic_write(self.folder / "embeddings.h5", write)
@@ -693,6 +702,13 @@ def _load_npy(path: Path, index_path: Path, dim: int) -> np.memmap:
 def _save_npy(path: Path, array: np.ndarray) -> None:
     with path.open("wb") as handle:  # a handle, as np.save would add ".npy" to the temporary name
         np.save(handle, array, allow_pickle=False)
+
+
+def _pending_id(pending: Path) -> str | None:
+    try:
+        return str(json.loads((pending / "id.json").read_text())["id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _pending_differs(path: Path, fingerprint: Fingerprint) -> bool:

@@ -117,6 +117,7 @@ def test_damaged_pairs_index_and_pending_shard(good_cache, config, tmp_path):
     pending = cache / "pending"
     pending.mkdir()
     (pending / "fingerprint.json").write_text(json.dumps(describe(config.encoder).fingerprint.to_dict()))
+    (pending / "id.json").write_text(json.dumps({"id": "a run killed before its commit"}))
     (pending / "shard-000000.parquet").write_bytes(b"PAR1 not really")
     more = tmp_path / "more.json"
     records = json.loads(SEED_PAIRS.read_text())[:2]
