@@ -7,12 +7,14 @@
     texts.parquet/         a view for pandas and pyarrow: links to the segments' parquet files, one per segment
     pairs.parquet          pair_id, target_module, task, group, split, pos/neg ctx/mod rows, pos/neg outcome
     manifest.json          the encoder fingerprint, dtype, counts, versions
-    pending/               shards of an unfinished run, per rank: kept across a kill, committed by the next run
+    pending/               shards of an unfinished run, per rank: kept across a kill, committed by the next run;
+                           id.json names the folder, and the commit point the one it took in
     .lock                  held (flock) by the one process writing the cache
 
 Adding N texts writes one new segment of N rows and replaces the small embeddings.h5: nothing already stored is
-copied. A run killed at any instant leaves the last commit intact; the next writer deletes what no commit lists
-and commits the finished shards instead of encoding them again. Readers take the segment list from
+read or copied. A run killed at any instant leaves the last commit intact; the next writer deletes what no commit
+lists (and a pending/ that the last commit took in) and commits the finished shards instead of encoding them
+again. Readers take the segment list from
 embeddings.h5 once and then only read immutable files, so they never see half a commit.
 
 A cache from before segments (one contiguous embeddings.h5 and a texts.parquet file) still opens; its first new
