@@ -63,10 +63,17 @@ SEGMENTS_KEY, FINGERPRINT_KEY = "modrm_segments", "modrm_fingerprint"
 COMMITTED_PENDING_KEY = "modrm_committed_pending"  # the id of the pending/ folder the last commit took in
 COPY_ROWS = 1 << 14  # rows per block when compact copies the segments into one (32 MiB at dim 1024)
 INDEX_ROWS = 1 << 16  # rows per row group of a segment's texts index, written and read a group at a time
-SHARD_TEXT = np.dtype([("key", KEY), ("shard", np.int64), ("index", np.int64)])  # a commit's records on disk
+SHARD_TEXT = np.dtype(  # a commit's record of a shard's text, on disk: where it is, where it goes, its index entry
+    [
+        ("shard", np.int64),
+        ("index", np.int64),
+        ("row", np.int64),
+        ("key", KEY),
+        ("n_tokens", np.int64),
+        ("truncated", np.bool_),
+    ]
+)
 LISTED_TEXT = np.dtype([("key", KEY), ("row", np.int64)])
-PLACED_TEXT = np.dtype([("index", np.int64), ("row", np.int64)])
-INDEXED_TEXT = np.dtype([("row", np.int64), ("key", KEY), ("n_tokens", np.int64), ("truncated", np.bool_)])
 
 
 @dataclass
@@ -349,21 +356,23 @@ class Cache:
         return added
 
     def _place(self, shards: list[tuple[Path, Path]], order: np.ndarray, work: Path) -> tuple[Spill, int]:
-        """Where each shard text goes in the new segment: (index in its shard, row) records, by shard; and the
+        """Where each shard text goes in the new segment (its SHARD_TEXT record with its row), by shard; and the
         segment's rows. A bucket of keys at a time: the shards' texts, deduplicated, meet `order`'s by key. None of
         them is committed already (pending/ goes at the next open once a commit took it in): so no lookup in the
         committed index, whose size would set the cost."""
         found = Spill(work / "found", SHARD_TEXT, BUCKETS)
         for number, (path, _) in enumerate(shards):
-            keys = _read_shard_index(path)[0]
-            found.add(bucket(keys), records(SHARD_TEXT, key=keys, shard=number, index=np.arange(len(keys))))
+            keys, table = _read_shard_index(path, ["n_tokens", "truncated"])
+            text = records(SHARD_TEXT, key=keys, shard=number, index=np.arange(len(keys)), row=-1)
+            text["n_tokens"], text["truncated"] = (table.column(c).to_numpy() for c in ("n_tokens", "truncated"))
+            found.add(bucket(keys), text)
         listed = Spill(work / "listed", LISTED_TEXT, BUCKETS)
         for lo in range(0, len(order), INDEX_ROWS):
             keys = np.array(order[lo : lo + INDEX_ROWS])
             listed.add(bucket(keys), records(LISTED_TEXT, key=keys, row=np.arange(lo, lo + len(keys))))
             if isinstance(order, np.memmap):
                 _release_pages(order)  # of a memory map, one block's pages at a time
-        placed = Spill(work / "placed", PLACED_TEXT, max(len(shards), 1))
+        placed = Spill(work / "placed", SHARD_TEXT, max(len(shards), 1))
         filled, rows = np.zeros(len(order), dtype=bool), len(order)
         for lo, hi in found.groups(INDEX_ROWS):
             texts = found.read(lo, hi)
@@ -376,7 +385,8 @@ class Cache:
             row[unlisted] = rows + np.arange(unlisted.sum())
             rows += int(unlisted.sum())
             filled[row[~unlisted]] = True
-            placed.add(texts["shard"], records(PLACED_TEXT, index=texts["index"], row=row))
+            texts["row"] = row
+            placed.add(texts["shard"], texts)
         if not filled.all():
             lacking = unpack(order[np.flatnonzero(~filled)[:1]]).to_pylist()[0]
             raise ModrmError(f"{self.folder}: text {tuple(lacking.values())} is to be committed but no shard has it")
@@ -448,7 +458,7 @@ class Cache:
         stem = self.folder / "segments" / f"seg-{number:06d}"
         stem.parent.mkdir(exist_ok=True)
         dim = self.fingerprint.dim
-        index = Spill(work / "index", INDEXED_TEXT, rows // INDEX_ROWS + 1)
+        index = Spill(work / "index", SHARD_TEXT, rows // INDEX_ROWS + 1)
 
         def write(tmp: Path) -> None:
             with h5py.File(tmp, "w") as out:
@@ -468,11 +478,7 @@ class Cache:
                 segment[where["row"]] = block
                 segment.flush()
                 _release_pages(segment)  # written back: the segment's pages stay in the page cache, not here
-                keys, table = _read_shard_index(index_path, ["n_tokens", "truncated"])
-                n_tokens, truncated = (table.column(c).to_numpy()[where["index"]] for c in ("n_tokens", "truncated"))
-                text = records(INDEXED_TEXT, row=where["row"], key=keys[where["index"]], n_tokens=n_tokens)
-                text["truncated"] = truncated
-                index.add(where["row"] // INDEX_ROWS, text)
+                index.add(where["row"] // INDEX_ROWS, where)
             del segment
 
         def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
