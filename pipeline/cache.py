@@ -4,6 +4,8 @@
                            segments, and (attributes) the segment list and the encoder fingerprint
     segments/seg-N.h5      immutable: contiguous float16 [rows, dim] (so each can be memory-mapped)
     segments/seg-N.parquet immutable: text_hash, row, role, n_tokens, truncated of those rows
+    segments/seg-N.keys.npy     immutable: the segment's keys (33 bytes: role, SHA-256), sorted, and beside each
+    segments/seg-N.keyrows.npy  its row in the segment and whether it was truncated: searched in place (mapped)
     texts.parquet/         a view for pandas and pyarrow: links to the segments' parquet files, one per segment
     pairs.parquet          pair_id, target_module, task, group, split, pos/neg ctx/mod rows, pos/neg outcome
     manifest.json          the encoder fingerprint, dtype, counts, versions
@@ -12,10 +14,11 @@
     .lock                  held (flock) by the one process writing the cache
 
 Adding N texts writes one new segment of N rows and replaces the small embeddings.h5: nothing already stored is
-read or copied. A run killed at any instant leaves the last commit intact; the next writer deletes what no commit
-lists (and a pending/ that the last commit took in) and commits the finished shards instead of encoding them
-again. Readers take the segment list from
-embeddings.h5 once and then only read immutable files, so they never see half a commit.
+read or copied. Which of N texts the cache holds is a binary search of each segment's sorted keys, in place: the
+open and the lookup read O(N log M) of a cache of M rows, never its whole index. A run killed at any instant leaves
+the last commit intact; the next writer deletes what no commit lists (and a pending/ that the last commit took in)
+and commits the finished shards instead of encoding them again. Readers take the segment list from embeddings.h5
+once and then only read immutable files, so they never see half a commit.
 
 A cache from before segments (one contiguous embeddings.h5 and a texts.parquet file) still opens; its first new
 commit turns the old file into segment 0 by a hard link, copying nothing.
@@ -24,6 +27,7 @@ commit turns the old file into segment 0 by a hard link, copying nothing.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import mmap
 import os
@@ -44,7 +48,7 @@ import pyarrow.parquet as pq
 from pipeline.atomic import atomic_write, write_json
 from pipeline.encoder import Fingerprint
 from pipeline.errors import ModrmError
-from pipeline.keys import BUCKETS, KEY, Key, as_arrow, as_keys, bucket, index_in, pack, unpack
+from pipeline.keys import BUCKETS, KEY, Key, as_keys, bucket, index_in, pack, unpack
 from pipeline.spill import Spill, records
 
 TEXT_COLUMNS = ("text_hash", "row", "role", "n_tokens", "truncated")
@@ -57,7 +61,6 @@ TEXT_SCHEMA = pa.schema(
         ("truncated", pa.bool_()),
     ]
 )
-NUMERIC_COLUMNS = ("row", "n_tokens", "truncated")  # Cache.texts; the keys stay packed (Cache.keys, Cache.find)
 ROW_COLUMNS = ("pos_ctx_row", "pos_mod_row", "neg_ctx_row", "neg_mod_row")
 SEGMENTS_KEY, FINGERPRINT_KEY = "modrm_segments", "modrm_fingerprint"
 COMMITTED_PENDING_KEY = "modrm_committed_pending"  # the id of the pending/ folder the last commit took in
@@ -74,6 +77,8 @@ SHARD_TEXT = np.dtype(  # a commit's record of a shard's text, on disk: where it
     ]
 )
 LISTED_TEXT = np.dtype([("key", KEY), ("row", np.int64)])
+INDEX_ENTRY = np.dtype([("key", KEY), ("row", np.int64), ("n_tokens", np.int64), ("truncated", np.bool_)])
+KEY_ROW = np.dtype([("row", np.int64), ("truncated", np.bool_)])  # seg-N.keyrows.npy; and what Cache.find returns
 
 
 @dataclass
@@ -97,6 +102,11 @@ class Segment:
     texts: Path | None
     start: int
     rows: int
+    texts_bytes: int | None = None  # the texts index's size as its commit wrote it (None: from an older modrm)
+
+    @property
+    def sorted_keys(self) -> tuple[Path, Path]:
+        return _sorted_paths(self.h5.with_suffix(""))
 
 
 def damaged(folder: Path, what: str) -> ModrmError:
@@ -154,20 +164,10 @@ class Cache:
         self.reload()
 
     def reload(self) -> None:
-        """Read the last commit (another rank's, after a barrier)."""
+        """Read the last commit (another rank's, after a barrier): the segment list, and each segment's sorted keys
+        mapped (checked, not read)."""
+        self._sorted: dict[Path, tuple[np.ndarray, np.ndarray]] = {}  # by segment: its keys sorted, their KEY_ROW
         self.segments = self._read_segments()
-        self._index: tuple[list[np.ndarray], dict[str, np.ndarray]] | None = self._read_texts()
-
-    @property
-    def texts(self) -> dict[str, np.ndarray]:
-        """NUMERIC_COLUMNS of every committed row (read again after a commit, when first asked for)."""
-        return self._loaded()[1]
-
-    def _loaded(self) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-        """(the committed keys, packed, a chunk per row group; the texts' NUMERIC_COLUMNS)."""
-        if self._index is None:
-            self._index = self._read_texts()
-        return self._index
 
     # -------------------------------------------------------------------------------------- opening
 
@@ -209,11 +209,15 @@ class Cache:
         for pattern in (".*.tmp-*", "segments/.*.tmp-*", "pending/.*.tmp-*"):
             for stale in self.folder.glob(pattern):
                 stale.unlink()
-        listed = {p for s in self.segments for p in (s.h5, s.texts)}
+        listed = {p for s in self.segments for p in (s.h5, s.texts, *s.sorted_keys)}
         for path in self.folder.glob("segments/seg-*"):
             if path not in listed:
                 path.unlink()
         if self._segmented():
+            for segment in self.segments:
+                if segment.h5 not in self._sorted:  # written by a modrm from before sorted keys: once, now
+                    _write_sorted_keys(segment.h5.with_suffix(""), segment.rows, self._read_index(segment))
+                    self._check_segment(segment)
             self._publish_texts_view()
         pending = self.folder / "pending"
         if (pending / "fingerprint.json").exists() and _pending_differs(pending / "fingerprint.json", self.fingerprint):
@@ -245,8 +249,8 @@ class Cache:
             segments = [Segment(path, None, 0, _old_texts_rows(self.folder))] if old_texts.is_file() else []
         else:
             try:
-                segments = _segments(self.folder, [(str(name), int(rows)) for name, rows in json.loads(listed)])
-            except (TypeError, ValueError) as err:
+                segments = _segments(self.folder, [_listed(entry) for entry in json.loads(listed)])
+            except (TypeError, ValueError, IndexError) as err:
                 raise damaged(self.folder, f"embeddings.h5's segment list is unreadable ({err})") from None
         for segment in segments:
             self._check_segment(segment)
@@ -269,30 +273,64 @@ class Cache:
             )
         if offset is not None and segment.h5.stat().st_size < offset + shape[0] * shape[1] * 2:
             raise damaged(self.folder, f"{what} is truncated ({segment.h5.stat().st_size:,} bytes)")
+        if segment.texts is not None:
+            self._check_texts(segment)
 
-    def _read_texts(self) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-        """The segments' texts indexes, a row group at a time: the keys packed (33 bytes a row), the rest numpy."""
-        keys: list[np.ndarray] = []
-        columns: dict[str, list[np.ndarray]] = {name: [] for name in NUMERIC_COLUMNS}
+    def _check_texts(self, segment: Segment) -> None:
+        """Its texts index: a parquet footer listing its rows, of the size its commit wrote; its sorted keys (absent
+        in a segment of an older modrm, which are read from the index), mapped. O(1): the rows are not read."""
+        what = segment.texts.relative_to(self.folder)
         try:
-            for segment in self.segments:
-                path, left = segment.texts or self.folder / "texts.parquet", segment.rows
-                with pq.ParquetFile(path) as index:
-                    for batch in index.iter_batches(batch_size=INDEX_ROWS, columns=list(TEXT_COLUMNS)):
-                        batch = batch.slice(0, left)
-                        left -= len(batch)
-                        keys.append(pack(batch.column("role"), batch.column("text_hash")))
-                        for name in NUMERIC_COLUMNS:
-                            columns[name].append(batch.column(name).to_numpy(zero_copy_only=False))
-                if left:
-                    raise ValueError(f"{path.name} lists {segment.rows - left} of its {segment.rows} rows")
+            listed = pq.read_metadata(segment.texts)
+        except (OSError, ValueError, pa.ArrowException) as err:
+            raise damaged(self.folder, f"the texts index is unreadable ({what}: {err})") from None
+        if listed.num_rows != segment.rows or not set(TEXT_COLUMNS) <= set(listed.schema.names):
+            raise damaged(self.folder, f"{what} lists {listed.num_rows} of its {segment.rows} rows, or lacks a column")
+        size = segment.texts.stat().st_size
+        if segment.texts_bytes is not None and size != segment.texts_bytes:
+            raise damaged(self.folder, f"{what} is {size:,} bytes, but its commit wrote {segment.texts_bytes:,}")
+        keys_path, rows_path = segment.sorted_keys
+        if keys_path.is_file() and rows_path.is_file():
+            rows = segment.rows
+            self._sorted[segment.h5] = (
+                self._map_sorted(keys_path, KEY, rows),
+                self._map_sorted(rows_path, KEY_ROW, rows),
+            )
+
+    def _map_sorted(self, path: Path, dtype: np.dtype, rows: int) -> np.memmap:
+        """A sorted keys file, mapped: exactly the .npy header modrm writes for `rows` of `dtype`, then the rows (the
+        header is compared, never parsed)."""
+        header = _npy_header(dtype, rows)
+        try:
+            with path.open("rb") as handle:
+                found = handle.read(len(header))
+            size = path.stat().st_size
+        except OSError as err:
+            raise damaged(self.folder, f"{path.relative_to(self.folder)} is unreadable ({err})") from None
+        if found != header or size != len(header) + rows * dtype.itemsize:
+            what = f"{path.relative_to(self.folder)} ({size:,} bytes)"
+            raise damaged(self.folder, f"{what} is not the sorted keys of the segment's {rows:,} rows")
+        return np.memmap(path, dtype=dtype, mode="r", offset=len(header), shape=(rows,))
+
+    def _read_index(self, segment: Segment) -> Iterator[np.ndarray]:
+        """A segment's texts index as INDEX_ENTRY records, a row group at a time, rows counted from the segment's
+        start; checked (each text_hash 64 hex digits, the rows in order)."""
+        path, done = segment.texts or self.folder / "texts.parquet", 0
+        try:
+            with pq.ParquetFile(path) as index:
+                for batch in index.iter_batches(batch_size=INDEX_ROWS, columns=list(TEXT_COLUMNS)):
+                    batch = batch.slice(0, segment.rows - done)
+                    row = batch.column("row").to_numpy() - segment.start
+                    if not np.array_equal(row, np.arange(done, done + len(batch))):
+                        raise ValueError(f"{path.name}: its rows are not {segment.start}, {segment.start + 1}, ...")
+                    keys = pack(batch.column("role"), batch.column("text_hash"))
+                    numeric = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in ("n_tokens", "truncated")}
+                    yield records(INDEX_ENTRY, key=keys, row=row, **numeric)
+                    done += len(batch)
+            if done < segment.rows:
+                raise ValueError(f"{path.name} lists {done} of its {segment.rows} rows")
         except (OSError, ValueError, KeyError, pa.ArrowException) as err:
             raise damaged(self.folder, f"the texts index is unreadable ({err})") from None
-        empty = _empty_texts()
-        texts = {name: np.concatenate([empty[name], *parts]) for name, parts in columns.items()}
-        if not np.array_equal(texts["row"], np.arange(len(texts["row"]))):
-            raise damaged(self.folder, "the texts index's rows are not 0, 1, 2, ...")
-        return keys, texts
 
     # -------------------------------------------------------------------------------------- pending
 
@@ -344,7 +382,7 @@ class Cache:
                 number = int(committed[-1][0].removeprefix("seg-")) + 1 if committed else 0
                 segments = [*committed, self._write_segment(number, shards, placed, added, Path(work))]
                 self._write_commit(segments, _pending_id(self.folder / "pending"))
-                self.segments, self._index = _segments(self.folder, segments), None  # read again when asked
+                self.reload()
         shutil.rmtree(self.folder / "pending", ignore_errors=True)
         if added:
             self._publish_texts_view()
@@ -415,22 +453,21 @@ class Cache:
                     ds[lo : lo + len(block)] = block
 
         atomic_write(stem.with_suffix(".h5"), write)
-        self._write_whole_index(stem.with_suffix(".parquet"))
-        self._write_commit([(stem.name, self.n_rows)])
-        self.segments = _segments(self.folder, [(stem.name, self.n_rows)])
+        self._write_commit([self._write_merged_index(stem)])
+        self.reload()
         self._publish_texts_view()
         for segment in old:
-            segment.h5.unlink()
-            segment.texts.unlink()
+            for path in (segment.h5, segment.texts, *segment.sorted_keys):
+                path.unlink(missing_ok=True)
         return len(old)
 
     def _segmented(self) -> bool:
         return bool(self.segments) and self.segments[0].texts is not None
 
-    def _adopt_old_file(self) -> list[tuple[str, int]]:
-        """The committed segments as (name, rows); an old-style cache's file becomes segment 0 by a hard link."""
+    def _adopt_old_file(self) -> list[Listed]:
+        """The committed segments as listed; an old-style cache's file becomes segment 0 by a hard link."""
         if self._segmented():
-            return [(s.h5.stem, s.rows) for s in self.segments]
+            return [(s.h5.stem, s.rows, s.texts_bytes) for s in self.segments]
         if not self.segments:
             return []
         stem = self.folder / "segments" / "seg-000000"
@@ -439,22 +476,27 @@ class Cache:
             os.link(self.segments[0].h5, stem.with_suffix(".h5"))
         except OSError:  # a filesystem without hard links: one copy, once
             shutil.copyfile(self.segments[0].h5, stem.with_suffix(".h5"))
-        self._write_whole_index(stem.with_suffix(".parquet"))
-        return [(stem.name, self.n_rows)]
+        return [self._write_merged_index(stem)]
 
-    def _write_whole_index(self, path: Path) -> None:
-        """Every committed row's index entry, from what is in memory, as one segment's texts index."""
-        keys, texts = self._loaded()
-        starts = np.cumsum([0, *map(len, keys)])[:-1]
-        numeric = (texts[c] for c in ("n_tokens", "truncated"))
-        n_tokens, truncated = (np.split(column, starts[1:]) for column in numeric)
-        _write_index(path, zip(keys, n_tokens, truncated, strict=True), 0)
+    def _write_merged_index(self, stem: Path) -> Listed:
+        """Every committed row's texts index and sorted keys as one segment's (compact, an old cache's first
+        commit): two passes over the segments' indexes, a row group at a time."""
+
+        def entries() -> Iterator[np.ndarray]:
+            for segment in self.segments:
+                for block in self._read_index(segment):
+                    block["row"] += segment.start
+                    yield block
+
+        _write_index(stem.with_suffix(".parquet"), entries(), 0)
+        _write_sorted_keys(stem, self.n_rows, entries())
+        return stem.name, self.n_rows, stem.with_suffix(".parquet").stat().st_size
 
     def _write_segment(
         self, number: int, shards: list[tuple[Path, Path]], placed: Spill, rows: int, work: Path
-    ) -> tuple[str, int]:
-        """segments/seg-N.h5 and .parquet: each shard's texts scattered to their rows, a shard at a time (its pages
-        dropped after), the texts index through a spill by row group."""
+    ) -> Listed:
+        """segments/seg-N.h5, .parquet and sorted keys: each shard's texts scattered to their rows, a shard at a
+        time (its pages dropped after), the texts index through a spill by row group."""
         stem = self.folder / "segments" / f"seg-{number:06d}"
         stem.parent.mkdir(exist_ok=True)
         dim = self.fingerprint.dim
@@ -481,22 +523,19 @@ class Cache:
                 index.add(where["row"] // INDEX_ROWS, where)
             del segment
 
-        def blocks() -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-            for part in range(index.parts):
-                texts = np.sort(index.read(part), order="row")
-                yield texts["key"], texts["n_tokens"], texts["truncated"]
-
         atomic_write(stem.with_suffix(".h5"), write)
-        _write_index(stem.with_suffix(".parquet"), blocks(), self.n_rows)
-        return stem.name, rows
+        by_row = (np.sort(index.read(part), order="row") for part in range(index.parts))
+        _write_index(stem.with_suffix(".parquet"), by_row, self.n_rows)
+        _write_sorted_keys(stem, rows, (placed.read(part) for part in range(placed.parts)))
+        return stem.name, rows, stem.with_suffix(".parquet").stat().st_size
 
-    def _write_commit(self, segments: list[tuple[str, int]], pending_id: str | None = None) -> None:
+    def _write_commit(self, segments: list[Listed], pending_id: str | None = None) -> None:
         """Replace embeddings.h5 by a virtual dataset over `segments`: the commit point. It names the pending/
         folder it took in, so a kill before that folder is removed cannot commit its texts twice."""
-        total, dim = sum(rows for _, rows in segments), self.fingerprint.dim
+        total, dim = sum(rows for _, rows, _ in segments), self.fingerprint.dim
         layout = h5py.VirtualLayout(shape=(total, dim), dtype=np.float16)
         start = 0
-        for name, rows in segments:
+        for name, rows, _ in segments:
             layout[start : start + rows] = h5py.VirtualSource(f"segments/{name}.h5", "embeddings", shape=(rows, dim))
             start += rows
 
@@ -531,25 +570,60 @@ class Cache:
 
     def keys(self) -> list[Key]:
         """Every committed (role, text_hash), in row order (as Python objects: for inspection and tests)."""
-        spelled = unpack(np.concatenate([np.empty(0, KEY), *self._loaded()[0]]))
+        blocks = (block["key"] for segment in self.segments for block in self._read_index(segment))
+        spelled = unpack(np.concatenate([np.empty(0, KEY), *blocks]))
         return list(zip(spelled.column("role").to_pylist(), spelled.column("text_hash").to_pylist(), strict=True))
 
     def find(self, keys: Sequence[Key] | pa.Table | np.ndarray) -> np.ndarray:
-        """The row of each key, -1 where the cache lacks it. One hash table of the asked keys, probed by every
-        committed row in arrow: no Python object per row, whatever the cache's size."""
+        """KEY_ROW of each key: its row (-1 where the cache lacks it) and whether it was truncated. A binary search
+        of each segment's sorted keys, in place: the pages read grow with the keys asked and the log of the rows."""
         asked = as_keys(keys)
-        out = np.full(len(asked), -1, dtype=np.int64)
-        if not len(asked) or not self.n_rows:
-            return out
-        committed = pa.chunked_array([as_arrow(chunk) for chunk in self._loaded()[0]], type=pa.binary(33))
-        where = index_in(committed, asked)  # for each row: the first asked key equal to its key
-        hit = np.flatnonzero(where >= 0)
-        out[where[hit]] = hit
-        return out[index_in(asked, asked)]  # a key asked twice: the row found for its first copy
+        unique, inverse = np.unique(asked, return_inverse=True)  # sorted: the searches walk each file forwards
+        found = np.zeros(len(unique), dtype=KEY_ROW)
+        found["row"] = -1
+        for segment in (s for s in self.segments if s.rows):
+            sorted_keys, key_rows = self._sorted_keys(segment)
+            at = np.minimum(np.searchsorted(sorted_keys, unique), segment.rows - 1)
+            hit = np.flatnonzero((sorted_keys[at] == unique) & (found["row"] < 0))
+            where = key_rows[at[hit]]
+            found["row"][hit] = segment.start + where["row"]
+            found["truncated"][hit] = where["truncated"]
+        return found[inverse.reshape(-1)]
+
+    def _sorted_keys(self, segment: Segment) -> tuple[np.ndarray, np.ndarray]:
+        """A segment's keys sorted and their KEY_ROW: its files, mapped; for a segment without them (an old-style
+        cache, or a segment of an older modrm opened by a reader) sorted in memory from its texts index."""
+        if segment.h5 not in self._sorted:
+            entries = np.concatenate([np.empty(0, INDEX_ENTRY), *self._read_index(segment)])
+            entries = entries[np.argsort(entries["key"])]
+            self._sorted[segment.h5] = entries["key"].copy(), records(KEY_ROW, **_fields(entries, KEY_ROW))
+        return self._sorted[segment.h5]
+
+    def text_columns(self, rows: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
+        """`columns` of the texts index at `rows`, reading only the row groups that hold them."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = {c: np.empty(len(rows), dtype=TEXT_SCHEMA.field(c).type.to_pandas_dtype()) for c in columns}
+        starts = np.array([segment.start for segment in self.segments], dtype=np.int64)
+        of_segment = np.searchsorted(starts, rows, side="right") - 1
+        try:
+            for s in np.unique(of_segment):
+                segment, mine = self.segments[s], np.flatnonzero(of_segment == s)
+                local = rows[mine] - segment.start
+                with pq.ParquetFile(segment.texts or self.folder / "texts.parquet") as index:
+                    sizes = [index.metadata.row_group(g).num_rows for g in range(index.num_row_groups)]
+                    bounds = np.cumsum([0, *sizes])
+                    group = np.searchsorted(bounds, local, side="right") - 1
+                    for g in np.unique(group):
+                        table, at = index.read_row_group(int(g), columns=list(columns)), group == g
+                        for c in columns:
+                            out[c][mine[at]] = table.column(c).to_numpy()[local[at] - bounds[g]]
+        except (OSError, ValueError, KeyError, pa.ArrowException) as err:
+            raise damaged(self.folder, f"the texts index is unreadable ({err})") from None
+        return out
 
     def rows(self, keys: Sequence[Key] | pa.Table | np.ndarray) -> np.ndarray:
         asked = as_keys(keys)
-        rows = self.find(asked)
+        rows = self.find(asked)["row"]
         if (rows < 0).any():
             lacking = tuple(unpack(asked[rows < 0][:1]).to_pylist()[0].values())
             raise ModrmError(f"{self.folder}: text {lacking} is not in the cache; run `modrm embed`")
@@ -630,22 +704,28 @@ class MappedRows:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _segments(folder: Path, listed: list[tuple[str, int]]) -> list[Segment]:
-    """Segment objects for (name, rows) in row order."""
+Listed = tuple[str, int, int | None]  # a segment in embeddings.h5's list: its name, rows and texts index's bytes
+
+
+def _listed(entry: list) -> Listed:
+    """[name, rows, texts_bytes], or [name, rows] as an older modrm listed them."""
+    name, rows, *size = entry
+    return str(name), int(rows), int(size[0]) if size and size[0] is not None else None
+
+
+def _segments(folder: Path, listed: list[Listed]) -> list[Segment]:
+    """Segment objects for the listed ones, in row order."""
     segments, start = [], 0
-    for name, rows in listed:
+    for name, rows, texts_bytes in listed:
         stem = folder / "segments" / name
-        segments.append(Segment(stem.with_suffix(".h5"), stem.with_suffix(".parquet"), start, rows))
+        segments.append(Segment(stem.with_suffix(".h5"), stem.with_suffix(".parquet"), start, rows, texts_bytes))
         start += rows
     return segments
 
 
-def _empty_texts() -> dict[str, np.ndarray]:
-    return {
-        "row": np.array([], dtype=np.int64),
-        "n_tokens": np.array([], dtype=np.int64),
-        "truncated": np.array([], bool),
-    }
+def _fields(entries: np.ndarray, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """`entries`' fields that `dtype` has, by name (numpy casts one record type to another by position)."""
+    return {name: entries[name] for name in dtype.names}
 
 
 def _old_texts_rows(folder: Path) -> int:
@@ -655,26 +735,64 @@ def _old_texts_rows(folder: Path) -> int:
         raise damaged(folder, f"texts.parquet is unreadable ({err})") from None
 
 
-def _write_index(path: Path, blocks: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]], start: int) -> None:
-    """A segment's texts index (TEXT_COLUMNS) for rows start, start + 1, ...: from blocks of (keys, n_tokens,
-    truncated) in row order, the keys spelled out a block at a time, a row group each."""
+def _write_index(path: Path, blocks: Iterable[np.ndarray], start: int) -> None:
+    """A segment's texts index (TEXT_COLUMNS): from blocks of records (key, row in the segment, n_tokens,
+    truncated) in row order, the keys spelled out a block at a time, a row group each; rows counted from `start`."""
 
     def write(tmp: Path) -> None:
-        row = start
         with pq.ParquetWriter(tmp, TEXT_SCHEMA) as writer:
-            for keys, n_tokens, truncated in blocks:
-                spelled = unpack(keys)
+            for block in blocks:
+                spelled = unpack(block["key"])
                 columns = {
                     "text_hash": spelled.column("text_hash"),
-                    "row": np.arange(row, row + len(keys)),
+                    "row": start + block["row"],
                     "role": spelled.column("role"),
-                    "n_tokens": n_tokens,
-                    "truncated": truncated,
+                    "n_tokens": block["n_tokens"],
+                    "truncated": block["truncated"],
                 }
                 writer.write_table(pa.table(columns, schema=TEXT_SCHEMA))
-                row += len(keys)
 
     atomic_write(path, write)
+
+
+def _write_sorted_keys(stem: Path, rows: int, blocks: Iterable[np.ndarray]) -> None:
+    """A segment's sorted keys, from blocks of its texts' records (key, row in the segment, truncated) in any
+    order: through a spill by key bucket, so memory holds a few buckets. The keys file is written last (it makes
+    the pair count), and both are whole or absent."""
+    with tempfile.TemporaryDirectory(prefix="modrm-keys-") as work:
+        spill = Spill(Path(work) / "keys", INDEX_ENTRY, BUCKETS)
+        for block in blocks:
+            spill.add(bucket(block["key"]), records(INDEX_ENTRY, **_fields(block, INDEX_ENTRY)))
+
+        def write(keys_tmp: Path, rows_tmp: Path) -> None:
+            with keys_tmp.open("wb") as keys_out, rows_tmp.open("wb") as rows_out:
+                keys_out.write(_npy_header(KEY, rows))
+                rows_out.write(_npy_header(KEY_ROW, rows))
+                written = 0
+                for lo, hi in spill.groups(INDEX_ROWS):
+                    entries = spill.read(lo, hi)
+                    entries = entries[np.argsort(entries["key"])]
+                    np.ascontiguousarray(entries["key"]).tofile(keys_out)
+                    records(KEY_ROW, **_fields(entries, KEY_ROW)).tofile(rows_out)
+                    written += len(entries)
+            if written != rows:
+                raise RuntimeError(f"{stem.name}: {written} keys for {rows} rows")
+
+        keys_path, rows_path = _sorted_paths(stem)
+        atomic_write(keys_path, lambda keys_tmp: atomic_write(rows_path, lambda rows_tmp: write(keys_tmp, rows_tmp)))
+
+
+def _sorted_paths(stem: Path) -> tuple[Path, Path]:
+    """A segment's sorted keys (KEY) and, beside each, its KEY_ROW."""
+    return stem.with_suffix(".keys.npy"), stem.with_suffix(".keyrows.npy")
+
+
+def _npy_header(dtype: np.dtype, rows: int) -> bytes:
+    """The .npy header of a vector of `rows` of `dtype` (so numpy.load reads a sorted keys file too)."""
+    header = io.BytesIO()
+    fields = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (rows,)}
+    np.lib.format.write_array_header_2_0(header, fields)
+    return header.getvalue()
 
 
 def _read_shard_index(path: Path, columns: Sequence[str] = ()) -> tuple[np.ndarray, pa.Table]:

@@ -222,11 +222,12 @@ def make_plan(scan: Scan, cache: Cache, pending: np.ndarray, limits: dict[str, i
     for lo, hi in scan.appearances.groups(GROUP_APPEARANCES):
         seen = scan.appearances.read(lo, hi)  # each bucket's in pair order
         keys, where, inverse = np.unique(seen["key"], return_index=True, return_inverse=True)
-        at, row = seen["at"][where], cache.find(keys)
+        at, found = seen["at"][where], cache.find(keys)
+        row = found["row"]
         new = row < 0
         codes.add(seen["at"] // RANGE, records(ROW_CODE, at=seen["at"], code=np.where(new, -1 - at, row)[inverse]))
         unique += len(keys)
-        truncated += int(cache.texts["truncated"][row[~new]].sum()) if (~new).any() else 0
+        truncated += int(found["truncated"].sum())
         keys, at, length = keys[new], at[new], seen["length"][where][new]
         done = index_in(keys, pending) >= 0 if len(pending) else np.zeros(len(keys), dtype=bool)
         cost = np.minimum(length // 4 + 1, cap[roles_of(keys)])  # estimated tokens, to balance ranks
@@ -280,10 +281,9 @@ def ensure_embedded(
         summary.encoded, summary.tokens, summary.fp32_fallbacks = map(sum, zip(*counts, strict=True))
     group.barrier()  # every rank's shards are written
     if group.is_main:
+        listed_rows = np.arange(cache.n_rows, cache.n_rows + plan.n_listed)  # they come first in the new segment
         cache.commit(np.memmap(plan.listed, dtype=KEY, mode="r") if plan.n_listed else np.empty(0, KEY))
-        summary.truncated = plan.truncated + (
-            _truncated(cache.segments[-1].texts, plan.n_listed) if plan.n_listed else 0
-        )
+        summary.truncated = plan.truncated + int(cache.text_columns(listed_rows, ["truncated"])["truncated"].sum())
     group.barrier()  # the commit is visible
     return plan.rows
 
@@ -332,12 +332,6 @@ def _encode_mine(
         if texts:
             flush(role)
     return encoded, tokens
-
-
-def _truncated(texts_index: Path, rows: int) -> int:
-    """How many of a segment's first rows were truncated (the texts a run listed come first in its segment)."""
-    truncated = pq.read_table(texts_index, columns=["truncated"]).column(0).slice(0, rows)
-    return int(pc.sum(truncated).as_py() or 0)
 
 
 def read_rows(path: Path, start: int = 0, n: int = -1) -> np.ndarray:

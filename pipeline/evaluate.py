@@ -289,10 +289,9 @@ def score_checkpoint(ckpt: Checkpoint, pairs: Sequence[Pair], cache: Path | None
     module_idx = np.array([lookup[p.target_module] for p in pairs], dtype=np.int64)
     emb = store.embeddings(ckpt.config.train.memory_budget_gb * 2**30)
     scores = score_pairs(ckpt.model, emb, rows, module_idx)
-    n_tokens = store.texts["n_tokens"]
-    return Scored(
-        scores, module_idx, n_tokens[rows["pos_mod_row"]], n_tokens[rows["neg_mod_row"]], store.folder, summary
-    )
+    lengths = store.text_columns(np.concatenate([rows["pos_mod_row"], rows["neg_mod_row"]]), ["n_tokens"])
+    pos_tokens, neg_tokens = np.split(lengths["n_tokens"], 2)
+    return Scored(scores, module_idx, pos_tokens, neg_tokens, store.folder, summary)
 
 
 def write_outputs(folder: Path, ckpt: Checkpoint, pairs: Sequence[Pair], scored: Scored, metrics: dict) -> None:

@@ -93,8 +93,7 @@ def bucket(keys: np.ndarray) -> np.ndarray:
     return first_bytes[:, 0] * 256 + first_bytes[:, 1]
 
 
-def index_in(keys: np.ndarray | pa.ChunkedArray, among: np.ndarray) -> np.ndarray:
+def index_in(keys: np.ndarray, among: np.ndarray) -> np.ndarray:
     """Where each key first is in `among`, -1 where it is not: one hash table of `among`, in arrow."""
-    values = keys if isinstance(keys, pa.ChunkedArray) else as_arrow(keys)
-    where = pc.index_in(values, value_set=as_arrow(among))
+    where = pc.index_in(as_arrow(keys), value_set=as_arrow(among))
     return where.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)

@@ -16,11 +16,13 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import pipeline.cache as cache_module
 import pipeline.embed
-from pipeline.cache import ROW_COLUMNS, TEXT_COLUMNS, Cache, MappedRows, Shard, open_existing
+from pipeline.cache import ROW_COLUMNS, SEGMENTS_KEY, TEXT_COLUMNS, Cache, MappedRows, Shard, open_existing
 from pipeline.config import Config
 from pipeline.data import Pair, assign_split, load_pairs, pair_to_record
 from pipeline.embed import embed_files, pair_texts
@@ -96,13 +98,13 @@ def _assert_round_trip(folder: Path, pairs: list[Pair], config: Config) -> None:
         rows = table.column(column).to_numpy()
         fresh = encoder.encode(texts, role=role, heads=heads)
         np.testing.assert_allclose(stored[rows].astype(np.float32), fresh, atol=2e-3, rtol=0)
-        by_row = {int(r): i for i, r in enumerate(cache.texts["row"])}
-        keys = cache.keys()
+        keys = cache.keys()  # in row order
         for text, row in zip(texts, rows, strict=True):
-            assert keys[by_row[int(row)]] == (role, hashlib.sha256(text.encode("utf-8")).hexdigest())
+            assert keys[row] == (role, hashlib.sha256(text.encode("utf-8")).hexdigest())
         tokens = encoder.tokenize(texts, role)
-        np.testing.assert_array_equal(cache.texts["n_tokens"][[by_row[int(r)] for r in rows]], tokens.lengths)
-        np.testing.assert_array_equal(cache.texts["truncated"][[by_row[int(r)] for r in rows]], tokens.truncated)
+        index = cache.text_columns(rows, ["n_tokens", "truncated"])
+        np.testing.assert_array_equal(index["n_tokens"], tokens.lengths)
+        np.testing.assert_array_equal(index["truncated"], tokens.truncated)
     assert manifest["encoder"] == encoder.fingerprint.to_dict()
 
 
@@ -569,6 +571,7 @@ def test_compact_merges_the_segments_into_one_and_keeps_every_row(
     before, _ = open_existing(folder)
     emb, keys, mapped_before = before.embeddings(), before.keys(), before.embeddings(memory_budget_bytes=0)
     assert len(before.segments) == 2
+    _assert_find_equals_a_dict_of_every_row(before)
     done = subprocess.run(
         [sys.executable, "-c", "from pipeline.cli import main; main()", "cache", "compact", "--cache", str(folder)],
         capture_output=True,
@@ -576,12 +579,18 @@ def test_compact_merges_the_segments_into_one_and_keeps_every_row(
     )
     assert done.returncode == 0 and "2 segments merged into one" in done.stdout, done.stderr
     after, manifest = open_existing(folder)
-    assert sorted(p.name for p in (folder / "segments").iterdir()) == ["seg-000002.h5", "seg-000002.parquet"]
+    assert sorted(p.name for p in (folder / "segments").iterdir()) == [
+        "seg-000002.h5",
+        "seg-000002.keyrows.npy",
+        "seg-000002.keys.npy",
+        "seg-000002.parquet",
+    ]
     assert manifest["n_texts"] == after.n_rows == len(keys) and after.keys() == keys
     np.testing.assert_array_equal(after.embeddings(), emb)
     np.testing.assert_array_equal(after.embeddings(memory_budget_bytes=0)[np.arange(after.n_rows)], emb)
     np.testing.assert_array_equal(mapped_before[np.arange(after.n_rows)], emb)  # unlinked, still mapped
-    assert (after.find(keys) == np.arange(len(keys))).all()
+    assert (after.find(keys)["row"] == np.arange(len(keys))).all()
+    _assert_find_equals_a_dict_of_every_row(after)
     with h5py.File(folder / "embeddings.h5", "r") as f:
         np.testing.assert_array_equal(f["embeddings"][:], emb)
     assert [p.name for p in (folder / "texts.parquet").iterdir()] == ["seg-000002.parquet"]
@@ -611,6 +620,7 @@ def test_an_old_single_file_cache_opens_and_grows_without_a_copy(
     _as_old_single_file_cache(folder)
     old_emb = open_existing(folder)[0].embeddings()
     assert isinstance(open_existing(folder)[0].embeddings(0), MappedRows)
+    _assert_find_equals_a_dict_of_every_row(open_existing(folder)[0])  # its keys sorted in memory
     inode = (folder / "embeddings.h5").stat().st_ino
     second = _second_file(seed_pairs_path, tmp_path)
     assert embed_files([second], folder, tiny_config, progress=False).encoded == 3
@@ -618,7 +628,61 @@ def test_an_old_single_file_cache_opens_and_grows_without_a_copy(
     cache, _ = open_existing(folder)
     np.testing.assert_array_equal(cache.embeddings()[:SEED_UNIQUE_TEXTS], old_emb)
     assert (folder / "texts.parquet").is_dir() and pq.read_table(folder / "texts.parquet").num_rows == cache.n_rows
+    assert (folder / "segments" / "seg-000000.keys.npy").is_file()
+    _assert_find_equals_a_dict_of_every_row(cache)
     _assert_round_trip(folder, load_pairs([second]), tiny_config)
+
+
+@pytest.mark.parametrize("index_rows", [cache_module.INDEX_ROWS, 7])
+def test_segments_of_an_older_modrm_get_their_sorted_keys_from_the_next_writer(
+    seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, index_rows: int
+) -> None:
+    """A segment listed without sorted keys (an older modrm's) is sorted in memory by a reader, which writes nothing;
+    the next writer writes its files, the very bytes a commit writes. At 7 rows a row group, the keys are sorted
+    a few buckets at a time and the index is read across row groups."""
+    monkeypatch.setattr(cache_module, "INDEX_ROWS", index_rows)
+    folder = tmp_path / "cache"
+    embed_files([seed_pairs_path], folder, tiny_config, progress=False)
+    embed_files([_second_file(seed_pairs_path, tmp_path)], folder, tiny_config, progress=False)
+    sorted_files = sorted((folder / "segments").glob("*.npy"))
+    assert len(sorted_files) == 4
+    written = {path: path.read_bytes() for path in sorted_files}
+    for path in sorted_files:
+        path.unlink()
+    with h5py.File(folder / "embeddings.h5", "r+") as f:  # and the list as an older modrm wrote it
+        f.attrs[SEGMENTS_KEY] = json.dumps([entry[:2] for entry in json.loads(f.attrs[SEGMENTS_KEY])])
+    reader, _ = open_existing(folder)
+    _assert_find_equals_a_dict_of_every_row(reader)
+    assert not any(path.exists() for path in sorted_files)
+    with Cache.open(folder, reader.fingerprint) as writer:
+        assert {path: path.read_bytes() for path in sorted_files} == written
+        _assert_find_equals_a_dict_of_every_row(writer)
+    keys = reader.keys()
+
+    def not_read(self: Cache, segment: object) -> None:
+        raise AssertionError("the texts index was read")
+
+    monkeypatch.setattr(Cache, "_read_index", not_read)  # from now on, opening and finding search the sorted keys
+    with Cache.open(folder, reader.fingerprint) as writer:
+        assert writer.find(keys)["row"].tolist() == list(range(len(keys)))
+    assert open_existing(folder)[0].find(keys[::-1])["row"].tolist() == list(range(len(keys)))[::-1]
+
+
+def test_a_writer_refuses_an_older_modrms_segment_whose_index_is_damaged(seed_cache, tmp_path: Path) -> None:
+    """Without sorted keys or a recorded size, the damage shows when the writer sorts the index's keys."""
+    folder = _copy(seed_cache, tmp_path)
+    for path in (folder / "segments").glob("*.npy"):
+        path.unlink()
+    with h5py.File(folder / "embeddings.h5", "r+") as f:
+        f.attrs[SEGMENTS_KEY] = json.dumps([entry[:2] for entry in json.loads(f.attrs[SEGMENTS_KEY])])
+    index = folder / "segments" / "seg-000000.parquet"
+    table = pq.read_table(index)
+    pq.write_table(
+        table.set_column(0, "text_hash", pa.array(["not a hash", *table["text_hash"].to_pylist()[1:]])), index
+    )
+    with pytest.raises(ModrmError, match=r"the texts index is unreadable \(a text_hash is not 64 hex digits\)"):
+        Cache.open(folder, open_existing(folder)[0].fingerprint)
+    assert not list((folder / "segments").glob("*.npy"))
 
 
 # each step of a commit, in order (opening a cache publishes the texts view too: the kill is at its second call)
@@ -820,14 +884,23 @@ def test_the_writer_removes_what_killed_writes_left(
     _assert_same_cache(folder, seed_cache[0])
 
 
-def test_find_equals_a_dict_of_every_row(seed_cache) -> None:
-    cache, _ = open_existing(seed_cache[0])
-    index = dict(zip(cache.keys(), cache.texts["row"], strict=True))
+def _assert_find_equals_a_dict_of_every_row(cache: Cache) -> None:
+    index = {key: row for row, key in enumerate(cache.keys())}
     keys = list(index)
     other_role = [("context" if role == "module" else "module", h) for role, h in keys[:5]]  # same hash, other role
     asked = [*keys[::-1], *keys[:7], *other_role, ("module", text_hash("never embedded"))]
     expected = [index.get(k, -1) for k in asked]
-    assert cache.find(asked).tolist() == expected and expected.count(-1) >= 1
+    found = cache.find(asked)
+    assert found["row"].tolist() == expected and expected.count(-1) >= 1
+    hit = found["row"] >= 0
+    truncated = cache.text_columns(found["row"][hit], ["truncated"])["truncated"]
+    np.testing.assert_array_equal(found["truncated"][hit], truncated)
+
+
+def test_find_equals_a_dict_of_every_row(seed_cache) -> None:
+    cache, _ = open_existing(seed_cache[0])
+    assert cache.find([]).shape == (0,)
+    _assert_find_equals_a_dict_of_every_row(cache)
 
 
 def test_a_commit_takes_each_text_once_in_the_callers_order_then_the_unlisted_sorted(tmp_path: Path) -> None:

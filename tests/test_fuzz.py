@@ -143,6 +143,8 @@ CACHE_FILES = [
     "embeddings.h5",
     "segments/seg-000000.h5",
     "segments/seg-000000.parquet",
+    "segments/seg-000000.keys.npy",
+    "segments/seg-000000.keyrows.npy",
     "texts.parquet/seg-000000.parquet",
     "pairs.parquet",
     "manifest.json",
@@ -162,6 +164,7 @@ def test_cache_folders(folders, tmp_path_factory, data, name):
         with Cache.open(cache, fingerprint) as store:
             store.read_pairs()
             store.embeddings()
+            store.find([("module", "0" * 64)])
         open_existing(cache)
 
     only_clean_outcomes(read)

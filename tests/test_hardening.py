@@ -9,6 +9,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -72,6 +73,11 @@ DAMAGE: dict[str, Callable[[Path], None]] = {
     "a segment's texts truncated": lambda c: truncate(c / "segments" / "seg-000000.parquet"),
     "a segment's texts with a key that is not one": lambda c: _edit_first_hash(c / "segments" / "seg-000000.parquet"),
     "a segment's texts short of its rows": lambda c: _keep_rows(c / "segments" / "seg-000000.parquet", 3),
+    "a segment's sorted keys truncated": lambda c: truncate(c / "segments" / "seg-000000.keys.npy"),
+    "a segment's sorted keys' rows garbage": lambda c: (c / "segments" / "seg-000000.keyrows.npy").write_bytes(b"x"),
+    "a segment's sorted keys short of its rows": lambda c: np.save(
+        c / "segments" / "seg-000000.keys.npy", np.zeros(3, "V33")
+    ),
     "embeddings.h5 garbage": lambda c: (c / "embeddings.h5").write_bytes(b"\x89HDF\r\n not really"),
     "manifest.json garbage": lambda c: (c / "manifest.json").write_text("{not json"),
     "manifest.json without a fingerprint": lambda c: (c / "manifest.json").write_text('{"encoder": {"dim": 3}}'),
@@ -81,8 +87,11 @@ EXPECTED = {
     "embeddings.h5 truncated": "embeddings.h5",
     "a segment truncated": "segments/seg-000000.h5",
     "a segment's texts truncated": "the texts index is unreadable",
-    "a segment's texts with a key that is not one": "the texts index is unreadable (a text_hash is not 64 hex digits)",
-    "a segment's texts short of its rows": "the texts index is unreadable (seg-000000.parquet lists 3 of its",
+    "a segment's texts with a key that is not one": "segments/seg-000000.parquet is 8,",  # bytes, but its commit wrote
+    "a segment's texts short of its rows": "segments/seg-000000.parquet lists 3 of its",
+    "a segment's sorted keys truncated": "segments/seg-000000.keys.npy (",  # bytes) is not the sorted keys
+    "a segment's sorted keys short of its rows": "is not the sorted keys of the segment's",
+    "a segment's sorted keys' rows garbage": "segments/seg-000000.keyrows.npy (1 bytes) is not the sorted keys",
     "embeddings.h5 garbage": "embeddings.h5 is unreadable",
     "manifest.json garbage": "manifest.json is not valid JSON",
     "manifest.json without a fingerprint": "manifest.json has no valid encoder fingerprint",
