@@ -44,7 +44,7 @@ from transformers.utils import logging as hf_logging
 
 from pipeline.config import Config, EncoderConfig
 from pipeline.data import DEFAULT_MODULES, Pair
-from pipeline.embed import embed_files, pair_texts
+from pipeline.embed import embed_files
 from pipeline.encoder import MINILM_ID, Encoder
 from pipeline.random_qwen3 import build_random_qwen3
 from pipeline.synth import generate_pairs, write_pairs
@@ -54,9 +54,9 @@ ENCODER_COLUMNS = ("method", "texts", "tokens", "seconds", "texts_per_s", "token
 
 def unique_texts(pairs: list[Pair], encoder: EncoderConfig) -> tuple[list[str], list[str]]:
     """(contexts, module texts) as `modrm embed` sees them, each text once, in first-appearance order."""
-    columns = pair_texts(pairs, encoder)
-    contexts = list(dict.fromkeys(columns["pos_ctx_row"] + columns["neg_ctx_row"]))
-    modules = list(dict.fromkeys(columns["pos_mod_row"] + columns["neg_mod_row"]))
+    columns = list(zip(*(encoder.pair_texts(p) for p in pairs), strict=True))
+    contexts = list(dict.fromkeys(list(columns[0] + columns[2])))
+    modules = list(dict.fromkeys(list(columns[1] + columns[3])))
     return contexts, modules
 
 
@@ -128,8 +128,8 @@ def dedup(args, config: Config, workdir: Path) -> dict:
 
     pairs = multi_negative_pairs(args.dedup_positives, args.negatives, seed=1)
     path = write_pairs(workdir / "multi_negative.jsonl", pairs)
-    columns = pair_texts(pairs, config.encoder)
-    all_texts = [t for column in columns.values() for t in column]  # 4 per pair, repeats and all
+    columns = list(zip(*(config.encoder.pair_texts(p) for p in pairs), strict=True))
+    all_texts = [t for column in columns for t in column]  # 4 per pair, repeats and all
     contexts, modules = unique_texts(pairs, config.encoder)
 
     st = SentenceTransformer(str(get_model_path()), device="cpu")

@@ -42,7 +42,6 @@ from common import table, use_all_cores, warn_if_busy, write_results
 
 from pipeline.config import Config, EncoderConfig
 from pipeline.data import DEFAULT_MODULES
-from pipeline.embed import pair_texts
 from pipeline.encoder import MINILM_ID, Encoder, Tokenized
 from pipeline.finetune import EndToEnd, TokenizedPairs, enable_checkpointing, freeze_layers
 from pipeline.heads import RewardHeads, preference_loss
@@ -67,9 +66,9 @@ def fixed_tokens(encoder: Encoder, texts: list[str], length: int, keep_end: bool
 
 def fixed_pairs(encoder: Encoder, n_pairs: int, length: int) -> TokenizedPairs:
     pairs = generate_pairs(n_pairs // len(DEFAULT_MODULES) + 1, seed=0)[:n_pairs]
-    columns = pair_texts(pairs, Config().encoder)
-    contexts = fixed_tokens(encoder, columns["pos_ctx_row"] + columns["neg_ctx_row"], length, keep_end=True)
-    modules = fixed_tokens(encoder, columns["pos_mod_row"] + columns["neg_mod_row"], MODULE_TOKENS, keep_end=False)
+    columns = list(zip(*(Config().encoder.pair_texts(p) for p in pairs), strict=True))
+    contexts = fixed_tokens(encoder, list(columns[0] + columns[2]), length, keep_end=True)
+    modules = fixed_tokens(encoder, list(columns[1] + columns[3]), MODULE_TOKENS, keep_end=False)
     i = np.arange(n_pairs)
     rows = np.stack([i, i, n_pairs + i, n_pairs + i], axis=1)
     module_idx = np.array([DEFAULT_MODULES.index(p.target_module) for p in pairs])

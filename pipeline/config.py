@@ -20,9 +20,12 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.data import DEFAULT_MODULES
+
+if TYPE_CHECKING:
+    from pipeline.data import Pair
 from pipeline.errors import ModrmError
 
 
@@ -46,6 +49,16 @@ class EncoderConfig:
     def context_head(self, task: str) -> str:
         """The part of a context before the trajectory: truncation keeps it, since quality depends on the task."""
         return self.context_template.format(task=task, context="\0").split("\0")[0]
+
+    def pair_texts(self, pair: Pair) -> tuple[str, str, str, str]:
+        """A pair's four texts as the encoder sees them: positive context, positive module text, negative
+        context, negative module text (the contexts start with the task)."""
+        return (
+            self.context_text(pair.task, pair.positive.context),
+            pair.positive.module_text,
+            self.context_text(pair.task, pair.negative.context),
+            pair.negative.module_text,
+        )
 
 
 @dataclass

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pipeline.atomic import atomic_write, write_json
 from pipeline.cache import ROW_COLUMNS, Cache, Shard, read_manifest
-from pipeline.config import Config, EncoderConfig
+from pipeline.config import Config
 from pipeline.data import DataError, Pair, PairFiles, assign_split, duplicate_id, file_sha256
 from pipeline.distributed import Group
 from pipeline.encoder import Encoder, ModelInfo, describe
@@ -73,22 +73,6 @@ class EmbedSummary:
             "splits: " + "  ".join(f"{k} {v}" for k, v in self.splits.items()),
             *([f"pairs index: {self.index}"] if self.index else []),
         ]
-
-
-def texts_of(pair: Pair, encoder: EncoderConfig) -> tuple[str, str, str, str]:
-    """A pair's four texts, in ROW_COLUMNS order; the context the encoder sees starts with the task."""
-    return (
-        encoder.context_text(pair.task, pair.positive.context),
-        pair.positive.module_text,
-        encoder.context_text(pair.task, pair.negative.context),
-        pair.negative.module_text,
-    )
-
-
-def pair_texts(pairs: Sequence[Pair], encoder: EncoderConfig) -> dict[str, list[str]]:
-    """The four texts of every pair, by column."""
-    texts = [texts_of(p, encoder) for p in pairs]
-    return {column: [t[k] for t in texts] for k, column in enumerate(ROW_COLUMNS)}
 
 
 ROLES = tuple("context" if column.endswith("ctx_row") else "module" for column in ROW_COLUMNS)
@@ -144,7 +128,7 @@ def scan_pairs(pairs: Iterable[Pair], config: Config, work: Path, progress: bool
             keys, lengths, columns = bytearray(), array.array("q"), {name: [] for name in INDEX_SCHEMA.names}
 
         for pair in tqdm(pairs, desc="read pairs", unit="pair", disable=not progress, dynamic_ncols=True):
-            for role, text in zip(ROLES, texts_of(pair, config.encoder), strict=True):
+            for role, text in zip(ROLES, config.encoder.pair_texts(pair), strict=True):
                 keys += text_key(role, text)
                 lengths.append(len(text))
             split = assign_split(pair.split_key, d.train_fraction, d.val_fraction, d.split_seed)
@@ -319,7 +303,7 @@ def _encode_mine(
         if not wanted:
             continue
         head = config.encoder.context_head(pair.task)  # what truncation of a context keeps
-        for k, (role, text) in enumerate(zip(ROLES, texts_of(pair, config.encoder), strict=True)):
+        for k, (role, text) in enumerate(zip(ROLES, config.encoder.pair_texts(pair), strict=True)):
             if wanted >> k & 1:
                 key = text_key(role, text)
                 digest.update(key)

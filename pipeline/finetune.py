@@ -37,7 +37,6 @@ from pipeline.checkpoint import ENCODER_DIR, HEADS_FILES, Checkpoint, load_check
 from pipeline.config import FIXED_BY_CHECKPOINT, Config, FinetuneConfig, HeadConfig, resolve_config
 from pipeline.data import Pair, assign_split, file_sha256, load_pairs
 from pipeline.distributed import Group
-from pipeline.embed import pair_texts
 from pipeline.encoder import Encoder, Tokenized, describe, pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import preference_loss
@@ -66,15 +65,15 @@ class TokenizedPairs:
 
 
 def tokenize_pairs(encoder: Encoder, pairs: list[Pair], modules: list[str]) -> TokenizedPairs:
-    columns = pair_texts(pairs, encoder.config)
+    columns = list(zip(*(encoder.config.pair_texts(p) for p in pairs), strict=True))  # pos ctx, pos mod, neg ...
     heads = [encoder.config.context_head(p.task) for p in pairs]
     rows = np.empty((len(pairs), 4), dtype=np.int64)
     tokenized = {}
-    for role, (a, b) in {"context": ("pos_ctx_row", "neg_ctx_row"), "module": ("pos_mod_row", "neg_mod_row")}.items():
+    for role, (a, b) in {"context": (0, 2), "module": (1, 3)}.items():
         unique = dict(zip(columns[a] + columns[b], heads + heads, strict=True))  # text -> its head, first seen order
         row_of = {t: i for i, t in enumerate(unique)}
-        rows[:, 0 if role == "context" else 1] = [row_of[t] for t in columns[a]]
-        rows[:, 2 if role == "context" else 3] = [row_of[t] for t in columns[b]]
+        rows[:, a] = [row_of[t] for t in columns[a]]
+        rows[:, b] = [row_of[t] for t in columns[b]]
         tokenized[role] = encoder.tokenize(list(unique), role, heads=list(unique.values()))
     lookup = {m: i for i, m in enumerate(modules)}
     module_idx = np.array([lookup[p.target_module] for p in pairs], dtype=np.int64)

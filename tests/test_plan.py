@@ -14,7 +14,7 @@ from pipeline.cache import Cache, Shard
 from pipeline.config import Config
 from pipeline.data import DataError, Pair, Side, load_pairs
 from pipeline.distributed import Group
-from pipeline.embed import ROLES, embed_files, make_plan, read_rows, scan_pairs, texts_of
+from pipeline.embed import ROLES, embed_files, make_plan, read_rows, scan_pairs
 from pipeline.encoder import Fingerprint
 from pipeline.keys import KEY, as_keys, text_hash
 
@@ -36,7 +36,7 @@ def _pairs(n: int, distinct: int, seed: int) -> list[Pair]:
 
 
 def _keys(pairs: list[Pair], config: Config) -> list[tuple[str, str]]:
-    return [(role, text_hash(t)) for p in pairs for role, t in zip(ROLES, texts_of(p, config.encoder), strict=True)]
+    return [(role, text_hash(t)) for p in pairs for role, t in zip(ROLES, config.encoder.pair_texts(p), strict=True)]
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_ranks_share_the_texts_to_encode_once_balanced_by_length(cache: Cache, t
     for n, wanted in enumerate(everything):
         a, b, c = (share[n] for share in shares)
         assert a | b | c == wanted and not (a & b or a & c or b & c)
-    texts = [(role, t) for p in pairs for role, t in zip(ROLES, texts_of(p, config.encoder), strict=True)]
+    texts = [(role, t) for p in pairs for role, t in zip(ROLES, config.encoder.pair_texts(p), strict=True)]
     cost = [min(len(t) // 4 + 1, LIMITS[role]) for role, t in texts]
     costs = [sum(cost[at] for at in range(len(texts)) if share[at // 4] >> (at % 4) & 1) for share in shares]
     assert max(costs) - min(costs) <= max(LIMITS.values())
