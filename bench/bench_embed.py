@@ -39,14 +39,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import table, timed, use_all_cores, warn_if_busy, write_results
+from common import build_random_qwen3, table, timed, use_all_cores, warn_if_busy, write_results
 from transformers.utils import logging as hf_logging
 
 from pipeline.config import Config, EncoderConfig
 from pipeline.data import DEFAULT_MODULES, Pair
 from pipeline.embed import embed_files
 from pipeline.encoder import MINILM_ID, Encoder
-from pipeline.random_qwen3 import build_random_qwen3
 from pipeline.synth import generate_pairs, write_pairs
 
 ENCODER_COLUMNS = ("method", "texts", "tokens", "seconds", "texts_per_s", "tokens_per_s")

@@ -14,10 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import in_fresh_process, table, warn_if_busy, write_results
+from common import build_random_qwen3, in_fresh_process, table, warn_if_busy, write_results
 
 from pipeline.data import DEFAULT_MODULES
-from pipeline.random_qwen3 import build_random_qwen3
 
 FILLER = "the agent read the logs, listed the open handles and compared them with the last run's. " * 3
 

@@ -38,14 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import table, use_all_cores, warn_if_busy, write_results
+from common import build_random_qwen3, table, use_all_cores, warn_if_busy, write_results
 
 from pipeline.config import Config, EncoderConfig
 from pipeline.data import DEFAULT_MODULES
 from pipeline.encoder import MINILM_ID, Encoder, Tokenized
 from pipeline.finetune import EndToEnd, TokenizedPairs, enable_checkpointing, freeze_layers
 from pipeline.heads import RewardHeads, preference_loss
-from pipeline.random_qwen3 import build_random_qwen3
 from pipeline.synth import generate_pairs
 
 MODULE_TOKENS = 64

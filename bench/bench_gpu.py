@@ -12,7 +12,7 @@ last.
                 modrm's Encoder.encode and SentenceTransformer.encode(batch_size=32) on the same texts, both
                 end to end (tokenization included); tokens/s, peak GPU memory, MFU = model FLOPs/s over the
                 card's measured fp16 matmul rate; fp16 vs fp32 cosine on a subset
-    fallback    the same model with one token planted to overflow fp16 (pipeline.random_qwen3): 1 text in
+    fallback    the same model with one token planted to overflow fp16 (tests/random_qwen3.py): 1 text in
                 16 carries it; overflowed texts re-encoded in fp32, counted and timed against the clean set
     stage 0     train_heads on CUDA, 1M pairs of dim 1024 (rows drawn from 262,144 cached vectors), batch 256
                 (the default) and 4096, against bare Linear layers of the heads' shapes on the same card
@@ -51,11 +51,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, ROOT, machine, table
+from common import RESULTS, ROOT, build_random_qwen3, machine, table
 
 from pipeline.config import Config, EncoderConfig
 from pipeline.encoder import Encoder
-from pipeline.random_qwen3 import build_random_qwen3
 from pipeline.synth import generate_pairs
 
 LENGTHS = (512, 2048)

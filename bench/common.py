@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' model builder serves the benchmarks too
+from random_qwen3 import build_random_qwen3 as build_random_qwen3  # noqa: E402 (re-exported)
+
 RESULTS = ROOT / "artifacts" / "bench"
 
 

@@ -11,10 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from random_qwen3 import build_random_qwen3
 
 from pipeline.config import Config, apply
 from pipeline.encoder import MINILM_ID
-from pipeline.random_qwen3 import build_random_qwen3
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub; a local folder or MiniLM only
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from random_qwen3 import build_random_qwen3
 
 import pipeline.cache as cache_module
 import pipeline.embed
@@ -29,7 +30,6 @@ from pipeline.embed import embed_files, pair_texts
 from pipeline.encoder import Encoder, Fingerprint
 from pipeline.errors import ModrmError
 from pipeline.keys import text_hash
-from pipeline.random_qwen3 import build_random_qwen3
 
 SEED_UNIQUE_TEXTS = 98  # 63 contexts + 35 module texts for the 128 text slots of the 32 seed pairs
 PAIR_COLUMNS = ("pair_id", "target_module", "task", "group", "split", *ROW_COLUMNS, "pos_outcome", "neg_outcome")
