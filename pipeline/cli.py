@@ -265,14 +265,38 @@ def serve_cmd(
     shutdown_timeout: Annotated[
         float, typer.Option("--shutdown-timeout", min=0, help="seconds requests in flight get to finish on SIGTERM")
     ] = 60.0,
+    header_timeout: Annotated[
+        float, typer.Option("--header-timeout", min=0.001, help="seconds a connection gets to send a request's headers")
+    ] = 10.0,
+    request_timeout: Annotated[
+        float, typer.Option("--request-timeout", min=0.001, help="seconds from a request's headers to its answer")
+    ] = 300.0,
+    max_connections: Annotated[
+        int | None,
+        typer.Option("--max-connections", min=1, help="open connections; default: 1000 or below the open-file limit"),
+    ] = None,
 ) -> None:
     """Serve rewards over HTTP for RL loops (OpenRLHF's /get_reward, /score, /health, /info)."""
     import logging
+    import math
     import os
 
     from pipeline.reward import RewardModel
-    from pipeline.serve import ServeConfig, parse_weights, serve
+    from pipeline.serve import ServeConfig, check_max_connections, default_max_connections, parse_weights, serve
 
+    numbers = {
+        "--batch-wait-ms": batch_wait_ms,
+        "--max-body-mb": max_body_mb,
+        "--empty-reward": empty_reward,
+        "--shutdown-timeout": shutdown_timeout,
+        "--header-timeout": header_timeout,
+        "--request-timeout": request_timeout,
+    }
+    for flag, value in numbers.items():
+        if not math.isfinite(value):
+            raise ModrmError(f"{flag} {value}: must be a finite number")
+    if max_connections is not None:
+        check_max_connections(max_connections)
     api_key = None
     if api_key_env is not None:
         api_key = os.environ.get(api_key_env)
@@ -288,6 +312,9 @@ def serve_cmd(
         empty_reward=empty_reward,
         api_key=api_key,
         shutdown_timeout_s=shutdown_timeout,
+        header_timeout_s=header_timeout,
+        request_timeout_s=request_timeout,
+        max_connections=max_connections or default_max_connections(),
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if compile is None:  # a server lives long enough to repay ~20 s of compiling where it pays: on a GPU

@@ -14,6 +14,7 @@ score through `head_rewards`, the one place the heads run.
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -83,6 +84,15 @@ def check_items(items: Sequence[Mapping], source: str = "items") -> None:
         for field in ("task", "trajectory"):
             if not isinstance(item.get(field), str):
                 raise ModrmError(f"{source}: item {i}, field '{field}': missing or not a string")
+            check_text(item[field], f"{source}: item {i}, field '{field}'")
+
+
+def check_text(text: str, where: str) -> None:
+    """Text the tokenizer can take: a lone surrogate (JSON's "\\ud800") is a str without a UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ModrmError(f"{where}: not valid Unicode (a lone surrogate at character {err.start})") from None
 
 
 def message_text(value: object, what: str) -> str:
@@ -227,8 +237,8 @@ class RewardModel:
         ]
 
     def check_weights(self, weights: Mapping[str, float] | None) -> dict[str, float]:
-        """Every module's weight (default 1, an unnamed one 0); unknown modules, weights below 0 or not finite, and
-        all weights 0 are errors."""
+        """Every module's weight (default 1, an unnamed one 0); unknown modules, weights below 0 or not finite, all
+        weights 0, and weights whose sum overflows a float (the mean would be wrong) are errors."""
         if weights is None:
             return dict.fromkeys(self.modules, 1.0)
         unknown = sorted(set(weights) - set(self.modules))
@@ -236,10 +246,12 @@ class RewardModel:
             raise ModrmError(f"weights: unknown module(s) {', '.join(unknown)} (modules: {', '.join(self.modules)})")
         resolved = {m: weights.get(m, 0.0) for m in self.modules}
         for module, w in resolved.items():
-            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
-                raise ModrmError(f"weights: {module}={w!r} must be a finite number >= 0")
+            if isinstance(w, bool) or not isinstance(w, int | float) or not 0 <= w <= sys.float_info.max:
+                raise ModrmError(f"weights: {module}={w!r:.40} must be a finite number >= 0")
         if not any(resolved.values()):
             raise ModrmError("weights: at least one module needs a weight above 0")
+        if not math.isfinite(sum(map(float, resolved.values()))):
+            raise ModrmError("weights: their sum overflows a float; use smaller weights (only their ratios matter)")
         return resolved
 
     def reward(

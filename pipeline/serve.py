@@ -10,18 +10,31 @@ One model per process. A request is read and checked on the event loop, then que
 the requests that arrive within `batch_wait_ms` (up to `max_batch` trajectories) into one `RewardModel.score`
 call in a single model thread, so concurrent clients share forward passes and the event loop never waits on the
 model. Every user error is a 4xx with {"error": "<one line>"}; the server keeps serving.
+
+Hostile clients: every request is checked on its own before it joins a batch, and a batch that fails anyway is
+scored again request by request, so one bad request fails alone. POSTs must say `Content-Type: application/json`
+(a browser page cannot post a form to an open server). Open connections stay below the open-file limit: a
+connection over `max_connections` closes the one that has waited longest for a request (a slow or idle client),
+a client gets `header_timeout_s` to send a request's headers and `request_timeout_s` from them to its answer, and
+the log says at most once a second that connections were refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import hmac
 import json
 import logging
 import math
+import queue
+import resource
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -29,12 +42,40 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline import __version__
 from pipeline.errors import ModrmError
-from pipeline.reward import RewardModel, check_items, weighted_mean
+from pipeline.reward import RewardModel, check_items, check_text, weighted_mean
 
 log = logging.getLogger("modrm.serve")
+
+LISTEN_BACKLOG = 64  # connections the kernel queues for us; one loop turn may accept that many files at once
+OWN_FILES = 128  # files the process keeps besides its connections: libraries, the model, the log
+MAX_CONNECTIONS = 1000  # the default where the open-file limit allows it
+
+
+def open_file_limit() -> int:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return sys.maxsize if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_ceiling() -> int:
+    """The most connections that cannot exhaust the open-file limit: what the process keeps open itself and two
+    loop turns of accepts are left out (at the limit, every accept would fail and log)."""
+    return open_file_limit() - OWN_FILES - 2 * LISTEN_BACKLOG
+
+
+def default_max_connections() -> int:
+    return max(1, min(MAX_CONNECTIONS, connection_ceiling()))
+
+
+def check_max_connections(limit: int) -> None:
+    if limit > connection_ceiling():
+        raise ModrmError(
+            f"--max-connections {limit}: the open-file limit of {open_file_limit()} leaves room for "
+            f"{connection_ceiling()} (raise it with `ulimit -n`)"
+        )
 
 
 @dataclass(frozen=True)
@@ -48,6 +89,9 @@ class ServeConfig:
     empty_reward: float = 0.0  # /get_reward's reward for a trajectory with no text for any weighted module
     api_key: str | None = field(default=None, repr=False)  # bearer token; None: no authentication
     shutdown_timeout_s: float = 60.0  # on SIGTERM, how long requests in flight may take to finish
+    header_timeout_s: float = 10.0  # a connection's time to send a request's headers, from opening or its last answer
+    request_timeout_s: float = 300.0  # from a request's headers to its answer: body, queue and model
+    max_connections: int = field(default_factory=default_max_connections)  # open at once; below the open-file limit
 
     def limits(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("api_key", "weights")}
@@ -64,6 +108,40 @@ class ApiError(Exception):
 # ---------------------------------------------------------------------------------------------- micro-batching
 
 
+class ModelThread:
+    """One daemon thread running the model's calls in order. A call cannot be interrupted; as a daemon, a call
+    still running when the server has shut down does not keep the process alive (its requests were answered)."""
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._work, name="modrm-model", daemon=True).start()
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as err:  # handed to the caller, whatever it is
+                    future.set_exception(err)
+
+    def run(self, fn: Callable, *args: Any) -> asyncio.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self.jobs.put((future, fn, args))
+        return asyncio.wrap_future(future)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+
+def model_error(err: Exception) -> ApiError:
+    """What a client hears when the model fails on its request alone: its own input (400), or the model (500)."""
+    if isinstance(err, ModrmError | UnicodeError):
+        return ApiError(400, f"the model refused this request: {err}")
+    log.error("model failure on one request", exc_info=err)
+    return ApiError(500, f"model failure ({type(err).__name__}); see the server log")
+
+
 @dataclass
 class Pending:
     items: list[dict]
@@ -78,17 +156,18 @@ class MicroBatcher:
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.waiting = 0  # trajectories queued, not yet taken into a batch
         self.last_batch_requests = 0
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modrm-model")
+        self.worker = ModelThread()
         self.task: asyncio.Task | None = None
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
+        """Stops gathering; a model call still running is left to its thread, not waited for."""
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-        self.worker.shutdown(wait=True)
+        self.worker.stop()
 
     async def submit(self, items: list[dict]) -> list[dict[str, float | None]]:
         if self.waiting + len(items) > self.config.max_queue:
@@ -122,36 +201,53 @@ class MicroBatcher:
         return batch, None
 
     async def _run(self) -> None:
-        loop, carried = asyncio.get_running_loop(), None
+        carried = None
         while True:
             batch, carried = await self._gather(carried or await self.queue.get())
+            self.waiting -= sum(len(pending.items) for pending in batch)
+            batch = [pending for pending in batch if not pending.future.done()]  # its client timed out or left
             self.last_batch_requests = len(batch)
-            items = [item for pending in batch for item in pending.items]
-            self.waiting -= len(items)
-            before, start = replace(self.rm.stats), time.perf_counter()
-            try:
-                scores = await loop.run_in_executor(self.worker, self.rm.score, items)
-            except Exception as err:  # the model failed (out of memory, say): every request of the batch hears it
-                log.exception("batch of %d trajectories failed", len(items))
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(err)
-                continue
-            after = self.rm.stats
-            log.info(
-                "batch: %d requests, %d trajectories, %d texts encoded (%d tokens), %d from cache, %.1f ms",
-                len(batch),
-                len(items),
-                after.encoded - before.encoded,
-                after.tokens - before.tokens,
-                after.cache_hits - before.cache_hits,
-                (time.perf_counter() - start) * 1e3,
-            )
-            offset = 0
+            if batch:
+                await self._score(batch)
+
+    async def _score(self, batch: list[Pending]) -> None:
+        """One model call for the batch; should it fail, one call per request, so only a bad one fails."""
+        items = [item for pending in batch for item in pending.items]
+        before, start = replace(self.rm.stats), time.perf_counter()
+        try:
+            scores = await self.worker.run(self.rm.score, items)
+        except Exception as err:
+            if len(batch) == 1:
+                settle(batch[0], exception=model_error(err))
+                return
+            log.warning("batch of %d requests failed (%s); scoring them one by one", len(batch), type(err).__name__)
             for pending in batch:
-                if not pending.future.done():  # a client that went away leaves a cancelled future
-                    pending.future.set_result(scores[offset : offset + len(pending.items)])
-                offset += len(pending.items)
+                await self._score([pending])
+            return
+        after = self.rm.stats
+        log.info(
+            "batch: %d requests, %d trajectories, %d texts encoded (%d tokens), %d from cache, %.1f ms",
+            len(batch),
+            len(items),
+            after.encoded - before.encoded,
+            after.tokens - before.tokens,
+            after.cache_hits - before.cache_hits,
+            (time.perf_counter() - start) * 1e3,
+        )
+        offset = 0
+        for pending in batch:
+            settle(pending, result=scores[offset : offset + len(pending.items)])
+            offset += len(pending.items)
+
+
+def settle(pending: Pending, result: Any = None, exception: Exception | None = None) -> None:
+    """Answers a request unless its client has gone (a cancelled future)."""
+    if pending.future.done():
+        return
+    if exception is not None:
+        pending.future.set_exception(exception)
+    else:
+        pending.future.set_result(result)
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -166,6 +262,10 @@ def string_list(body: dict, key: str, required: bool) -> list[str] | None:
     for i, entry in enumerate(value):
         if not isinstance(entry, str):
             raise ApiError(400, f"'{key}'[{i}]: expected a string, got {type(entry).__name__}")
+        try:
+            check_text(entry, f"'{key}'[{i}]")
+        except ModrmError as err:
+            raise ApiError(400, str(err)) from None
     return value
 
 
@@ -193,6 +293,16 @@ class RewardService:
         if n > self.config.max_items:
             raise ApiError(413, f"'{what}': {n} trajectories, more than the limit of {self.config.max_items}")
 
+    def _weights(self, body: dict) -> dict[str, float]:
+        if body.get("weights") is None:
+            return self.weights
+        if not isinstance(body["weights"], dict):
+            raise ApiError(400, "'weights': expected an object of module: weight")
+        try:
+            return self.rm.check_weights(body["weights"])
+        except ModrmError as err:
+            raise ApiError(400, str(err)) from None
+
     async def get_reward(self, body: Any) -> dict:
         if not isinstance(body, dict):
             raise ApiError(400, f"body: expected a JSON object, got {type(body).__name__}")
@@ -202,18 +312,14 @@ class RewardService:
         for key, value in (("prompts", prompts), ("labels", body.get("labels"))):
             if isinstance(value, list) and len(value) != len(queries):
                 raise ApiError(400, f"'{key}' has {len(value)} entries but 'query' has {len(queries)}")
-        weights = self.weights
-        if body.get("weights") is not None:
-            if not isinstance(body["weights"], dict):
-                raise ApiError(400, "'weights': expected an object of module: weight")
-            try:
-                weights = self.rm.check_weights(body["weights"])
-            except ModrmError as err:
-                raise ApiError(400, str(err)) from None
+        weights = self._weights(body)
         items = [split_query(q, prompts[i] if prompts else None) for i, q in enumerate(queries)]
         scores = await self.batcher.submit(items) if items else []
         rewards = [weighted_mean(s, weights) for s in scores]
         rewards = [self.config.empty_reward if r is None else r for r in rewards]
+        for i, reward in enumerate(rewards):
+            if not math.isfinite(reward):
+                raise ApiError(400, f"'weights': query {i}'s reward is {reward} with these weights; use smaller ones")
         return {
             "rewards": rewards,
             "scores": [sigmoid(r) for r in rewards],
@@ -236,7 +342,7 @@ class RewardService:
         return {
             "modules": self.rm.modules,
             "stage": ckpt.stage,
-            "checkpoint": str(ckpt.folder),
+            "checkpoint": ckpt.folder.name,  # not the path: it tells a caller nothing it needs about the host
             "encoder": {"name": ckpt.config.encoder.name, "fingerprint": ckpt.fingerprint.to_dict()},
             "device": str(next(self.rm.heads.parameters()).device),
             "compiled": self.rm.encoder.compiled,
@@ -248,6 +354,25 @@ class RewardService:
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
+
+
+def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=dict(headers or {}))
+
+
+def check_content_type(request: Request) -> None:
+    """JSON only, parameters allowed (`application/json; charset=utf-8`). A missing type is refused too: a
+    browser's cross-site form posts cannot send this one, and every JSON client (`requests.post(json=...)`,
+    `curl --json`) sends it."""
+    sent = request.headers.get("content-type", "")
+    if sent.partition(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, f"Content-Type {sent or '(none)'}: send application/json")
+
+
+def bearer_token(header: str) -> str | None:
+    """The token of `Authorization: Bearer <token>`; the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, token = header.partition(" ")
+    return token.strip(" ") if scheme.lower() == "bearer" else None
 
 
 def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
@@ -262,11 +387,10 @@ def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
         app.state.ready = False
         await service.batcher.stop()
 
-    app = FastAPI(title="modrm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.ready = False
-
-    def error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=dict(headers or {}))
+    app = FastAPI(
+        title="modrm", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+    app.state.ready, app.state.service = False, service
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -296,20 +420,47 @@ def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
             raise ApiError(400, f"body is not valid JSON ({err})") from None
+        except RecursionError:
+            raise ApiError(400, "body is not valid JSON here: it nests too deeply") from None
 
     def authorize(request: Request) -> None:
         if config.api_key is None:
             return
-        sent = request.headers.get("authorization", "")
-        if not (sent.startswith("Bearer ") and hmac.compare_digest(sent[7:].encode(), config.api_key.encode())):
+        token = bearer_token(request.headers.get("authorization", ""))
+        if token is None or not hmac.compare_digest(token.encode(), config.api_key.encode()):
             raise ApiError(
                 401, "missing or wrong bearer token (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
             )
 
+    async def answer(request: Request, handler: Callable) -> dict:
+        """The handler's answer within request_timeout_s: 408 if the body was still arriving, 503 if the
+        request still waited for the model."""
+        deadline = asyncio.get_running_loop().time() + config.request_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await read_json(request)
+        except TimeoutError:
+            raise ApiError(
+                408, f"body not received within {config.request_timeout_s:g} s", {"Connection": "close"}
+            ) from None
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await handler(body)
+        except TimeoutError:
+            raise ApiError(
+                503,
+                f"no answer within the request timeout of {config.request_timeout_s:g} s; retry",
+                {"Retry-After": "1"},
+            ) from None
+
     def endpoint(handler: Callable) -> Callable:
         async def run(request: Request) -> JSONResponse:
             authorize(request)
-            return JSONResponse(await handler(await read_json(request)))
+            check_content_type(request)
+            try:
+                return JSONResponse(await answer(request, handler))
+            except asyncio.CancelledError:  # the server stops and its graceful period is over
+                return error(503, "the server is shutting down; retry elsewhere or later", {"Retry-After": "1"})
 
         return run
 
@@ -346,17 +497,146 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
     return weights
 
 
-def serve(rm: RewardModel, config: ServeConfig, host: str, port: int) -> None:
-    """Run until SIGINT or SIGTERM; on either, requests in flight finish (within `shutdown_timeout_s`) before the
-    process exits."""
+# ---------------------------------------------------------------------------------------------- connections
+
+
+class OncePerSecond(logging.Filter):
+    """Lets one record a second through of those starting with one of `prefixes`, without its traceback, and
+    counts the others into the next one: a flood of refused connections cannot flood the log."""
+
+    def __init__(self, prefixes: tuple[str, ...], interval_s: float = 1.0):
+        super().__init__()
+        self.prefixes, self.interval_s = prefixes, interval_s
+        self.last, self.dropped = -math.inf, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith(self.prefixes):
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            self.dropped += 1
+            return False
+        record.msg = record.msg.splitlines()[0]
+        if self.dropped:
+            record.msg += f" ({self.dropped} more such lines dropped)"
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        self.last, self.dropped = now, 0
+        return True
+
+
+REFUSALS = OncePerSecond(
+    (
+        "connections at the limit",  # ConnectionGuard
+        "socket.accept() out of system resource",  # asyncio, should the open-file limit be reached anyway
+        "Invalid HTTP request received.",  # uvicorn, once per malformed request
+        "Exceeded concurrency limit.",
+    )
+)
+
+
+def limit_refusal_logs() -> None:
+    for name in ("modrm.serve", "asyncio", "uvicorn.error"):
+        if REFUSALS not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(REFUSALS)
+
+
+class ConnectionGuard:
+    """Keeps open connections within `limit` and gives each `header_timeout_s` to send a request's headers (from
+    opening, or from its last answer). A connection over the limit closes the one that has waited longest for a
+    request (a slow or idle client), or is refused itself when every connection is busy with a request."""
+
+    def __init__(self, limit: int, header_timeout_s: float):
+        self.limit, self.header_timeout_s = limit, header_timeout_s
+        self.open: set[GuardedH11Protocol] = set()
+        self.idle: dict[GuardedH11Protocol, None] = {}  # waiting for a request, longest first
+
+    def admit(self, protocol: GuardedH11Protocol) -> bool:
+        if len(self.open) >= self.limit:
+            if not self.idle:
+                log.warning("connections at the limit of %d, each busy with a request: refused one", self.limit)
+                return False
+            log.warning("connections at the limit of %d: closed the one waiting longest for a request", self.limit)
+            oldest = next(iter(self.idle))
+            self.forget(oldest)
+            oldest.transport.close()
+        self.open.add(protocol)
+        return True
+
+    def forget(self, protocol: GuardedH11Protocol) -> None:
+        self.open.discard(protocol)
+        self.busy(protocol)
+
+    def waits(self, protocol: GuardedH11Protocol) -> None:
+        """Idle from now (not from its last byte: a client trickling headers gains nothing)."""
+        if protocol not in self.idle:
+            self.idle[protocol] = None
+            protocol.header_timer = protocol.loop.call_later(self.header_timeout_s, protocol.transport.close)
+
+    def busy(self, protocol: GuardedH11Protocol) -> None:
+        if protocol in self.idle:
+            del self.idle[protocol]
+            protocol.header_timer.cancel()
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol under a ConnectionGuard: busy while the app answers a request, idle otherwise."""
+
+    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self.header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.guard.admit(self):
+            self.guard.waits(self)
+        else:
+            transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.forget(self)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._track()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._track()
+
+    def _track(self) -> None:
+        if self not in self.guard.open:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.guard.busy(self)
+        else:
+            self.guard.waits(self)
+
+
+def uvicorn_config(app: FastAPI, config: ServeConfig, host: str, port: int):
+    """uvicorn's settings for `app`: the guarded protocol, a short listen backlog, the graceful shutdown period."""
     import uvicorn
 
-    app = create_app(rm, config)
-    uvicorn.run(
+    guard = ConnectionGuard(config.max_connections, config.header_timeout_s)
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level="info",
         access_log=False,
-        timeout_graceful_shutdown=config.shutdown_timeout_s,  # beyond it, what still runs is cancelled (a 500)
+        http=functools.partial(GuardedH11Protocol, guard=guard),
+        backlog=LISTEN_BACKLOG,
+        timeout_graceful_shutdown=config.shutdown_timeout_s,  # beyond it, what still runs is answered 503
     )
+
+
+def serve(rm: RewardModel, config: ServeConfig, host: str, port: int) -> None:
+    """Run until SIGINT or SIGTERM; on either, requests in flight finish (within `shutdown_timeout_s`) before the
+    process exits."""
+    import uvicorn
+
+    settings = uvicorn_config(create_app(rm, config), config, host, port)  # configures logging
+    limit_refusal_logs()
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises SIGINT once it has shut down
+        uvicorn.Server(settings).run()

@@ -3,10 +3,14 @@ bad request, bearer tokens, SIGTERM with requests in flight, and verl's adapter.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import math
 import os
 import re
+import resource
+import select
 import signal
 import socket
 import subprocess
@@ -25,8 +29,10 @@ import pytest
 import torch
 
 from pipeline import RewardModel, cli
+from pipeline.errors import ModrmError
 from pipeline.evaluate import evaluate
 from pipeline.integrations import verl
+from pipeline.serve import ServeConfig, check_max_connections
 from pipeline.synth import generate_pairs
 
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
@@ -44,15 +50,23 @@ class Server:
     def __init__(self, process: subprocess.Popen, port: int, log: Path):
         self.process, self.url, self.log = process, f"http://127.0.0.1:{port}", log
 
-    def request(self, method: str, path: str, body: object = None, raw: bytes | None = None, token: str | None = None):
-        """(status, parsed JSON, headers) of one call; errors come back as values, not exceptions."""
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        raw: bytes | None = None,
+        token: str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 600,
+    ):
+        """(status, parsed JSON, headers) of one call; errors come back as values, not exceptions. `headers`
+        replace the JSON content type and the bearer token."""
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
+        sent = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or sent)
         try:
-            with urllib.request.urlopen(req, timeout=120) as response:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
                 return response.status, json.loads(response.read()), response.headers
         except urllib.error.HTTPError as err:
             body = err.read()
@@ -66,13 +80,23 @@ class Server:
 
 
 @contextmanager
-def running(checkpoint: Path, *flags: str, env: dict | None = None) -> Iterator[Server]:
+def running(checkpoint: Path, *flags: str, env: dict | None = None, open_files: int | None = None) -> Iterator[Server]:
+    """A `modrm serve` process, once healthy; `open_files`: its soft open-file limit."""
     port = free_port()
     log = Path(tempfile.mkstemp(suffix=".log")[1])
     command = [sys.executable, "-m", "pipeline", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
+
+    def limit_files() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
     with log.open("w") as out:
         process = subprocess.Popen(
-            [*command, "--device", "cpu", *flags], stdout=out, stderr=subprocess.STDOUT, env=os.environ | (env or {})
+            [*command, "--device", "cpu", *flags],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ | (env or {}),
+            preexec_fn=limit_files,
         )
     server = Server(process, port, log)
     try:
@@ -190,6 +214,11 @@ def huge(n: int) -> str:
         ("/score", {"items": [{"task": "t"}]}, 400, r"item 0, field 'trajectory'"),
         ("/score", {"items": "x"}, 400, "expected"),
         ("/nope", {}, 404, "POST /nope: Not Found"),
+        ("/score", {"items": [{"task": "t", "trajectory": "\ud800"}]}, 400, r"field 'trajectory': not valid Uni"),
+        ("/get_reward", {"query": ["a", "\udfff"]}, 400, r"'query'\[1\]: not valid Unicode"),
+        pytest.param("/get_reward", b"[" * 100_000 + b"]" * 100_000, 400, "nests too deeply", id="deep"),
+        ("/get_reward", {"query": ["a"], "weights": {"planner": 10**400}}, 400, "planner=10{39}.*finite number"),
+        ("/get_reward", {"query": ["a"], "weights": dict.fromkeys(MODULES, 1e308)}, 400, "sum overflows"),
     ],
 )
 def test_every_bad_request_is_a_4xx_with_one_line_and_the_server_keeps_serving(server, path, body, status, pattern):
@@ -206,7 +235,66 @@ def test_health_and_info(server):
     assert status == 200 and info["modules"] == MODULES and info["stage"] == 0
     assert info["device"] == "cpu" and info["compiled"] is False  # compiling is for GPUs unless asked
     assert info["weights"] == WEIGHTS and info["limits"]["max_items"] == 16 and info["encoder"]["fingerprint"]
+    assert info["checkpoint"] == "stage0"  # its folder's name, not where it lies on the host
     assert server.request("GET", "/get_reward")[0] == 405
+    assert server.request("GET", "/openapi.json")[0] == 404 and server.request("GET", "/docs")[0] == 404
+
+
+def post_as(server: Server, content_type: str | None) -> int:
+    """The status of a valid /get_reward sent with this Content-Type (None: no such header at all)."""
+    connection = http.client.HTTPConnection("127.0.0.1", int(server.url.rsplit(":", 1)[1]), timeout=600)
+    headers = {"Content-Type": content_type} if content_type else {}
+    connection.request("POST", "/get_reward", json.dumps({"query": ["<plan>x</plan>"]}).encode(), headers)
+    status = connection.getresponse().status
+    connection.close()
+    return status
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        ("application/json", 200),
+        ("Application/JSON; charset=utf-8", 200),
+        ("application/x-www-form-urlencoded", 415),  # an HTML form's, and curl -d's
+        ("text/plain", 415),  # what a page's fetch may send without asking the server first
+        (None, 415),
+    ],
+)
+def test_only_json_bodies_are_taken(server, content_type, status):
+    assert post_as(server, content_type) == status
+
+
+def test_one_bad_request_among_concurrent_ones_fails_alone(server, records):
+    """A lone surrogate (valid JSON, not UTF-8) posted with five good requests: the five get their rewards."""
+    good = [{"query": [PROMPT + r["positive"]["trajectory_full_context"]], "prompts": [PROMPT]} for r in records[:5]]
+    bad = {"query": [PROMPT + "<plan>\ud800</plan>"], "prompts": [PROMPT]}
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda body: server.post("/get_reward", body), [*good[:3], bad, *good[3:]]))
+    statuses = [status for status, _, _ in answers]
+    assert statuses == [200, 200, 200, 400, 200, 200], answers
+    assert re.search(r"'query'\[0\]: not valid Unicode", answers[3][1]["error"])
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "pattern"),
+    [
+        ("empty_reward", math.nan, "--empty-reward nan: must be a finite number"),
+        ("max_body_mb", math.inf, "--max-body-mb inf: must be a finite number"),
+        ("batch_wait_ms", math.nan, "--batch-wait-ms nan"),
+        ("shutdown_timeout", math.inf, "--shutdown-timeout inf"),
+        ("request_timeout", math.nan, "--request-timeout nan"),
+        ("max_connections", 10**9, "--max-connections 1000000000: the open-file limit of .* leaves room for"),
+    ],
+)
+def test_serve_refuses_impossible_settings_at_start(flag, value, pattern):
+    with pytest.raises(ModrmError, match=pattern):
+        cli.serve_cmd(Path("checkpoint"), **{flag: value})
+
+
+def test_the_default_connection_limit_stays_below_the_open_file_limit():
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert ServeConfig().max_connections < soft
+    check_max_connections(ServeConfig().max_connections)
 
 
 @pytest.mark.parametrize(
@@ -245,18 +333,19 @@ def test_verl_compute_score_calls_the_server(server, rm, records, monkeypatch):
         verl.compute_score("agent", trajectory, None)
 
 
-def distinct_trajectories() -> list[dict]:
-    """512 distinct trajectories, seconds of work in one request (the seed pairs share most of theirs)."""
-    pairs = generate_pairs(64, seed=3)
+def distinct_trajectories(pairs_per_module: int) -> list[dict]:
+    """8 distinct trajectories per pair per module, a second or more of work each on a CPU (the seed pairs share
+    most of theirs)."""
+    pairs = generate_pairs(pairs_per_module, seed=3)
     return [{"task": p.task, "trajectory": side.context} for p in pairs for side in (p.positive, p.negative)]
 
 
 def test_bearer_token_full_queue_and_sigterm_with_requests_in_flight(stage0):
     """While the model scores request A, B waits in the queue and C would overflow it (503); then SIGTERM: A and B
     still get their rewards, and a batch finishes after the server has begun shutting down."""
-    sides = distinct_trajectories()
-    flags = ["--api-key-env", "MODRM_TEST_KEY", "--max-items", "512", "--max-queue", "600", "--cache-size", "0"]
-    flags += ["--shutdown-timeout", "600"]  # A and B finish however loaded the machine is (seconds when idle)
+    sides = distinct_trajectories(16)
+    flags = ["--api-key-env", "MODRM_TEST_KEY", "--max-items", "128", "--max-queue", "150", "--cache-size", "0"]
+    flags += ["--shutdown-timeout", "600", "--request-timeout", "600"]  # A and B finish however loaded the machine is
     with running(stage0, *flags, env={"MODRM_TEST_KEY": "s3cret"}) as server:
         body = {"items": sides[:1]}
         status, answer, headers = server.post("/score", body)
@@ -266,9 +355,12 @@ def test_bearer_token_full_queue_and_sigterm_with_requests_in_flight(stage0):
         assert server.request("GET", "/info")[0] == 401
         assert server.request("GET", "/health")[0] == 200  # probes need no token
         assert server.post("/score", body, token="s3cret")[0] == 200
+        lower = {"Content-Type": "application/json", "Authorization": "bearer s3cret"}
+        assert server.post("/score", body, headers=lower)[0] == 200  # the scheme is case-insensitive (RFC 7235)
+        assert server.request("GET", "/openapi.json", token="s3cret")[0] == 404  # no schema to hand out
 
         pool = ThreadPoolExecutor(2)
-        a = pool.submit(server.post, "/score", {"items": sides}, token="s3cret")  # 512 trajectories: seconds of work
+        a = pool.submit(server.post, "/score", {"items": sides}, token="s3cret")  # 128 trajectories: seconds of work
         time.sleep(0.3)
         b = pool.submit(server.post, "/score", {"items": sides[::-1]}, token="s3cret")  # queued behind A
         time.sleep(0.3)
@@ -282,19 +374,66 @@ def test_bearer_token_full_queue_and_sigterm_with_requests_in_flight(stage0):
         # uvicorn re-raises the signal once it has shut down gracefully, so the exit status is SIGTERM's
         assert server.process.wait(timeout=60) == -signal.SIGTERM
         log = server.log.read_text()
-        assert "batch: 1 requests, 512 trajectories" in log[log.index("Shutting down") :]
+        assert "batch: 1 requests, 128 trajectories" in log[log.index("Shutting down") :]
         assert "Application shutdown complete" in log
 
 
-def test_shutdown_timeout_caps_the_wait_for_requests_in_flight(stage0):
-    """--shutdown-timeout: a request still running when it expires is cancelled (a 500) and the process exits."""
-    sides = distinct_trajectories()
-    with running(stage0, "--max-items", "512", "--cache-size", "0", "--shutdown-timeout", "0.2") as server:
-        a = ThreadPoolExecutor(1).submit(server.post, "/score", {"items": sides})  # seconds of work
-        time.sleep(0.3)
-        started = time.time()
+def test_shutdown_timeout_answers_what_still_runs_with_json_and_exits_though_the_model_is_busy(stage0):
+    """--shutdown-timeout 2 while the model scores a request of minutes: the request is answered 503 in JSON, and
+    the process exits within the timeout and a margin (the model thread, a daemon, is not waited for)."""
+    sides = distinct_trajectories(128)  # 1024 trajectories
+    with running(stage0, "--max-items", "1024", "--cache-size", "0", "--shutdown-timeout", "2") as server:
+        a = ThreadPoolExecutor(1).submit(server.post, "/score", {"items": sides})
+        time.sleep(1.0)
+        started = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        assert server.process.wait(timeout=60) is not None
-        assert a.result()[0] == 500
-        assert "timeout graceful shutdown exceeded" in server.log.read_text()
-        assert time.time() - started < 30
+        assert server.process.wait(timeout=300) == -signal.SIGTERM
+        exited = time.monotonic() - started
+        status, answer, headers = a.result()
+        assert status == 503 and "shutting down" in answer["error"] and headers["Retry-After"] == "1"
+        log = server.log.read_text()
+        assert "timeout graceful shutdown exceeded" in log and "Traceback" not in log
+        assert exited < 2 + 20, log[-3000:]
+
+
+def test_slow_clients_cannot_lock_others_out_nor_flood_the_log(stage0):
+    """Under an open-file limit of 512, 600 connections that send part of a request's headers and stall: a new
+    client still gets its reward, every stalled connection is closed (--header-timeout 1, or to make room), and
+    the log says so at most once a second, without a traceback."""
+    with running(stage0, "--header-timeout", "1", open_files=512) as server:
+        port, started = int(server.url.rsplit(":", 1)[1]), time.monotonic()
+        stalled = []
+        for _ in range(12):  # in bursts the listen backlog takes
+            for _ in range(50):
+                sock = socket.socket()
+                sock.setblocking(False)
+                sock.connect_ex(("127.0.0.1", port))
+                stalled.append(sock)
+            time.sleep(0.05)
+        for sock in stalled:
+            with contextlib.suppress(OSError):
+                sock.send(b"POST /score HTTP/1.1\r\nHost: x\r\n")
+        status, answer, _ = server.request("POST", "/get_reward", {"query": ["<plan>x</plan>"]}, timeout=60)
+        assert status == 200 and len(answer["rewards"]) == 1
+        assert not still_open(stalled, timeout=60)
+        for sock in stalled:
+            sock.close()
+        log = server.log.read_text()
+        refusals = [line for line in log.splitlines() if "connections at the limit" in line or "accept()" in line]
+        assert "Traceback" not in log and len(refusals) <= time.monotonic() - started + 1, log[-3000:]
+
+
+def still_open(sockets: list[socket.socket], timeout: float) -> list[socket.socket]:
+    """The sockets the other side has not closed within `timeout` seconds."""
+    poller, left = select.poll(), {sock.fileno(): sock for sock in sockets}
+    for fd in left:
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    deadline = time.monotonic() + timeout
+    while left and time.monotonic() < deadline:
+        for fd, _ in poller.poll(1000):
+            with contextlib.suppress(OSError):
+                if left[fd].recv(1):
+                    continue  # the server answered something: still open
+            poller.unregister(fd)
+            del left[fd]
+    return list(left.values())
