@@ -14,14 +14,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from pipeline.atomic import commit, recover
-from pipeline.config import Config, config_from_dict
+from pipeline.atomic import check_settled, commit
+from pipeline.config import Config, EncoderConfig, config_from_dict
 from pipeline.data import Pair
 from pipeline.encoder import Fingerprint, ModelInfo, describe, pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
 
 HEADS_FILE, CONFIG_FILE, METRICS_FILE, ENCODER_DIR = "heads.safetensors", "config.json", "metrics.json", "encoder"
+FILE_ID = ("path", "sha256")  # what `trained_on` records of each data file
 
 
 @dataclass
@@ -48,9 +49,11 @@ class Checkpoint:
         self.model.to(resolved)
         return resolved
 
-    def encoder_info(self) -> ModelInfo:
-        """The encoder whose embeddings the heads were trained on, or an error naming what differs."""
-        info = describe(self.config.encoder, folder=self.encoder_folder)
+    def encoder_info(self, encoder: EncoderConfig | None = None) -> ModelInfo:
+        """The encoder whose embeddings the heads were trained on, or an error naming what differs. `encoder`: the
+        run's own encoder settings where they differ from the saved ones (the run may trust remote code; a saved
+        config never does)."""
+        info = describe(encoder or self.config.encoder, folder=self.encoder_folder)
         diffs = info.fingerprint.differences(self.fingerprint)
         if diffs:
             raise ModrmError(
@@ -124,17 +127,18 @@ def write_heads(
 
 
 def read_checkpoint_config(folder: str | Path) -> tuple[dict, Config]:
-    """config.json's metadata and the resolved config that trained the checkpoint (no weights read)."""
+    """config.json's metadata and the resolved config that trained the checkpoint (no weights read). Reading
+    writes nothing: a save interrupted part way is an error, finished by its writer (`atomic.recover`)."""
     folder = Path(folder)
     if folder.is_dir():
-        recover(folder)  # a save a kill interrupted: finished if it had committed, else dropped
+        check_settled(folder, [*HEADS_FILES, ENCODER_DIR])
     for name in (CONFIG_FILE, HEADS_FILE):
         if not (folder / name).is_file():
             raise ModrmError(f"checkpoint {folder}: missing {name} (train one with `modrm train-heads`)")
     try:
         meta = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         return meta, config_from_dict(meta["config"], str(folder / CONFIG_FILE))
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, RecursionError) as err:
         raise ModrmError(f"checkpoint {folder}: {CONFIG_FILE} is malformed ({err})") from None
 
 
@@ -150,6 +154,15 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> C
             raise ValueError(f"modules must be a list of names, got {modules!r:.60}")
         if len(set(modules)) != len(modules) or isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"modules {modules} and dim {dim!r}: names must be unique and dim a positive integer")
+        stage, cache = meta.get("stage", 0), meta.get("cache")
+        if type(stage) is not int or stage not in (0, 1):
+            raise ValueError(f"stage {stage!r:.40} is not 0 or 1")
+        if cache is not None and not isinstance(cache, str):
+            raise ValueError(f"cache must be a folder name, got {type(cache).__name__}")
+        trained_on = meta.get("trained_on", [])
+        if not isinstance(trained_on, list):
+            raise ValueError(f"trained_on must be a list, got {type(trained_on).__name__}")
+        trained_on = [t for t in trained_on if isinstance(t, dict) and all(isinstance(t.get(k), str) for k in FILE_ID)]
         with torch.device("meta"):  # shapes only: nothing allocated until the file agrees
             expected = {k: tuple(v.shape) for k, v in RewardHeads(modules, dim, config.heads).state_dict().items()}
     except (KeyError, TypeError, ValueError) as err:
@@ -168,6 +181,4 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> C
         raise ModrmError(f"checkpoint {folder}: {HEADS_FILE} is not a readable safetensors file ({err})") from None
     model = RewardHeads(modules, dim, config.heads)
     model.load_state_dict(state)
-    trained_on = [t for t in meta.get("trained_on", []) if isinstance(t, dict) and isinstance(t.get("sha256"), str)]
-    stage, cache = meta.get("stage", 0), meta.get("cache")
     return Checkpoint(folder, model.to(device).eval(), config, fingerprint, stage, cache, trained_on)
