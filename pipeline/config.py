@@ -236,11 +236,14 @@ ENCODER_IDENTITY = (
     "max_module_tokens",
     "context_template",
     "prompt_name",
-    "trust_remote_code",
 )
 SPLIT = ("modules", "train_fraction", "val_fraction", "split_seed")
 FIXED_BY_CACHE = {"encoder": ENCODER_IDENTITY, "data": SPLIT}
 FIXED_BY_CHECKPOINT = {**FIXED_BY_CACHE, "heads": ("hidden", "hidden2")}
+# Settings that let a model folder run code (its own Python files; pickled weights), at their safe values: a config
+# saved with a cache or checkpoint may come from anywhere, so reading one always restores these; only the settings
+# of the run itself (a --config file, the caller's own Config) turn them on.
+CODE_SETTINGS = {"trust_remote_code": False, "use_safetensors": True}
 # Where a run happened is not part of what it made: never inherited from a saved config.
 RUN_SETTINGS = {"encoder": ("device", "dtype", "token_budget"), "train": ("device",), "finetune": ("device",)}
 
@@ -302,7 +305,8 @@ def load_config(
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
-    """The resolved config written beside an output, read back (`source` names the file in errors)."""
+    """The resolved config written beside an output, read back (`source` names the file in errors), with the
+    settings that would let a model folder run code at their safe values (`CODE_SETTINGS`)."""
     config = Config()
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
         raise ModrmError(f"{source}: the saved config is not a table of sections")
@@ -311,4 +315,6 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             apply(config, section, values)
     except ModrmError as err:
         raise ModrmError(f"{source}: {err}") from None
+    for key, safe in CODE_SETTINGS.items():
+        setattr(config.encoder, key, safe)
     return config

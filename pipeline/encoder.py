@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +49,9 @@ class Fingerprint:
     tokenizer_sha256: str = ""
     # what left truncation of contexts keeps: older caches kept only the prompt, so their long contexts lost the task
     truncation: str = "prompt+end"
+    # the folder's own Python code ran (trust_remote_code and an auto_map): without it, transformers loads its built-in
+    # class for the model type instead, whose embeddings differ
+    remote_code: bool = False
 
     IDENTITY = (
         "weights_sha256",
@@ -59,6 +63,7 @@ class Fingerprint:
         "max_module_tokens",
         "dim",
         "truncation",
+        "remote_code",
     )
 
     def differences(self, other: Fingerprint) -> list[str]:
@@ -101,20 +106,70 @@ def resolve_model_path(name: str, revision: str | None = None) -> tuple[Path, st
     return folder, folder.name
 
 
-def _read_json(path: Path) -> dict | list | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _read_json(path: Path, kind: type = dict) -> Any:
+    """A model folder's JSON file (None where it has none): a stage-1 checkpoint's encoder/ may come from anywhere,
+    so a damaged one, or one of another shape, is an error naming it."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
+        raise ModrmError(f"{path}: not a readable JSON file ({err!s:.200})") from None
+    if not isinstance(value, kind):
+        raise ModrmError(f"{path}: expected a JSON {_JSON_NAMES[kind]}, got {_shown(value)}")
+    return value
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer"}
+
+
+def _shown(value: Any) -> str:
+    """A value for an error line: a scalar quoted (cut short), anything else by its type."""
+    return f"{value!r:.80}" if isinstance(value, str | int | float | bool) else f"a {type(value).__name__}"
+
+
+def _field(path: Path, obj: dict, key: str, kind: type, default: Any = None) -> Any:
+    """obj[key] if it is a `kind` (a bool is no integer), `default` where absent or null, else an error naming it."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ModrmError(f"{path}: '{key}' must be a JSON {_JSON_NAMES[kind]}, got {_shown(value)}")
+    return value
+
+
+def _prompts(path: Path) -> tuple[dict[str, str], str | None]:
+    """(prompts, default prompt name) of config_sentence_transformers.json."""
+    st_config = _read_json(path) or {}
+    prompts = _field(path, st_config, "prompts", dict, {})
+    bad = next((name for name, text in prompts.items() if not isinstance(text, str)), None)
+    if bad is not None:
+        raise ModrmError(f"{path}: prompt {bad!r:.80} must be a string")
+    return prompts, _field(path, st_config, "default_prompt_name", str)
+
+
+def _module_types(path: Path) -> dict[str, dict]:
+    """modules.json: each module's type (its last dotted part) -> its entry; a module's folder stays inside."""
+    types = {}
+    for i, module in enumerate(_read_json(path, list)):
+        if not isinstance(module, dict):
+            raise ModrmError(f"{path}: module {i} must be a JSON object")
+        kind, folder = _field(path, module, "type", str), _field(path, module, "path", str, "")
+        if kind is None:
+            raise ModrmError(f"{path}: module {i} has no 'type'")
+        if Path(folder).is_absolute() or ".." in Path(folder).parts:
+            raise ModrmError(f"{path}: module {i}'s path {folder!r:.80} leaves the model folder")
+        types[kind.rsplit(".", 1)[-1]] = module | {"path": folder}
+    return types
 
 
 def read_pooling(folder: Path, model_type: str) -> tuple[str, bool, dict[str, str], str | None]:
     """(pooling, normalize, prompts, default prompt name) from the sentence-transformers files."""
-    modules = _read_json(folder / "modules.json")
-    st_config = _read_json(folder / "config_sentence_transformers.json") or {}
-    prompts = st_config.get("prompts") or {}
-    default_prompt = st_config.get("default_prompt_name")
-    if modules is None:  # no sentence-transformers files: the usual choice per architecture
+    prompts, default_prompt = _prompts(folder / "config_sentence_transformers.json")
+    if not (folder / "modules.json").is_file():  # no sentence-transformers files: the usual choice per architecture
         decoder = model_type in _DECODER_TYPES
         return ("lasttoken" if decoder else "mean"), decoder, prompts, default_prompt
-    types = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
+    types = _module_types(folder / "modules.json")
     pooling = "mean"
     if "Pooling" in types:
         pool_cfg = _read_json(folder / types["Pooling"]["path"] / "config.json") or {}
@@ -130,9 +185,17 @@ def read_pooling(folder: Path, model_type: str) -> tuple[str, bool, dict[str, st
 
 def _model_max_tokens(folder: Path, hf_config) -> int:
     """The model's own limit: sentence-transformers' max_seq_length, else its position table."""
-    st = _read_json(folder / "sentence_bert_config.json") or {}
+    path = folder / "sentence_bert_config.json"
+    st = _read_json(path) or {}
     positions = getattr(hf_config, "max_position_embeddings", None) or 1 << 30
-    return min(st.get("max_seq_length") or positions, positions)
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
+        raise ModrmError(
+            f"{folder / 'config.json'}: max_position_embeddings {_shown(positions)} is not a positive integer"
+        )
+    limit = _field(path, st, "max_seq_length", int) or positions
+    if limit < 1:
+        raise ModrmError(f"{path}: max_seq_length {limit} is not a positive integer")
+    return min(limit, positions)
 
 
 TOKENIZER_FILES = (
@@ -192,6 +255,18 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ModrmError(f"dtype {dtype!r}: use auto, float32, float16 or bfloat16") from None
 
 
+# The folder's JSON files Hugging Face reads (as objects): checked first, so damage is named by its file.
+HF_JSON_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json")
+CODE_MAPS = ("config.json", "tokenizer_config.json")  # where `auto_map` points at the folder's own Python code
+
+
+def maps_own_code(folder: Path) -> bool:
+    """Whether the folder's config or tokenizer names its own Python code (`auto_map`), after checking that each
+    JSON file Hugging Face reads is an object (a damaged one is an error naming it)."""
+    contents = {name: _read_json(folder / name) for name in HF_JSON_FILES}
+    return any((contents[name] or {}).get("auto_map") for name in CODE_MAPS)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     folder: Path
@@ -205,10 +280,16 @@ def describe(config: EncoderConfig, folder: Path | None = None) -> ModelInfo:
     revision = config.revision
     if folder is None:
         folder, revision = resolve_model_path(config.name, config.revision)
+    own_code = maps_own_code(Path(folder))
     try:
         hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise ModrmError(f"encoder {config.name!r} at {folder}: cannot be loaded ({err})") from None
+    except Exception as err:  # transformers and huggingface_hub raise many types; each means a damaged config
+        raise ModrmError(
+            f"encoder {config.name!r}: {Path(folder) / 'config.json'} cannot be loaded ({err!s:.300})"
+        ) from None
+    dim = getattr(hf_config, "hidden_size", None)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ModrmError(f"{Path(folder) / 'config.json'}: hidden_size {_shown(dim)} is not a positive integer")
     pooling, normalize, prompts, default_prompt = read_pooling(folder, hf_config.model_type)
     prompt_name = config.prompt_name or default_prompt
     if prompt_name and prompt_name not in prompts:
@@ -230,8 +311,9 @@ def describe(config: EncoderConfig, folder: Path | None = None) -> ModelInfo:
         prompt=prompts.get(prompt_name, "") if prompt_name else "",
         max_context_tokens=min(config.max_context_tokens, model_limit),
         max_module_tokens=min(config.max_module_tokens, model_limit),
-        dim=hf_config.hidden_size,
+        dim=dim,
         truncation="prompt+task+end",
+        remote_code=config.trust_remote_code and own_code,
     )
     return ModelInfo(Path(folder), fingerprint)
 
@@ -300,6 +382,10 @@ class Encoder(nn.Module):
         dtype = pick_dtype(config.dtype, device)
         try:
             tokenizer = AutoTokenizer.from_pretrained(info.folder, trust_remote_code=config.trust_remote_code)
+        except Exception as err:  # the tokenizers library raises bare Exceptions; all mean a damaged folder
+            files = ", ".join(n for n in (*TOKENIZER_FILES, "tokenizer_config.json") if (info.folder / n).is_file())
+            raise ModrmError(f"{info.folder}: its tokenizer files ({files}) cannot be loaded ({err!s:.300})") from None
+        try:
             model = AutoModel.from_pretrained(
                 info.folder,
                 dtype=dtype,
@@ -307,8 +393,8 @@ class Encoder(nn.Module):
                 trust_remote_code=config.trust_remote_code,
                 use_safetensors=config.use_safetensors,
             )
-        except (OSError, ValueError) as err:
-            raise ModrmError(f"encoder {config.name!r} at {info.folder}: cannot be loaded ({err})") from None
+        except Exception as err:  # as for the config: safetensors, torch and transformers each raise their own
+            raise ModrmError(f"encoder {config.name!r} at {info.folder}: cannot be loaded ({err!s:.300})") from None
         if info.fingerprint.pooling == "lasttoken":
             tokenizer.padding_side = "left"
         return cls(model.to(device).eval(), tokenizer, config, info.fingerprint, info.folder)
