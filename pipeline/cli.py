@@ -331,7 +331,9 @@ def main() -> None:
     try:
         app()
     except ModrmError as err:
-        typer.echo("error: " + " ".join(str(err).split()), err=True)
+        from pipeline.data import capped
+
+        typer.echo("error: " + capped(" ".join(str(err).split())), err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

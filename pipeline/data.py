@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,9 @@ from pipeline.errors import ModrmError
 
 DEFAULT_MODULES = ("reflection", "planner", "executor", "memory")
 SPLITS = ("train", "val", "test")
+ERROR_CHARS = 1000  # an error line's length at most: a value quoted in it (a pair_id, say) can be of any size
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_BLANKS = re.compile(r"\s*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +54,41 @@ class Problem:
 
     def __str__(self) -> str:
         field = f", field '{self.field}'" if self.field else ""
-        return f"{self.file}: {self.record}{field}: {self.message}"
+        return capped(f"{self.file}: {self.record}{field}: {self.message}")
+
+
+def capped(text: str, limit: int = ERROR_CHARS) -> str:
+    """`text` cut to `limit` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Where `text` holds half of a UTF-16 pair (JSON's "\\ud800" decodes to one), which no encoder or file can
+    take: a few words saying where, else None."""
+    found = None if text.isascii() else _SURROGATE.search(text)
+    return None if found is None else f"holds a lone surrogate (U+{ord(found[0]):04X} at character {found.start()})"
+
+
+def json_problem(err: ValueError | RecursionError) -> str:
+    """What a JSON decoder's failure means, in a few words."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"malformed JSON ({err.msg})"
+    if isinstance(err, RecursionError):
+        return "JSON nested too deeply to read"
+    return f"unreadable JSON ({str(err).split(':')[0]})"  # an integer of over 4,300 digits, say
+
+
+def failing_record(text: str, start: int) -> int:
+    """The index of the first element that cannot be decoded in the JSON array that opens at text[start]."""
+    decoder, index, pos = json.JSONDecoder(), 0, start + 1
+    while True:
+        pos = _BLANKS.match(text, pos).end()
+        try:
+            _, pos = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError):
+            return index
+        pos = _BLANKS.match(text, pos).end() + 1  # past the comma
+        index += 1
 
 
 class DataError(ModrmError):
@@ -76,12 +114,15 @@ def _records(path: Path, problems: list[Problem]) -> Iterator[object]:
                 problems.append(Problem(name, "file", "", "is empty"))
                 return
             if first[1].lstrip().startswith("["):
+                text = first[1] + handle.read()
                 try:
-                    records = json.loads(first[1] + handle.read())
+                    records = json.loads(text)
                 except json.JSONDecodeError as err:
-                    problems.append(
-                        Problem(name, f"line {err.lineno + first[0] - 1}", "", f"malformed JSON ({err.msg})")
-                    )
+                    problems.append(Problem(name, f"line {err.lineno + first[0] - 1}", "", json_problem(err)))
+                    return
+                except (ValueError, RecursionError) as err:
+                    record = f"record {failing_record(text, text.index('['))}"
+                    problems.append(Problem(name, record, "", json_problem(err)))
                     return
                 yield from records
                 return
@@ -90,8 +131,8 @@ def _records(path: Path, problems: list[Problem]) -> Iterator[object]:
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    problems.append(Problem(name, f"line {lineno}", "", f"malformed JSON ({err.msg})"))
+                except (ValueError, RecursionError) as err:
+                    problems.append(Problem(name, f"line {lineno}", "", json_problem(err)))
                     continue
                 yield record
     except FileNotFoundError:
@@ -122,6 +163,8 @@ class _Checker:
             self.fail(prefix + key, f"must be a string, got {type(value).__name__}")
         elif not value.strip():
             self.fail(prefix + key, "is empty")
+        elif surrogate := lone_surrogate(value):
+            self.fail(prefix + key, f"{surrogate}, which is not text")
         else:
             return value
         return None

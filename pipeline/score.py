@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from pipeline.atomic import atomic_write
+from pipeline.data import failing_record, json_problem, lone_surrogate
 from pipeline.errors import ModrmError
 from pipeline.trajectory import parse_trajectory
 
@@ -30,6 +31,9 @@ def read_trajectories(path: Path) -> list[dict]:
             records = json.loads(text)
         except json.JSONDecodeError as err:
             raise ModrmError(f"{path}: malformed JSON ({err})") from None
+        except (ValueError, RecursionError) as err:
+            start = text.index("[")
+            raise ModrmError(f"{path}: record {failing_record(text, start)}: {json_problem(err)}") from None
     else:
         records = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -39,12 +43,16 @@ def read_trajectories(path: Path) -> list[dict]:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ModrmError(f"{path}: record {len(records)} (line {number}): malformed JSON ({err})") from None
+            except (ValueError, RecursionError) as err:
+                raise ModrmError(f"{path}: record {len(records)} (line {number}): {json_problem(err)}") from None
     if not records:
         raise ModrmError(f"{path}: holds no records (expected JSON lines of {{id, task, trajectory}})")
     for i, record in enumerate(records):
         for field in ("task", "trajectory"):
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise ModrmError(f"{path}: record {i}, field '{field}': missing or not a string")
+            if surrogate := lone_surrogate(record[field]):
+                raise ModrmError(f"{path}: record {i}, field '{field}': {surrogate}, which is not text")
     return records
 
 
