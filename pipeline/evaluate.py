@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
@@ -18,9 +19,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
-from pipeline.atomic import atomic_write, write_json
+from pipeline.atomic import atomic_write, refuse_link, write_json
 from pipeline.cache import ROW_COLUMNS, Cache
-from pipeline.checkpoint import Checkpoint, load_checkpoint
+from pipeline.checkpoint import HEADS_FILE, METRICS_FILE, Checkpoint, load_checkpoint
 from pipeline.config import Config
 from pipeline.data import SPLITS, Pair, assign_split, file_sha256, load_pairs
 from pipeline.embed import EmbedSummary, ensure_embedded, read_rows, scan_pairs
@@ -31,6 +32,7 @@ from pipeline.reward import head_rewards
 
 SCORE_KEYS = ("pp", "nn", "pn", "np")  # context side, module-text side: p = positive, n = negative
 PLOTS = ("score_distributions.png", "roc_curves.png", "training_curves.png")
+OUTPUTS = (*PLOTS, "scores.jsonl", "config.json", "metrics.json")  # of each checkpoint's folder
 
 
 # ---------------------------------------------------------------------------------------------- scoring
@@ -104,6 +106,22 @@ def labels_for(ckpts: Sequence[Checkpoint]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- outputs
 
 
+def check_out(out: Path, folders: Sequence[Path]) -> None:
+    """Before any scoring: --out must be a folder (or nothing yet), never a checkpoint (eval's config.json and
+    metrics.json would replace the checkpoint's), and nothing eval writes in it may be a symbolic link (--out
+    itself may: the user named it)."""
+    if out.exists() and not out.is_dir():
+        raise ModrmError(f"--out {out}: is a file; name a folder for metrics.json, report.md and plots")
+    for folder in folders:
+        if folder != out:
+            refuse_link(folder)
+        if (folder / HEADS_FILE).exists():
+            raise ModrmError(f"--out {folder}: is a checkpoint folder, whose files eval would replace; name another")
+        for name in OUTPUTS:
+            refuse_link(folder / name)
+    refuse_link(out / "report.md")
+
+
 def write_scores(path: Path, pairs: Sequence[Pair], scores: dict[str, np.ndarray]) -> None:
     records = (
         {
@@ -158,39 +176,58 @@ def plot_roc(path: Path, groups: dict[str, tuple[np.ndarray, np.ndarray]], aucs:
     _save(fig, path)
 
 
-def training_curves(ckpt: Checkpoint) -> dict[str, tuple[list[float], list[float]]]:
+Curves = dict[str, tuple[list[float], list[float]]]
+
+
+def training_curves(ckpt: Checkpoint) -> Curves:
     """What the checkpoint's training wrote: stage 0 one point per epoch (metrics.jsonl), stage 1 one training
     point per optimizer step and one validation point per epoch (epoch 0: its stage-0 start), on one x axis
-    in epochs."""
-    if ckpt.stage == 0:
-        log_path = ckpt.folder / "metrics.jsonl"
-        log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.is_file() else []
-        epochs = [float(r["epoch"]) for r in log]
-        return {
-            "train loss": (epochs, [r["train_loss"] for r in log]),
-            "val loss": (epochs, [r["val_loss"] for r in log]),
-        }
-    metrics = json.loads((ckpt.folder / "metrics.json").read_text())
-    steps, history = metrics.get("steps", []), metrics.get("history", [])
-    per_epoch = Counter(s["epoch"] for s in steps)
-    seen: Counter = Counter()
-    x = []
-    for s in steps:  # step k of an epoch of n steps sits at epoch - 1 + k / n
-        seen[s["epoch"]] += 1
-        x.append(s["epoch"] - 1 + seen[s["epoch"]] / per_epoch[s["epoch"]])
+    in epochs. Only the plot needs them, so a damaged log is left out with a warning naming it."""
+    path = ckpt.folder / ("metrics.jsonl" if ckpt.stage == 0 else METRICS_FILE)
+    try:
+        return _epoch_curves(path) if ckpt.stage == 0 else _step_curves(path)
+    except (OSError, ValueError, TypeError, KeyError, RecursionError) as err:
+        print(f"warning: {path} is damaged ({err!s:.200}); the training-curves plot leaves it out", file=sys.stderr)
+        return {}
+
+
+def _epoch_curves(path: Path) -> Curves:
+    """Stage 0's metrics.jsonl (absent: no curves)."""
+    log = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
+    epochs = [float(r["epoch"]) for r in log]
     return {
-        "train loss": (x, [s["loss"] for s in steps]),
-        "val loss": ([float(h["epoch"]) for h in history], [h["val_loss"] for h in history]),
+        "train loss": (epochs, [float(r["train_loss"]) for r in log]),
+        "val loss": (epochs, [float(r["val_loss"]) for r in log]),
     }
 
 
-def plot_training(path: Path, curves: dict[str, tuple[list[float], list[float]]], stage: int) -> None:
+def _step_curves(path: Path) -> Curves:
+    """Stage 1's metrics.json: its optimizer steps and its epochs' validation."""
+    metrics = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(metrics, dict):
+        raise ValueError(f"a JSON {type(metrics).__name__}, not an object")
+    steps = [(float(s["epoch"]), float(s["loss"])) for s in metrics.get("steps", [])]
+    history = [(float(h["epoch"]), float(h["val_loss"])) for h in metrics.get("history", [])]
+    per_epoch = Counter(epoch for epoch, _ in steps)
+    seen: Counter = Counter()
+    x = []
+    for epoch, _ in steps:  # step k of an epoch of n steps sits at epoch - 1 + k / n
+        seen[epoch] += 1
+        x.append(epoch - 1 + seen[epoch] / per_epoch[epoch])
+    return {
+        "train loss": (x, [loss for _, loss in steps]),
+        "val loss": ([epoch for epoch, _ in history], [val for _, val in history]),
+    }
+
+
+def plot_training(path: Path, curves: Curves, stage: int) -> None:
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for name, (x, y) in curves.items():
         ax.plot(x, y, marker="o" if name == "val loss" else None, markersize=4, label=name, linewidth=1.2)
     ax.set(xlabel="epoch", ylabel="loss", title=f"stage {stage} training")
-    ax.legend()
+    if curves:
+        ax.legend()
     _save(fig, path)
 
 
@@ -359,6 +396,7 @@ def evaluate(
         ckpt.run_on(device)
     labels = labels_for(ckpts)
     folders = {label: out if len(ckpts) == 1 else out / label for label in labels}
+    check_out(out, list(folders.values()))
     results = {
         label: evaluate_checkpoint(ckpt, pairs, data, folders[label], cache, split, progress)
         for label, ckpt in zip(labels, ckpts, strict=True)
