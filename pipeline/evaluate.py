@@ -24,7 +24,7 @@ from pipeline.cache import ROW_COLUMNS, Cache
 from pipeline.checkpoint import HEADS_FILE, METRICS_FILE, Checkpoint, load_checkpoint
 from pipeline.config import Config
 from pipeline.data import SPLITS, Pair, assign_split, file_sha256, load_pairs
-from pipeline.embed import EmbedSummary, ensure_embedded, read_rows, scan_pairs
+from pipeline.embed import EmbedSummary, ensure_embedded, scan_pairs
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
 from pipeline.metrics import summarize
@@ -320,11 +320,14 @@ def score_checkpoint(ckpt: Checkpoint, pairs: Sequence[Pair], cache: Path | None
     summary, store_at = EmbedSummary(n_pairs=len(pairs)), cache_folder(ckpt, cache)
     with tempfile.TemporaryDirectory(prefix="modrm-eval-") as work, Cache.open(store_at, info.fingerprint) as store:
         scan = scan_pairs(pairs, ckpt.config, Path(work))
-        placed = read_rows(ensure_embedded(pairs, scan, store, ckpt.config, info, summary, progress))
+        plan = ensure_embedded(scan, store, info, summary, progress)
+        store.commit(plan.order)
+    placed = plan.rows
     rows = {column: placed[:, k] for k, column in enumerate(ROW_COLUMNS)}
     lookup = {name: i for i, name in enumerate(ckpt.model.module_names)}
     module_idx = np.array([lookup[p.target_module] for p in pairs], dtype=np.int64)
     emb = store.embeddings(ckpt.config.train.memory_budget_gb * 2**30)
+    store.check_finite(emb[np.unique(placed)])
     scores = score_pairs(ckpt.model, emb, rows, module_idx)
     lengths = store.text_columns(np.concatenate([rows["pos_mod_row"], rows["neg_mod_row"]]), ["n_tokens"])
     pos_tokens, neg_tokens = np.split(lengths["n_tokens"], 2)

@@ -86,18 +86,10 @@ class EmbeddingTable:
         if isinstance(data, MappedRows):
             self.memmap, self.tensor = data, None
             for lo in range(0, len(needed), 1 << 16):
-                self._check(np.asarray(data[np.sort(needed[lo : lo + (1 << 16)])]), cache)
+                cache.check_finite(data[np.sort(needed[lo : lo + (1 << 16)])])
         else:
             self.memmap, self.tensor = None, torch.from_numpy(np.ascontiguousarray(data)).to(device)
-            self._check(data[needed], cache)
-
-    @staticmethod
-    def _check(block: np.ndarray, cache: Cache) -> None:
-        if not np.isfinite(block).all():
-            raise ModrmError(
-                f"{cache.folder}/embeddings.h5: non-finite values in the cache; rebuild it with "
-                "`modrm embed` into a fresh --cache folder"
-            )
+            cache.check_finite(data[needed])
 
     def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
         if self.tensor is not None:

@@ -102,7 +102,7 @@ def test_embed_on_a_bad_file_is_one_line_and_leaves_the_cache_alone(
     cache, _, args = cli_cache
     bad = _bad_file(tmp_path / "bad.jsonl", seed_pairs_path, malformed_line=False)
     before = _file_hashes(cache)
-    assert "embeddings.h5" in before
+    assert "manifest.json" in before
     done = modrm("embed", "--data", bad, "--cache", cache, *args, cwd=tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr

@@ -9,7 +9,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -66,33 +65,26 @@ def _keep_rows(path: Path, rows: int) -> None:
     pq.write_table(pq.read_table(path).slice(0, rows), path)
 
 
+SEGMENT, TEXTS = Path("embeddings", "seg-000000.h5"), Path("texts.parquet", "seg-000000.parquet")
 DAMAGE: dict[str, Callable[[Path], None]] = {
-    "embeddings.h5 missing": lambda c: (c / "embeddings.h5").unlink(),
-    "embeddings.h5 truncated": lambda c: truncate(c / "embeddings.h5"),
-    "a segment truncated": lambda c: truncate(c / "segments" / "seg-000000.h5"),
-    "a segment's texts truncated": lambda c: truncate(c / "segments" / "seg-000000.parquet"),
-    "a segment's texts with a key that is not one": lambda c: _edit_first_hash(c / "segments" / "seg-000000.parquet"),
-    "a segment's texts short of its rows": lambda c: _keep_rows(c / "segments" / "seg-000000.parquet", 3),
-    "a segment's sorted keys truncated": lambda c: truncate(c / "segments" / "seg-000000.keys.npy"),
-    "a segment's sorted keys' rows garbage": lambda c: (c / "segments" / "seg-000000.keyrows.npy").write_bytes(b"x"),
-    "a segment's sorted keys short of its rows": lambda c: np.save(
-        c / "segments" / "seg-000000.keys.npy", np.zeros(3, "V33")
-    ),
-    "embeddings.h5 garbage": lambda c: (c / "embeddings.h5").write_bytes(b"\x89HDF\r\n not really"),
+    "a segment missing": lambda c: (c / SEGMENT).unlink(),
+    "a segment truncated": lambda c: truncate(c / SEGMENT),
+    "a segment garbage": lambda c: (c / SEGMENT).write_bytes(b"\x89HDF\r\n not really"),
+    "a segment's texts truncated": lambda c: truncate(c / TEXTS),
+    "a segment's texts with a key that is not one": lambda c: _edit_first_hash(c / TEXTS),
+    "a segment's texts short of its rows": lambda c: _keep_rows(c / TEXTS, 3),
     "manifest.json garbage": lambda c: (c / "manifest.json").write_text("{not json"),
-    "manifest.json without a fingerprint": lambda c: (c / "manifest.json").write_text('{"encoder": {"dim": 3}}'),
+    "manifest.json without a fingerprint": lambda c: (c / "manifest.json").write_text(
+        '{"format": 2, "encoder": {"dim": 3}}'
+    ),
 }
 EXPECTED = {
-    "embeddings.h5 missing": "embeddings.h5 is missing, but texts.parquet lists",
-    "embeddings.h5 truncated": "embeddings.h5",
-    "a segment truncated": "segments/seg-000000.h5",
-    "a segment's texts truncated": "the texts index is unreadable",
-    "a segment's texts with a key that is not one": "segments/seg-000000.parquet is 8,",  # bytes, but its commit wrote
-    "a segment's texts short of its rows": "segments/seg-000000.parquet lists 3 of its",
-    "a segment's sorted keys truncated": "segments/seg-000000.keys.npy (",  # bytes) is not the sorted keys
-    "a segment's sorted keys short of its rows": "is not the sorted keys of the segment's",
-    "a segment's sorted keys' rows garbage": "segments/seg-000000.keyrows.npy (1 bytes) is not the sorted keys",
-    "embeddings.h5 garbage": "embeddings.h5 is unreadable",
+    "a segment missing": "seg-000000: ",
+    "a segment truncated": "seg-000000: ",
+    "a segment garbage": "seg-000000: ",
+    "a segment's texts truncated": "seg-000000: ",
+    "a segment's texts with a key that is not one": "seg-000000: a text_hash is not 64 hex digits",
+    "a segment's texts short of its rows": "seg-000000: texts index of 3 rows, listed 98",
     "manifest.json garbage": "manifest.json is not valid JSON",
     "manifest.json without a fingerprint": "manifest.json has no valid encoder fingerprint",
 }
@@ -122,17 +114,17 @@ def test_damaged_pairs_index_and_pending_shard(good_cache, config, tmp_path):
         train_heads(cache, tmp_path / "ckpt", config, progress=False)
     with pytest.raises(ModrmError, match=r"pairs\.parquet is unreadable"):  # embed reads the index it replaces
         embed_files([SEED_PAIRS], cache, config, progress=False)
-    (cache / "pairs.parquet").unlink()
+    shutil.copy(good_cache / "pairs.parquet", cache / "pairs.parquet")
     pending = cache / "pending"
     pending.mkdir()
-    (pending / "fingerprint.json").write_text(json.dumps(describe(config.encoder).fingerprint.to_dict()))
-    (pending / "id.json").write_text(json.dumps({"id": "a run killed before its commit"}))
-    (pending / "shard-000000.parquet").write_bytes(b"PAR1 not really")
+    fingerprint = describe(config.encoder).fingerprint.to_dict()
+    (pending / "id.json").write_text(json.dumps({"id": "a run killed before its commit", "encoder": fingerprint}))
+    (pending / "shard-000000.h5").write_bytes(b"\x89HDF not really")
     more = tmp_path / "more.json"
     records = json.loads(SEED_PAIRS.read_text())[:2]
     records[0]["positive"]["module_k_all_rounds"] += " (new)"
     more.write_text(json.dumps(records))
-    with pytest.raises(ModrmError, match=r"shard-000000.parquet: an unfinished run's shard is damaged .*remove"):
+    with pytest.raises(ModrmError, match=r"shard-000000\.h5: an unfinished run's shard is damaged .*remove"):
         embed_files([more], cache, config, progress=False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -10,14 +11,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.atomic import write_json
-from pipeline.cache import Cache, Shard
+from pipeline.cache import Cache, Shard, pack
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import Config, HeadConfig
 from pipeline.encoder import Fingerprint
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads, preference_loss
-from pipeline.keys import text_hash
 from pipeline.train_heads import train_heads
 from pipeline.training import autocast_dtype
 
@@ -79,6 +78,10 @@ def test_autocast_dtype_resolves_auto_per_device_and_refuses_unknown_names():
 # ---------------------------------------------------------------------------------------------- a synthetic cache
 
 
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, modules=MODULES):
     """Embeddings where a positive module text lies along its module's direction, a negative against it."""
     rng = np.random.default_rng(seed)
@@ -91,7 +94,7 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
             m = (t * pairs_per_task + j) % len(modules)
             ctx = rng.normal(size=dim)
             for side, sign in (("pos", 1.0), ("neg", -1.0)):
-                keys += [("context", text_hash(f"{t}-{j}-{side}-c")), ("module", text_hash(f"{t}-{j}-{side}-m"))]
+                keys += [("context", sha256(f"{t}-{j}-{side}-c")), ("module", sha256(f"{t}-{j}-{side}-m"))]
                 embs += [ctx + 0.1 * rng.normal(size=dim), sign * directions[m] + 0.5 * rng.normal(size=dim)]
             records.append((f"p{t}-{j}", modules[m], f"task {t}", len(keys) - 4))
     emb = np.array(embs, dtype=np.float16)
@@ -100,36 +103,34 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
     emb = np.nan_to_num(emb)
     half = len(keys) // 2  # two commits: two segments, which the memory-mapped table reads across
     for part in (slice(0, half), slice(half, None)):
-        n = len(keys[part])
-        cache.add_shard(Shard(keys[part], np.full(n, 10), np.zeros(n, dtype=bool), emb[part]))
-        cache.commit(keys[part])
-    cache.close()
+        n, packed = len(keys[part]), pack(*zip(*keys[part], strict=True))
+        cache.add_shard(Shard(packed, np.full(n, 10), np.zeros(n, dtype=bool), emb[part]))
+        cache.commit(packed)
     if nan:  # corrupt the stored file the way a bad writer would
         import h5py
 
-        with h5py.File(folder / "segments" / "seg-000000.h5", "r+") as f:
+        with h5py.File(folder / "embeddings" / "seg-000000.h5", "r+") as f:
             f["embeddings"][1, 0] = np.nan
     config = Config()
     d = config.data
     from pipeline.data import assign_split
 
-    cache.write_pairs(
-        pa.table(
-            {
-                "pair_id": [r[0] for r in records],
-                "target_module": [r[1] for r in records],
-                "task": [r[2] for r in records],
-                "split": [assign_split(r[2], d.train_fraction, d.val_fraction, d.split_seed) for r in records],
-                "pos_ctx_row": [r[3] for r in records],
-                "pos_mod_row": [r[3] + 1 for r in records],
-                "neg_ctx_row": [r[3] + 2 for r in records],
-                "neg_mod_row": [r[3] + 3 for r in records],
-                "pos_outcome": [1.0] * len(records),
-                "neg_outcome": [0.0] * len(records),
-            }
-        )
+    pairs = pa.table(
+        {
+            "pair_id": [r[0] for r in records],
+            "target_module": [r[1] for r in records],
+            "task": [r[2] for r in records],
+            "split": [assign_split(r[2], d.train_fraction, d.val_fraction, d.split_seed) for r in records],
+            "pos_ctx_row": [r[3] for r in records],
+            "pos_mod_row": [r[3] + 1 for r in records],
+            "neg_ctx_row": [r[3] + 2 for r in records],
+            "neg_mod_row": [r[3] + 3 for r in records],
+            "pos_outcome": [1.0] * len(records),
+            "neg_outcome": [0.0] * len(records),
+        }
     )
-    write_json(folder / "manifest.json", {"encoder": fp.to_dict(), "config": config.to_dict()})
+    cache.commit(pack([], []), pairs.to_reader(), {"config": config.to_dict()})
+    cache.close()
     return folder
 
 
