@@ -37,7 +37,7 @@ def _cache_config(cache: Path, path: Path | None, fixed: dict, **sections: dict)
     from pipeline.cache import read_manifest
     from pipeline.config import config_from_dict
 
-    manifest = (read_manifest(cache) if cache.is_dir() else None) or {}
+    manifest = read_manifest(cache) or {}
     saved = config_from_dict(manifest["config"], f"{cache}/manifest.json") if "config" in manifest else None
     return load_config(path, sections, saved, f"cache {cache}", fixed)
 
@@ -115,12 +115,11 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("compact")
 def cache_compact(cache: CacheOpt, no_wait: NoWaitOpt = False) -> None:
     """Merge a cache's segments into one (each `embed` run that adds texts writes one)."""
-    from pipeline.cache import Cache, manifest_fingerprint, read_manifest
+    from pipeline.cache import Cache, read_manifest
 
-    manifest = read_manifest(cache)
-    if manifest is None:
+    if read_manifest(cache) is None:
         raise ModrmError(f"{cache}: not an embedding cache (no manifest.json)")
-    with Cache.open(cache, manifest_fingerprint(cache, manifest), wait=not no_wait) as store:
+    with Cache.open(cache, wait=not no_wait) as store:
         merged = store.compact()
     typer.echo(f"{cache}: {merged} segments merged into one" if merged else f"{cache}: one segment already")
 

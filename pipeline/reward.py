@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.cache import text_key
 from pipeline.checkpoint import Checkpoint, load_checkpoint
 from pipeline.encoder import Encoder
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
-from pipeline.keys import text_key
 from pipeline.trajectory import module_views
 
 DEFAULT_CACHE_SIZE = 32768  # embeddings kept: 128 MiB at 1024 dimensions
@@ -48,7 +48,7 @@ class Stats:
 
 
 class EmbeddingLRU:
-    """The most recent embeddings by text key (pipeline.keys: role and sha256 of the text): keys stay small
+    """The most recent embeddings by text key (pipeline.cache.text_key: role and sha256 of the text): keys stay small
     however long the text."""
 
     def __init__(self, size: int):
