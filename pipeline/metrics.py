@@ -1,7 +1,8 @@
-"""Pairwise reward metrics (pure numpy): accuracy, AUC, separation, bootstrap CI, reward-hacking checks.
+"""Pairwise reward metrics (numpy): accuracy, AUC, separation, bootstrap CI, reward-hacking checks.
 
 Every function takes rewards of the positive (r_pos) and negative (r_neg) side of the same pairs, so a
-pair's two rewards always line up by index.
+pair's two rewards always line up by index. A tie counts half, by the tie rule training uses too
+(`pipeline.pairwise.wins`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import numpy as np
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
+from pipeline.pairwise import wins
 
-def _wins(r_pos: np.ndarray, r_neg: np.ndarray) -> np.ndarray:
-    """1 where the positive side wins, 0.5 on a tie, 0 where it loses."""
-    r_pos, r_neg = np.asarray(r_pos, dtype=np.float64), np.asarray(r_neg, dtype=np.float64)
-    return (r_pos > r_neg) + 0.5 * (r_pos == r_neg)
+
+def _floats(*rewards: np.ndarray) -> list[np.ndarray]:
+    return [np.asarray(r, dtype=np.float64) for r in rewards]
 
 
 def _mean(values: np.ndarray) -> float | None:
@@ -25,7 +26,7 @@ def _mean(values: np.ndarray) -> float | None:
 
 def pairwise_metrics(r_pos: np.ndarray, r_neg: np.ndarray) -> dict:
     """Accuracy (ties count half), AUC over all rewards (positives labelled 1), mean reward gap."""
-    r_pos, r_neg = np.asarray(r_pos, dtype=np.float64), np.asarray(r_neg, dtype=np.float64)
+    r_pos, r_neg = _floats(r_pos, r_neg)
     n = len(r_pos)
     auc = None
     if n:
@@ -33,7 +34,7 @@ def pairwise_metrics(r_pos: np.ndarray, r_neg: np.ndarray) -> dict:
         auc = float(roc_auc_score(labels, np.concatenate([r_pos, r_neg])))
     return {
         "n_pairs": n,
-        "accuracy": _mean(_wins(r_pos, r_neg)),
+        "accuracy": _mean(wins(r_pos, r_neg)),
         "auc": auc,
         "separation": _mean(r_pos - r_neg),
         "mean_pos": _mean(r_pos),
@@ -48,12 +49,12 @@ def bootstrap_ci(r_pos: np.ndarray, r_neg: np.ndarray, n_resamples: int = 1000, 
     drew: one multinomial draw [n_resamples, 3] has exactly the distribution of resampling n indices, without
     the [n_resamples, n] index matrix (800 MB for 100k pairs).
     """
-    wins = _wins(r_pos, r_neg)
-    n = len(wins)
+    won = wins(*_floats(r_pos, r_neg))
+    n = len(won)
     if not n:
         return None
     values = np.array([0.0, 0.5, 1.0])
-    probs = np.array([(wins == v).mean() for v in values])
+    probs = np.array([(won == v).mean() for v in values])
     counts = np.random.default_rng(seed).multinomial(n, probs, size=n_resamples)
     accuracies = counts @ values / n
     lo, hi = np.percentile(accuracies, [2.5, 97.5])
@@ -81,7 +82,8 @@ def swap_check(r_pp: np.ndarray, r_pn: np.ndarray, r_np: np.ndarray, r_nn: np.nd
     A head that only reads the context (which differs between the sides) scores well on accuracy yet ~0.5
     here: the module text is what a module-level reward must judge.
     """
-    pos_ctx, neg_ctx = _mean(_wins(r_pp, r_pn)), _mean(_wins(r_np, r_nn))
+    r_pp, r_pn, r_np, r_nn = _floats(r_pp, r_pn, r_np, r_nn)
+    pos_ctx, neg_ctx = _mean(wins(r_pp, r_pn)), _mean(wins(r_np, r_nn))
     both = None if pos_ctx is None else (pos_ctx + neg_ctx) / 2
     return {"accuracy_pos_context": pos_ctx, "accuracy_neg_context": neg_ctx, "swap_accuracy": both}
 

@@ -4,7 +4,9 @@ stages log the same names: `train/loss`, `train/lr`, `val/loss`, `val/accuracy`,
 
 tensorboard writes event files to `<out>/runs`. wandb starts one run per stage, named after the output folder,
 with the resolved config; it reads its usual environment (WANDB_PROJECT, default "modrm"; WANDB_ENTITY;
-WANDB_MODE=offline on a machine without network) and keeps its files under `<out>/runs`."""
+WANDB_MODE=offline on a machine without network) and keeps its files under `<out>/runs`. Stage 1 writes there as
+it trains; stage 0, which writes nothing into `<out>` before its checkpoint, logs to a temporary folder that joins
+the checkpoint in the same commit."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from pipeline.errors import ModrmError
 
 BACKENDS = ("tensorboard", "wandb")
+RUNS_DIR = "runs"  # the logs' folder in a checkpoint
 
 
 class Reporter:

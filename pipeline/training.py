@@ -1,5 +1,5 @@
 """What both training stages share: parameter groups, the schedule, mixed precision, one optimizer step over an
-accumulation window in which every pair weighs the same, and validation metrics.
+accumulation window in which every pair weighs the same, and the output folder a new checkpoint takes over.
 
 Each stage's loop reads:
 
@@ -15,14 +15,17 @@ Each stage's loop reads:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.atomic import recover
+from pipeline.checkpoint import CONFIG_FILE
 from pipeline.errors import ModrmError
-from pipeline.heads import preference_loss
 
 
 def autocast_dtype(setting: str, device: torch.device) -> torch.dtype | None:
@@ -73,34 +76,6 @@ def module_counts(module_idx: Iterable[np.ndarray | torch.Tensor], n_modules: in
     return torch.from_numpy(counts)
 
 
-def pairwise_accuracy(r_pos: torch.Tensor, r_neg: torch.Tensor) -> float:
-    """r+ > r- counts 1, a tie 1/2 (as in eval), so identical sides never decide a comparison by noise."""
-    return ((r_pos > r_neg).float() + 0.5 * (r_pos == r_neg).float()).mean().item()
-
-
-def validation_metrics(
-    r_pos: torch.Tensor,
-    r_neg: torch.Tensor,
-    module_idx: torch.Tensor,
-    names: Sequence[str],
-    alpha: float,
-    margin: float,
-) -> dict:
-    """Val loss (the training objective) and pairwise accuracy, overall and per module."""
-    n_modules = len(names)
-    loss = preference_loss(r_pos, r_neg, module_idx, n_modules, alpha, margin).item()
-    per_module = {}
-    for i, name in enumerate(names):
-        sel = module_idx == i
-        if sel.any():
-            per_module[name] = {
-                "n_pairs": int(sel.sum()),
-                "loss": preference_loss(r_pos[sel], r_neg[sel], module_idx[sel], n_modules, alpha, margin).item(),
-                "accuracy": pairwise_accuracy(r_pos[sel], r_neg[sel]),
-            }
-    return {"loss": loss, "accuracy": pairwise_accuracy(r_pos, r_neg), "modules": per_module}
-
-
 class Optimization:
     """AdamW, a warmup-then-linear schedule, autocast, the grad scaler (fp16 only) and gradient clipping."""
 
@@ -142,3 +117,28 @@ class Optimization:
     @property
     def lrs(self) -> list[float]:
         return self.scheduler.get_last_lr()
+
+    def fast_forward(self, steps: int) -> None:
+        """The schedule where a run that took `steps` optimizer steps left it (resuming that run)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # stepping the schedule alone is the point here
+            for _ in range(steps):
+                self.scheduler.step()
+
+
+def stale_entries(out: Path) -> list[str]:
+    """What an older checkpoint left in `out`: a new checkpoint's first commit removes it all, so nothing of the
+    old one (an eval cache of another encoder, another run's snapshot, its logs) outlives it. A folder that holds
+    files but no checkpoint is the user's: refused, never wiped."""
+    if out.exists() and not out.is_dir():
+        raise ModrmError(f"--out {out}: is a file; name a folder for the checkpoint")
+    if not out.is_dir():
+        return []
+    recover(out)  # a save a kill interrupted: finished if it had committed, else dropped
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and CONFIG_FILE not in entries:
+        raise ModrmError(
+            f"--out {out}: holds files but no modrm checkpoint ({CONFIG_FILE}); a new checkpoint replaces its "
+            "folder's whole content, so name a new or empty folder"
+        )
+    return entries

@@ -82,7 +82,7 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, modules=MODULES):
+def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, modules=MODULES, split_seed=0):
     """Embeddings where a positive module text lies along its module's direction, a negative against it."""
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(len(modules), dim))
@@ -113,6 +113,7 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
             f["embeddings"][1, 0] = np.nan
     config = Config()
     d = config.data
+    d.split_seed = split_seed
     from pipeline.data import assign_split
 
     pairs = pa.table(
@@ -120,6 +121,7 @@ def make_cache(folder, n_tasks=40, pairs_per_task=4, dim=16, seed=0, nan=False, 
             "pair_id": [r[0] for r in records],
             "target_module": [r[1] for r in records],
             "task": [r[2] for r in records],
+            "group": [r[2] for r in records],
             "split": [assign_split(r[2], d.train_fraction, d.val_fraction, d.split_seed) for r in records],
             "pos_ctx_row": [r[3] for r in records],
             "pos_mod_row": [r[3] + 1 for r in records],
@@ -196,10 +198,42 @@ def test_bad_caches_are_refused_without_writing(tmp_path):
     nan_cache = make_cache(tmp_path / "nan", nan=True)
     with pytest.raises(ModrmError, match="non-finite"):
         train_heads(nan_cache, tmp_path / "out1", small_config(1), progress=False)
-    one_task = make_cache(tmp_path / "one", n_tasks=1)
-    with pytest.raises(ModrmError, match="split is empty"):
-        train_heads(one_task, tmp_path / "out2", small_config(1), progress=False)
-    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+    assert not (tmp_path / "out1").exists()
+
+
+def test_a_small_data_set_gets_a_val_and_a_test_split(tmp_path):
+    """48 pairs over 24 task groups whose independent draws leave val empty: one group is moved there, and eval's
+    test split is the one training left out."""
+    from pipeline.config import DataConfig
+    from pipeline.data import assign_split
+    from pipeline.pairwise import split_by_group
+
+    tasks = [f"task {t}" for t in range(24)]
+    data = DataConfig(split_seed=5)
+    assert "val" not in {assign_split(t, data.train_fraction, data.val_fraction, 5) for t in tasks}
+    config = small_config(2)
+    config.data = data
+    summary = train_heads(make_cache(tmp_path / "cache", 24, 2, split_seed=5), tmp_path / "out", config, False)
+    assert summary["n_val"] > 0 and summary["val"]["val_loss"] is not None
+    split = split_by_group(tasks, data)
+    assert summary["n_train"] + summary["n_val"] == 2 * sum(s != "test" for s in split.values())
+    assert {s for s in split.values()} == {"train", "val", "test"}
+
+
+def test_fewer_than_three_groups_train_without_validation_and_say_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    folder = make_cache(tmp_path / "cache", n_tasks=1)
+    done = CliRunner().invoke(
+        app, ["train-heads", "--cache", str(folder), "--out", str(tmp_path / "out"), "--epochs", "3", "--quiet"]
+    )
+    assert done.exit_code == 0, done.output
+    assert "no val split" in done.output
+    summary = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert summary["val"] is None and summary["best_epoch"] == summary["epochs_run"] == 3
+    assert [r["val_loss"] for r in _log(tmp_path / "out")] == [None, None, None]
 
 
 def test_a_module_without_train_pairs_is_refused(tmp_path):

@@ -3,6 +3,7 @@ length-bucketed steps, and commit (several files replaced together, whatever ins
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -101,19 +102,25 @@ def _write(version: str):
         (staging / "a.txt").write_text(version)
         (staging / "folder").mkdir()
         (staging / "folder" / "b.txt").write_text(version)
+        (staging / f"only-{version}").mkdir()
+        (staging / f"only-{version}" / "c.txt").write_text(version)
 
     return write
 
 
 def _state(folder: Path) -> str:
+    """The version the folder holds, whole: only-old/ is the old set's alone, only-new/ the new one's."""
     a, b = (folder / "a.txt").read_text(), (folder / "folder" / "b.txt").read_text()
     assert a == b, "a mix of two versions"
+    assert sorted(p.name for p in folder.glob("only-*")) == [f"only-{a}"], "a mix of two versions"
     return a
 
 
-@pytest.mark.parametrize("crash_at", range(1, 12))
+@pytest.mark.parametrize("crash_at", range(1, 16))
 def test_commit_leaves_the_old_set_or_the_new_one_whatever_instant_a_kill_comes(tmp_path, monkeypatch, crash_at):
-    commit(tmp_path, ["a.txt", "folder"], _write("old"))
+    """The commit replaces two entries, adds one and removes one; it is killed at one file operation, then the
+    recovery that follows is killed at the same one, and the next recovery must still find one whole version."""
+    commit(tmp_path, ["a.txt", "folder", "only-old"], _write("old"))
     calls = []
     real_replace, real_rmtree, real_fsync = os.replace, shutil.rmtree, os.fsync
 
@@ -130,10 +137,13 @@ def test_commit_leaves_the_old_set_or_the_new_one_whatever_instant_a_kill_comes(
     monkeypatch.setattr(atomic.shutil, "rmtree", crash(real_rmtree))
     monkeypatch.setattr(atomic.os, "fsync", crash(real_fsync))
     try:
-        commit(tmp_path, ["a.txt", "folder"], _write("new"))
+        commit(tmp_path, ["a.txt", "folder", "only-new"], _write("new"), remove=["only-old"])
         finished = True
     except KeyboardInterrupt:
         finished = False
+    calls.clear()
+    with contextlib.suppress(KeyboardInterrupt):
+        recover(tmp_path)
     monkeypatch.undo()
     recover(tmp_path)  # what the next reader does
     assert _state(tmp_path) in ({"new"} if finished else {"old", "new"})
