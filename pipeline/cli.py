@@ -26,6 +26,7 @@ SeedOpt = Annotated[int | None, typer.Option("--seed")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 CacheOpt = Annotated[Path, typer.Option("--cache", help="cache folder")]
 NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="fail at once if another process is writing the cache")]
+NO_VAL = "no val split (too few task groups for one): trained without validation, the checkpoint keeps the last epoch"
 
 
 def _config(path: Path | None, **sections: dict) -> Config:
@@ -141,12 +142,15 @@ def train_heads_cmd(
     cfg = _cache_config(cache, config, FIXED_BY_CACHE, train={"epochs": epochs, "seed": seed, "device": device})
     summary = train_heads(cache, out, cfg, progress=not quiet)
     val = summary["val"]
-    typer.echo(
-        f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: val loss {val['val_loss']:.4f}, "
-        f"val accuracy {val['val_accuracy']:.3f} ({summary['n_train']} train / {summary['n_val']} val pairs)"
-    )
-    for name, m in val["val_modules"].items():
-        typer.echo(f"  {name:<12} val accuracy {m['accuracy']:.3f}  ({m['n_pairs']} pairs)")
+    if val is None:
+        typer.echo(f"{summary['epochs_run']} epochs on {summary['n_train']} train pairs; {NO_VAL}")
+    else:
+        typer.echo(
+            f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: val loss {val['val_loss']:.4f}, "
+            f"val accuracy {val['val_accuracy']:.3f} ({summary['n_train']} train / {summary['n_val']} val pairs)"
+        )
+        for name, m in val["val_modules"].items():
+            typer.echo(f"  {name:<12} val accuracy {m['accuracy']:.3f}  ({m['n_pairs']} pairs)")
     typer.echo(f"checkpoint: {out}")
 
 
@@ -194,10 +198,13 @@ def finetune_cmd(
     if not leave_group():  # under torchrun: rank 0 alone reports
         return
     best = result["best"]
-    typer.echo(
-        f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.3f} "
-        f"({result['n_train']} train / {result['n_val']} val pairs)"
-    )
+    if best["val_loss"] is None:
+        typer.echo(f"{best['epoch']} epochs on {result['n_train']} train pairs; {NO_VAL}")
+    else:
+        typer.echo(
+            f"best epoch {best['epoch']}: val loss {best['val_loss']:.4f}, val accuracy {best['val_accuracy']:.3f} "
+            f"({result['n_train']} train / {result['n_val']} val pairs)"
+        )
     if best["epoch"] == 0:
         typer.echo("no epoch beat the stage-0 starting point on val loss: the checkpoint keeps those weights")
     typer.echo(f"checkpoint: {out}")

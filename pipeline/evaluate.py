@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 from sklearn.metrics import roc_curve
 
@@ -23,12 +24,12 @@ from pipeline.atomic import atomic_write, refuse_link, write_json
 from pipeline.cache import ROW_COLUMNS, Cache
 from pipeline.checkpoint import HEADS_FILE, METRICS_FILE, Checkpoint, load_checkpoint
 from pipeline.config import Config
-from pipeline.data import SPLITS, Pair, assign_split, file_sha256, load_pairs
+from pipeline.data import SPLITS, Pair, file_sha256, load_pairs
 from pipeline.embed import EmbedSummary, ensure_embedded, scan_pairs
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
 from pipeline.metrics import summarize
-from pipeline.reward import head_rewards
+from pipeline.pairwise import AS_GIVEN, SWAPPED, PairSet, scoring, side_rewards, split_by_group
 
 SCORE_KEYS = ("pp", "nn", "pn", "np")  # context side, module-text side: p = positive, n = negative
 PLOTS = ("score_distributions.png", "roc_curves.png", "training_curves.png")
@@ -41,19 +42,23 @@ OUTPUTS = (*PLOTS, "scores.jsonl", "config.json", "metrics.json")  # of each che
 def score_pairs(
     model: RewardHeads, emb: np.ndarray, rows: dict[str, np.ndarray], module_idx: np.ndarray, batch_size: int = 4096
 ) -> dict[str, np.ndarray]:
-    """Rewards of every pair as is (pp = r_pos, nn = r_neg) and with module texts swapped (pn, np), through
-    `head_rewards` (the scoring path `modrm score` and `modrm serve` use): one pass per batch for all four."""
-    module_idx = np.asarray(module_idx, dtype=np.int64)
-    n = len(module_idx)
-    out = {key: np.empty(n, dtype=np.float32) for key in SCORE_KEYS}
-    for lo in range(0, n, batch_size):
-        hi = min(lo + batch_size, n)
-        pos_ctx, pos_mod, neg_ctx, neg_mod = (np.asarray(emb[rows[c][lo:hi]]) for c in ROW_COLUMNS)
-        ctx = np.concatenate([pos_ctx, neg_ctx, pos_ctx, neg_ctx])
-        mod = np.concatenate([pos_mod, neg_mod, neg_mod, pos_mod])
-        rewards = head_rewards(model, ctx, mod, np.tile(module_idx[lo:hi], 4)).reshape(4, hi - lo)
-        for key, values in zip(SCORE_KEYS, rewards, strict=True):
-            out[key][lo:hi] = values
+    """Rewards of every pair as is (pp = r_pos, nn = r_neg) and with module texts swapped (pn, np), scored as
+    training scores pairs (`side_rewards`): one pass of the heads per batch for all four."""
+    device = next(model.parameters()).device
+    pairs = PairSet(
+        torch.from_numpy(np.stack([rows[c] for c in ROW_COLUMNS], axis=1).astype(np.int64)),
+        torch.from_numpy(np.asarray(module_idx, dtype=np.int64)),
+    )
+
+    def lookup(index: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(emb[index.numpy()], dtype=np.float32)).to(device)
+
+    out = {key: np.empty(len(pairs), dtype=np.float32) for key in SCORE_KEYS}
+    with scoring(model):
+        for lo in range(0, len(pairs), batch_size):
+            rewards = side_rewards(model, pairs[lo : lo + batch_size], lookup, lookup, (*AS_GIVEN, *SWAPPED))
+            for key, values in zip(SCORE_KEYS, rewards, strict=True):
+                out[key][lo : lo + batch_size] = values.float().cpu().numpy()
     return out
 
 
@@ -73,11 +78,12 @@ def resolve_split(ckpt: Checkpoint, data: Path, split: str) -> tuple[str, str]:
 
 
 def select_split(pairs: Sequence[Pair], split: str, config: Config, data: Path) -> list[Pair]:
-    """The pairs of one split, by split key with the checkpoint's own split settings (so test stays unseen)."""
+    """The pairs of one split, by split key with the checkpoint's own split settings, as training splits them (so
+    test stays unseen)."""
     if split == "all":
         return list(pairs)
-    d = config.data
-    chosen = [p for p in pairs if assign_split(p.split_key, d.train_fraction, d.val_fraction, d.split_seed) == split]
+    split_of = split_by_group((p.split_key for p in pairs), config.data)
+    chosen = [p for p in pairs if split_of[p.split_key] == split]
     if not chosen:
         raise ModrmError(f"{data}: no pair falls in the {split} split (by task); use --split all")
     return chosen
