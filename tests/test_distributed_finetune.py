@@ -137,7 +137,7 @@ def launch(stage0, tmp_path_factory) -> dict:
     (root / "spec.json").write_text(json.dumps(spec))
     torchrun(__file__, str(root / "spec.json"))
     records = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
-    snapshot_after_stop = load_file(str(root / "resumed" / ft.SNAPSHOT_DIR / "optimizer.safetensors"))
+    snapshot_after_stop = load_file(str(root / "resumed" / ft.SNAPSHOT_DIR / ft.RNG_FILE))
 
     config = root / "resume.toml"
     f = DROPOUT["finetune"]

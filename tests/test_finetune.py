@@ -7,13 +7,16 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import pipeline.finetune as ft
 from pipeline.atomic import recover
@@ -264,3 +267,142 @@ def test_partial_freezing_on_bert_freezes_the_whole_embedding_block(minilm_id, m
     ft.freeze_layers(encoder.model, 1)
     trainable = [n for n, p in encoder.model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith(("encoder.layer.5.", "pooler.")) for n in trainable), trainable
+
+
+# ---------------------------------------------------------------------------------------------- --out and --resume
+
+
+def test_a_new_run_replaces_an_older_checkpoints_files_and_never_resumes_its_snapshot(stage0, tmp_path, monkeypatch):
+    """Issue 27: a fresh run into an --out holding another run's files (an eval cache of the older encoder, a
+    snapshot, logs), killed right after its first save: nothing of the older run is left, so --resume refuses."""
+    out = tmp_path / "out"
+    run(stage0, out, max_steps=1)
+    (out / "cache").mkdir()
+    (out / "cache" / "manifest.json").write_text("{}")  # what `modrm eval` of that checkpoint leaves
+    (out / "metrics.jsonl").write_text("")
+    assert (out / ft.SNAPSHOT_DIR).is_dir()
+    real_save = ft.save_stage1
+
+    def killed_after_first_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "save_stage1", killed_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(stage0, out, max_steps=1, seed=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "encoder", "heads.safetensors", "metrics.json"]
+    assert load_checkpoint(out).config.finetune.seed == 1
+    with pytest.raises(ModrmError, match="nothing to resume"):
+        ft.finetune(stage0, [SEED_PAIRS], out, {"finetune": {"seed": 1}}, resume=True, progress=False)
+
+
+def test_an_out_folder_of_other_files_is_refused_untouched(stage0, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ModrmError, match="holds files but no modrm checkpoint"):
+        run(stage0, tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def snapshot_run(stage0, tmp_path_factory) -> ft.Run:
+    """A finished short run's folder, and the run `--resume` would continue there (set up once)."""
+    out = tmp_path_factory.mktemp("snapshot")
+    settings = {"epochs": 1, "max_steps": 2, "token_budget": 4096, "save_every": 1}
+    ft.finetune(stage0, [SEED_PAIRS], out, {"finetune": settings}, progress=False)
+    return ft.setup(stage0, [SEED_PAIRS], out, {"finetune": settings}, resume=True)
+
+
+def test_resume_refuses_another_runs_snapshot(stage0, snapshot_run):
+    settings = {"epochs": 1, "max_steps": 2, "token_budget": 4096, "save_every": 1, "heads_lr": 1e-2}
+    with pytest.raises(ModrmError, match=r"state\.json: the snapshot of another run \(config\.finetune\.heads_lr"):
+        ft.finetune(stage0, [SEED_PAIRS], snapshot_run.out, {"finetune": settings}, resume=True, progress=False)
+
+
+def _json_edit(edit):
+    def damage(folder: Path) -> None:
+        path = folder / "state.json"
+        state = json.loads(path.read_text())
+        edit(state)
+        path.write_text(json.dumps(state))
+
+    return damage
+
+
+def _tensor_edit(name: str, edit):
+    def damage(folder: Path) -> None:
+        tensors = load_file(str(folder / name))
+        edit(tensors)
+        save_file(tensors, str(folder / name))
+
+    return damage
+
+
+def _truncate(name: str):
+    def damage(folder: Path) -> None:
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) // 2])
+
+    return damage
+
+
+def _first(tensors: dict, suffix: str = "") -> str:
+    return next(k for k in sorted(tensors) if k.endswith(suffix))
+
+
+DAMAGE = {
+    "state not JSON": ("state.json", _truncate("state.json")),
+    "state a list": ("state.json", lambda f: (f / "state.json").write_text("[]")),
+    "history a string": ("state.json", _json_edit(lambda s: s.update(history="x"))),
+    "steps missing": ("state.json", _json_edit(lambda s: s.pop("steps"))),
+    "a step renumbered": ("state.json", _json_edit(lambda s: s["steps"][0].update(step=7))),
+    "a val loss not a number": ("state.json", _json_edit(lambda s: s["history"][0].update(val_loss="low"))),
+    "a step too many": ("state.json", _json_edit(lambda s: s["steps"].append(s["steps"][-1] | {"step": 3}))),
+    "run missing": ("state.json", _json_edit(lambda s: s.pop("run"))),
+    "model truncated": ("model.safetensors", _truncate("model.safetensors")),
+    "model missing": ("model.safetensors", lambda f: (f / "model.safetensors").unlink()),
+    "a weight reshaped": (
+        "model.safetensors",
+        _tensor_edit("model.safetensors", lambda t: t.update({_first(t): t[_first(t)].flatten()[:3].clone()})),
+    ),
+    "a weight dropped": ("model.safetensors", _tensor_edit("model.safetensors", lambda t: t.pop(_first(t)))),
+    "optimizer truncated": ("optimizer.safetensors", _truncate("optimizer.safetensors")),
+    "a moment reshaped": (
+        "optimizer.safetensors",
+        _tensor_edit("optimizer.safetensors", lambda t: t.update({_first(t, "exp_avg"): torch.zeros(2)})),
+    ),
+    "a moment dropped": (
+        "optimizer.safetensors",
+        _tensor_edit("optimizer.safetensors", lambda t: t.pop(_first(t, "exp_avg_sq"))),
+    ),
+    "a parameter unknown": (
+        "optimizer.safetensors",
+        _tensor_edit("optimizer.safetensors", lambda t: t.update({"999999.step": torch.tensor(1.0)})),
+    ),
+    "rng not a generator state": ("rng.safetensors", _tensor_edit("rng.safetensors", lambda t: t["torch_rng"].zero_())),
+    "rng truncated": ("rng.safetensors", _truncate("rng.safetensors")),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGE)
+def test_a_damaged_snapshot_is_one_error_naming_its_file(snapshot_run, tmp_path, case):
+    name, damage = DAMAGE[case]
+    shutil.copytree(snapshot_run.out / ft.SNAPSHOT_DIR, tmp_path / ft.SNAPSHOT_DIR)
+    damage(tmp_path / ft.SNAPSHOT_DIR)
+    before = {k: v.clone() for k, v in snapshot_run.model.state_dict().items()}
+    with pytest.raises(ModrmError, match=rf"{ft.SNAPSHOT_DIR}/{re.escape(name)}: "):
+        ft.load_snapshot(dataclasses.replace(snapshot_run, out=tmp_path))
+    after = snapshot_run.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing restored from a damaged snapshot
+
+
+def test_a_damaged_snapshot_on_the_command_line_is_one_line(stage0, snapshot_run, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(snapshot_run.out, out)
+    _truncate("state.json")(out / ft.SNAPSHOT_DIR)
+    args = ["finetune", "--checkpoint", stage0, "--data", SEED_PAIRS, "--out", out, "--resume", "--max-steps", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "resume/state.json: a damaged snapshot" in done.stderr

@@ -228,3 +228,33 @@ def test_report_to_wandb_writes_an_offline_run(stage0, tmp_path, monkeypatch):
     config.train.report_to, config.train.epochs = ["wandb"], 1
     train_heads(Path(load_checkpoint(stage0).cache), tmp_path / "s0", config, progress=False)
     assert list((tmp_path / "s0" / "runs" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_train_heads_replaces_an_older_checkpoints_files_and_refuses_other_folders(stage0, tmp_path):
+    """Stage 0 into the folder of a stage-1 checkpoint: its encoder, eval cache, snapshot and logs go in the commit
+    that writes the new checkpoint; a folder of other files is refused before any work."""
+    from pipeline.errors import ModrmError
+    from pipeline.train_heads import train_heads
+
+    out, cache = tmp_path / "out", Path(load_checkpoint(stage0).cache)
+    shutil.copytree(stage0, out)
+    for name in ("encoder", "cache", "resume", "runs"):
+        (out / name).mkdir()
+        (out / name / "old.txt").write_text("old")
+    (out / "finetune_history.json").write_text("{}")
+    config = read_checkpoint_config(stage0)[1]
+    config.train.epochs = 1
+    train_heads(cache, out, config, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "heads.safetensors",
+        "metrics.json",
+        "metrics.jsonl",
+    ]
+    assert load_checkpoint(out).encoder_folder is None
+
+    (tmp_path / "mine" / "notes.txt").parent.mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ModrmError, match="holds files but no modrm checkpoint"):
+        train_heads(cache, tmp_path / "mine", config, progress=False)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
