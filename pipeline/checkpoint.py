@@ -54,6 +54,12 @@ class Checkpoint:
         run's own encoder settings where they differ from the saved ones (the run may trust remote code; a saved
         config never does)."""
         info = describe(encoder or self.config.encoder, folder=self.encoder_folder)
+        if self.fingerprint.remote_code and not info.fingerprint.remote_code:
+            raise ModrmError(
+                f"checkpoint {self.folder}: its heads were trained on embeddings of the encoder folder's own Python "
+                f"code, which runs only where this run sets encoder.trust_remote_code = true (a saved config never "
+                f"turns it on); do so only if you trust {info.folder}"
+            )
         diffs = info.fingerprint.differences(self.fingerprint)
         if diffs:
             raise ModrmError(

@@ -278,6 +278,15 @@ def test_a_saved_config_never_turns_on_remote_code(capsys, stage1, trajectories,
     assert (encoder.trust_remote_code, encoder.use_safetensors) == (False, True)
 
 
+def test_a_checkpoint_of_remote_code_says_how_to_turn_it_on(capsys, ckpt, trajectories, tmp_path):
+    meta = json.loads((ckpt / "config.json").read_text())
+    meta["encoder"]["remote_code"] = True  # trained with the folder's own code: a saved config cannot turn it on
+    (ckpt / "config.json").write_text(json.dumps(meta))
+    line = refused(capsys, "score", "--checkpoint", ckpt, "--input", trajectories, "--out", tmp_path / "o")
+    assert "its heads were trained on embeddings of the encoder folder's own Python code" in line
+    assert "encoder.trust_remote_code = true" in line
+
+
 def test_only_the_runs_own_settings_turn_on_remote_code(stage0, tmp_path):
     saved = read_checkpoint_config(stage0)[1]
     raw = saved.to_dict()
