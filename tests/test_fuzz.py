@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 
 from pipeline.cache import Cache, open_existing, pack
 from pipeline.checkpoint import load_checkpoint
-from pipeline.config import Config, HeadConfig, load_config
+from pipeline.config import Config, EncoderConfig, HeadConfig, load_config
 from pipeline.data import load_pairs
 from pipeline.embed import embed_files
-from pipeline.encoder import describe
+from pipeline.encoder import Encoder, describe
 from pipeline.errors import ModrmError
 from pipeline.score import read_trajectories
 from pipeline.train_heads import train_heads
@@ -160,6 +160,28 @@ def test_cache_folders(folders, tmp_path_factory, data, name):
 
     only_clean_outcomes(read)
     assert tree(cache) == before
+
+
+ENCODER_FILES = [
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "modules.json",
+    "1_Pooling/config.json",
+    "config_sentence_transformers.json",
+    "sentence_bert_config.json",
+]
+
+
+@FUZZ
+@given(data=st.data(), name=st.sampled_from(ENCODER_FILES))
+def test_encoder_folders(tiny_qwen3, tmp_path_factory, data, name):
+    """A stage-1 checkpoint's encoder/ comes with the checkpoint: any of its files damaged, loading it is one line."""
+    folder = tmp_path_factory.mktemp("e") / "encoder"
+    shutil.copytree(tiny_qwen3, folder)
+    (folder / name).write_bytes(damaged_bytes((folder / name).read_bytes(), data.draw))
+    config = EncoderConfig(name=str(folder), device="cpu")
+    only_clean_outcomes(lambda: Encoder.load(config, describe(config, folder)))
 
 
 @FUZZ
