@@ -368,6 +368,8 @@ def setup(checkpoint: Path, data: list[Path], out: Path, overrides: Mapping, res
     if group.distributed:  # each rank's own dropout draws, a function of the seed and the rank
         torch.manual_seed(int(np.random.SeedSequence([fc.seed, group.rank]).generate_state(1)[0]))
     model = EndToEnd(encoder, ckpt.model.to(device))
+    trainer = group.wrap(model)  # DistributedDataParallel under torchrun; the model itself in one process
+    frozen = frozen_blocks(encoder.model)
     # one plan for the global batch, identical on every rank; each rank runs its share of every window
     plans = [windows(plan_steps(train, fc.token_budget, fc.seed, epoch), fc.grad_accum) for epoch in range(fc.epochs)]
     if fc.max_steps:  # a short run: the first max_steps optimizer steps, validated at the end
@@ -383,8 +385,6 @@ def setup(checkpoint: Path, data: list[Path], out: Path, overrides: Mapping, res
             "the micro-steps of an optimizer step are shared among them, so some sit out part of each (--grad-accum)",
             file=sys.stderr,
         )
-    trainer = group.wrap(model)
-    frozen = frozen_blocks(encoder.model)
     return Run(config, out, identity, stale, trained_on, group, device, model, trainer, frozen, opt, plans, train, val)
 
 

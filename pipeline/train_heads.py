@@ -98,7 +98,7 @@ class EmbeddingTable:
 
 
 @dataclass
-class Stage0:
+class Run:
     """What a train-heads run works with, made once by `setup`."""
 
     config: Config  # resolved over the cache's own: its encoder and split
@@ -136,7 +136,7 @@ def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, prog
     return summary
 
 
-def setup(cache_dir: Path, config: Config) -> Stage0:
+def setup(cache_dir: Path, config: Config) -> Run:
     """The cache's config, pairs and embeddings; the heads and their optimizer."""
     cache, manifest = open_existing(cache_dir)
     if "config" not in manifest:
@@ -167,10 +167,10 @@ def setup(cache_dir: Path, config: Config) -> Stage0:
         tc.max_grad_norm,
         fused=True,  # one kernel for all parameters (CPU and CUDA): the unfused loop costs as much as the heads
     )
-    return Stage0(config, cache, manifest, modules, train, val, emb, model, opt, device)
+    return Run(config, cache, manifest, modules, train, val, emb, model, opt, device)
 
 
-def train(run: Stage0, runs: Path, run_name: str, progress: bool) -> tuple[list[dict], dict]:
+def train(run: Run, runs: Path, run_name: str, progress: bool) -> tuple[list[dict], dict]:
     """Epochs until the last, or until val loss has not improved for `patience` epochs; the heads end with the
     best epoch's weights. Returns the epoch log and the best epoch's record."""
     tc = run.config.train
@@ -202,7 +202,7 @@ def train(run: Stage0, runs: Path, run_name: str, progress: bool) -> tuple[list[
     return log, best
 
 
-def train_epoch(run: Stage0, generator: torch.Generator, bar: tqdm) -> dict:
+def train_epoch(run: Run, generator: torch.Generator, bar: tqdm) -> dict:
     """One pass over the train pairs in shuffled batches, `grad_accum` batches to an optimizer step."""
     heads, n_train, n_modules = run.config.heads, len(run.train), len(run.modules)
     run.model.train()
@@ -237,7 +237,7 @@ def train_epoch(run: Stage0, generator: torch.Generator, bar: tqdm) -> dict:
 
 
 def save(
-    run: Stage0, cache_dir: Path, out_dir: Path, summary: dict, log: list[dict], runs: Path, stale: list[str]
+    run: Run, cache_dir: Path, out_dir: Path, summary: dict, log: list[dict], runs: Path, stale: list[str]
 ) -> None:
     """The heads, the epoch log and the run's logs, committed together; whatever else an older checkpoint left in
     the folder is removed in the same commit."""

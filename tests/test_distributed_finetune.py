@@ -71,9 +71,9 @@ def worker(spec: dict) -> None:
     run = {"name": ""}
     real_commit, real_write_json, real_validate = ft.commit, ft.write_json, ft.validate_end_to_end
 
-    def commit(folder, names, write):
+    def commit(folder, names, write, remove=()):
         record["writes"].append([run["name"], "commit", names])
-        return real_commit(folder, names, write)
+        return real_commit(folder, names, write, remove)
 
     def write_json(path, obj):
         record["writes"].append([run["name"], "write_json", Path(path).name])

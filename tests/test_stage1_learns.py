@@ -4,8 +4,8 @@ The executor was asked to move something from A to B; the better side did that, 
 A. Both module texts hold the same words, so frozen mean-pooled embeddings (stage 0) barely tell them apart, and
 stage 0 stays at chance. Fine-tuning the encoder (stage 1, the default settings) makes the embeddings see which
 place comes first. Scored on pairs written in templates no training pair uses, so the gain is not memorised
-phrasing. Default config plus the epochs (about 3 minutes of CPU); measured on other data seeds in the README,
-"Stage 1 defaults".
+phrasing. Default config plus the epochs; other data seeds are measured in docs/training.md, "Stage-1 defaults,
+and why".
 """
 
 from __future__ import annotations
