@@ -32,8 +32,7 @@ import torch.nn.functional as F
 from common import table, timed, use_all_cores, warn_if_busy, write_results
 from torch import nn
 
-from pipeline.atomic import write_json
-from pipeline.cache import Cache, Shard
+from pipeline.cache import Cache, Shard, pack
 from pipeline.config import Config, HeadConfig, TrainConfig
 from pipeline.data import DEFAULT_MODULES
 from pipeline.encoder import Fingerprint
@@ -50,14 +49,13 @@ def make_cache(folder: Path, n_pairs: int, dim: int, seed: int = 0, max_rows: in
     n_rows = 4 * n_pairs if max_rows is None else min(4 * n_pairs, max_rows)
     fingerprint = Fingerprint("synthetic", None, "0" * 64, "mean", True, "", 512, 512, dim)
     with Cache.open(folder, fingerprint) as cache:
-        keys = [("context" if i % 2 == 0 else "module", f"{i:064x}") for i in range(n_rows)]
+        keys = pack([("context", "module")[i % 2] for i in range(n_rows)], [f"{i:064x}" for i in range(n_rows)])
         embeddings = rng.standard_normal((n_rows, dim), dtype=np.float32).astype(np.float16)
         cache.add_shard(Shard(keys, np.full(n_rows, 64), np.zeros(n_rows, dtype=bool), embeddings))
         cache.commit(keys)
-    fresh = n_rows == 4 * n_pairs
-    rows = np.arange(n_rows).reshape(n_pairs, 4) if fresh else rng.integers(0, n_rows, (n_pairs, 4))
-    cache.write_pairs(
-        pa.table(
+        fresh = n_rows == 4 * n_pairs
+        rows = np.arange(n_rows).reshape(n_pairs, 4) if fresh else rng.integers(0, n_rows, (n_pairs, 4))
+        pairs = pa.table(
             {
                 "pair_id": [f"p{i}" for i in range(n_pairs)],
                 "target_module": [DEFAULT_MODULES[i % len(DEFAULT_MODULES)] for i in range(n_pairs)],
@@ -71,8 +69,7 @@ def make_cache(folder: Path, n_pairs: int, dim: int, seed: int = 0, max_rows: in
                 "neg_outcome": np.zeros(n_pairs),
             }
         )
-    )
-    write_json(folder / "manifest.json", {"encoder": fingerprint.to_dict(), "config": Config().to_dict()})
+        cache.commit(pack([], []), pairs.to_reader(), {"config": Config().to_dict()})
     return folder
 
 

@@ -9,11 +9,10 @@
     pending/                           shards of a run not yet committed: id.json, shard-rRRR-NNNNNN.h5
     .lock                              held (flock) by the one writer
 
-A run that adds texts writes one new segment, then manifest.json: nothing stored is rewritten. Readers read
-manifest.json once, then the files it lists. A kill at any instant leaves the last commit; the next writer commits
-the finished shards of pending/ instead of encoding them again, finishes the rename of a committed pairs index,
-and removes what no commit lists. A text's key is its role's byte and its SHA-256 digest (33 bytes); every key of
-the cache is held in memory while it is open.
+A run that adds texts writes one new segment, then manifest.json. Readers read manifest.json once, then the files
+it lists. A kill at any instant leaves the last commit; the next writer commits the finished shards instead of
+encoding them again, finishes the pairs index's rename, and removes what no commit lists. A text's key is its
+role's byte and SHA-256 digest (33 bytes); the open holds every key of the cache in memory.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import h5py
 import numpy as np
@@ -76,14 +76,11 @@ def pack(roles: Sequence[str] | pa.Array, hashes: Sequence[str] | pa.Array) -> p
         raise ValueError(f"a role is not one of {', '.join(ROLES)}")
     try:
         fixed = pa.array(hashes, pa.string()).cast(pa.binary(64))
-        digits = memoryview(fixed.buffers()[1])[fixed.offset * 64 :][: len(fixed) * 64]
-        out = np.empty((len(codes), 33), np.uint8)
-        out[:, 0], out[:, 1:] = (
-            codes.to_numpy(zero_copy_only=False),
-            np.frombuffer(binascii.unhexlify(digits), np.uint8).reshape(-1, 32),
-        )
-    except (pa.ArrowInvalid, binascii.Error, ValueError):
+        digests = binascii.unhexlify(memoryview(fixed.buffers()[1])[fixed.offset * 64 :][: len(fixed) * 64])
+    except (pa.ArrowInvalid, binascii.Error):
         raise ValueError("a text_hash is not 64 hex digits") from None
+    out = np.empty((len(codes), 33), np.uint8)
+    out[:, 0], out[:, 1:] = codes.to_numpy(zero_copy_only=False), np.frombuffer(digests, np.uint8).reshape(-1, 32)
     return as_keys(out)
 
 
@@ -101,50 +98,35 @@ def damaged(folder: Path, what: str) -> ModrmError:
 
 
 def plain(path: Path) -> Path:
-    """`path`, refused if it is a symbolic link: modrm writes, replaces and deletes only plain files and folders
-    inside a cache, never what a link points to."""
+    """`path`, refused if a symbolic link: modrm never writes, replaces or deletes what a link in a cache points to."""
     if path.is_symlink():
         raise ModrmError(f"{path}: is a symbolic link; a cache holds only plain files and folders: replace it")
     return path
 
 
-def cache_folder(folder: str | Path) -> Path:
-    if Path(folder).exists() and not Path(folder).is_dir():
-        raise ModrmError(f"{folder}: is a file; --cache names a folder")
-    return Path(folder)
-
-
-class WriterLock:
-    """One writer per cache folder: an exclusive flock on `.lock`, released by the kernel when its process dies
-    (a killed writer never leaves a stale lock). Works across nodes where the shared filesystem supports flock."""
-
-    def __init__(self, folder: Path, wait: bool = True):
-        folder.mkdir(parents=True, exist_ok=True)
-        try:
-            self.handle = os.fdopen(os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
-        except OSError as err:
-            raise ModrmError(f"{folder / '.lock'}: cannot open the writer's lock ({err.strerror}); remove it") from None
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = self.handle.read().strip() or "?"
-            if not wait:
-                self.handle.close()
-                raise ModrmError(
-                    f"{folder}: another modrm (pid {holder}) is writing this cache; wait for it, or run without "
-                    "--no-wait to queue behind it"
-                ) from None
-            print(f"{folder}: waiting for another modrm (pid {holder}) writing this cache ...", file=sys.stderr)
-            fcntl.flock(self.handle, fcntl.LOCK_EX)
-        self.handle.seek(0)
-        self.handle.truncate()
-        self.handle.write(str(os.getpid()))
-        self.handle.flush()
-
-    def release(self) -> None:
-        if not self.handle.closed:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
+def lock_writer(folder: Path, wait: bool = True) -> TextIO:
+    """The one writer's flock on `.lock`, held until the handle is closed or the process dies (so never stale); across
+    nodes where the shared filesystem supports flock."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        handle = os.fdopen(os.open(folder / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as err:
+        raise ModrmError(f"{folder / '.lock'}: cannot open the writer's lock ({err.strerror}); remove it") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = handle.read().strip() or "?"
+        if not wait:
+            handle.close()
+            raise ModrmError(
+                f"{folder}: another modrm (pid {holder}) is writing this cache (drop --no-wait to queue)"
+            ) from None
+        print(f"{folder}: waiting for another modrm (pid {holder}) writing this cache ...", file=sys.stderr)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    handle.seek(0)
+    handle.truncate()
+    print(os.getpid(), file=handle, flush=True)
+    return handle
 
 
 @dataclass(frozen=True)
@@ -169,8 +151,8 @@ class Shard:
 class Cache:
     """The committed state of a cache folder (what manifest.json lists), and for a writer its lock."""
 
-    def __init__(self, folder: str | Path, fingerprint: Fingerprint | None = None, lock: WriterLock | None = None):
-        self.folder, self.lock = cache_folder(folder), lock
+    def __init__(self, folder: str | Path, fingerprint: Fingerprint | None = None, lock: TextIO | None = None):
+        self.folder, self.lock = Path(folder), lock
         self.manifest = read_manifest(self.folder) or {}
         try:
             built = Fingerprint(**self.manifest["encoder"]) if self.manifest else None
@@ -193,20 +175,20 @@ class Cache:
 
     @classmethod
     def open(cls, folder: str | Path, fingerprint: Fingerprint | None = None, wait: bool = True) -> Cache:
-        """Open (or start) a cache to write: take the lock, finish or remove what a killed writer left, and refuse
-        a cache of another encoder (`fingerprint`; None: the cache's own). `close()` releases the lock."""
-        lock = WriterLock(cache_folder(folder), wait)
+        """The cache to write (locked till `close()`), cleared of what a killed writer left; None: its own encoder."""
+        read_manifest(folder)  # a file, a link or another format is refused before anything is created
+        lock = lock_writer(Path(folder), wait)
         try:
             cache = cls(folder, fingerprint, lock)
             cache._tidy()
         except BaseException:
-            lock.release()
+            lock.close()
             raise
         return cache
 
     def close(self) -> None:
         if self.lock is not None:
-            self.lock.release()
+            self.lock.close()
 
     def __enter__(self) -> Cache:
         return self
@@ -218,26 +200,24 @@ class Cache:
     def n_rows(self) -> int:
         return len(self.keys)
 
-    def _segment(self, name: str, start: int, rows: int) -> Segment:
+    def _segment(self, start: int, rows: int, name: str = "") -> Segment:
+        """A listed segment, or (no name) the next one."""
+        name = name or f"seg-{int(self.segments[-1].name[4:]) + 1 if self.segments else 0:06d}"
         h5, texts = self.folder / "embeddings" / f"{name}.h5", self.folder / "texts.parquet" / f"{name}.parquet"
         return Segment(name, start, rows, h5, texts)
 
     def _listed_segments(self) -> list[Segment]:
-        segments, start = [], 0
         try:
-            for entry in self.manifest.get("segments", []):
-                name, rows = str(entry["name"]), int(entry["rows"])
-                if not re.fullmatch(r"seg-\d{6}", name) or rows <= 0:
-                    raise ValueError(f"segment {entry}")
-                segments.append(self._segment(name, start, rows))
-                start += rows
+            listed = [(str(entry["name"]), int(entry["rows"])) for entry in self.manifest.get("segments", [])]
+            if not all(re.fullmatch(r"seg-\d{6}", name) and rows > 0 for name, rows in listed):
+                raise ValueError(listed)
         except (KeyError, TypeError, ValueError) as err:
             raise damaged(self.folder, f"manifest.json lists segments it cannot ({err!r})") from None
-        return segments
+        starts = np.cumsum([0, *(rows for _, rows in listed)]).tolist()
+        return [self._segment(start, rows, name) for (name, rows), start in zip(listed, starts, strict=False)]
 
     def _segment_keys(self, segment: Segment) -> pa.FixedSizeBinaryArray:
-        """A segment's keys, checked: its embeddings hold its rows at the encoder's dim, contiguously and whole;
-        its texts index holds its rows (page checksums verified), each a 64-hex-digit hash and a known role."""
+        """A segment's keys, checked: its embeddings and texts index (page checksums verified) hold its rows, whole."""
         dim = self.fingerprint.dim
         try:
             with h5py.File(plain(segment.h5), "r") as f:
@@ -255,8 +235,7 @@ class Cache:
             raise damaged(self.folder, f"{segment.name}: {err}") from None
 
     def _tidy(self) -> None:
-        """The writer's duty: finish a committed pairs index's rename, remove what no commit lists, and drop
-        pending shards a commit took in, of another encoder, or of no known run."""
+        """Finish a committed pairs index's rename; remove what no commit lists, and pending shards none can take."""
         staged = self.folder / f"pairs-{self.manifest.get('pairs')}.parquet"
         if "pairs" in self.manifest and plain(staged).exists():
             os.replace(staged, self.folder / "pairs.parquet")
@@ -300,12 +279,11 @@ class Cache:
         try:
             with h5py.File(plain(path), "r") as f:
                 keys, n_tokens, truncated, stored = f["keys"][:], f["n_tokens"][:], f["truncated"][:], f["embeddings"]
-                vectors, n = stored[:] if embeddings else None, len(keys)
-                if (
-                    keys.shape != (n, 33)
-                    or (len(n_tokens), len(truncated)) != (n, n)
-                    or stored.shape != (n, self.fingerprint.dim)
-                ):
+                vectors, sizes = (
+                    stored[:] if embeddings else None,
+                    {len(keys), len(n_tokens), len(truncated), len(stored)},
+                )
+                if len(sizes) > 1 or keys.shape[1:] != (33,) or stored.shape[1:] != (self.fingerprint.dim,):
                     raise ValueError("its keys, counts and embeddings disagree")
         except (OSError, KeyError, ValueError) as err:
             damage = f"an unfinished run's shard is damaged ({err})"
@@ -313,37 +291,30 @@ class Cache:
         return Shard(as_keys(keys), n_tokens, truncated, vectors)
 
     def commit(self, order: pa.Array, pairs: pa.RecordBatchReader | None = None, manifest: dict | None = None) -> int:
-        """Commit every pending shard as one new segment (the texts of `order` first, in its order: each must be in a
-        shard; then any other pending text, as met; each text once), with `pairs` as the new pairs index and
-        `manifest`'s entries: one write of manifest.json makes them all visible at once. Returns rows added."""
+        """The pending shards as one new segment (`order`'s texts first, then the others as met, each once), `pairs` as
+        the pairs index and `manifest`'s entries: one write of manifest.json makes them visible. Returns rows added."""
         assert self.lock is not None, "commit needs the writer's lock (Cache.open)"
-        shards, added = self._shard_paths(), None
-        if shards:
-            added = self._write_segment(order, shards)
-        elif len(order):
+        shards, before = self._shard_paths(), self.n_rows
+        if len(order) and not shards:
             raise ModrmError(f"{self.folder}: {len(order)} texts are to be committed, but no shard holds them")
+        segment, keys = self._write_segment(order, shards) if shards else (None, pa.array([], KEY))
         update = (manifest or {}) | (self._stage_pairs(pairs) if pairs is not None else {})
-        if added is None and not update:
+        if segment is None and not update:
             return 0
-        segments = [*self.segments, *([added[0]] if added else [])]
-        self._write_manifest(segments, update | {"pending": self._pending_id()})
-        if added is not None:
-            self.segments, self.keys = segments, pa.concat_arrays([self.keys, added[1]])
+        added = [segment] if segment else []
+        self._write_manifest([*self.segments, *added], update | {"pending": self._pending_id()})
+        self.keys = pa.concat_arrays([self.keys, keys])
         self._tidy()
-        return len(added[1]) if added else 0
+        return self.n_rows - before
 
     def _write_manifest(self, segments: list[Segment], update: dict) -> None:
-        listed = [{"name": s.name, "rows": s.rows} for s in segments]
+        self.segments, listed = segments, [{"name": s.name, "rows": s.rows} for s in segments]
         self.manifest = self.manifest | update | {"format": FORMAT, "encoder": self.fingerprint.to_dict()}
         self.manifest |= {"segments": listed, "n_texts": sum(s.rows for s in segments)}
         write_json(self.folder / "manifest.json", self.manifest)
 
-    def _next_segment(self, start: int, rows: int) -> Segment:
-        return self._segment(f"seg-{int(self.segments[-1].name[4:]) + 1 if self.segments else 0:06d}", start, rows)
-
     def _write_segment(self, order: pa.Array, paths: list[Path]) -> tuple[Segment, pa.Array]:
-        """The next segment from the shards, each text's first copy, `order`'s first; the shards are read one at a
-        time and scattered to their rows."""
+        """The next segment from the shards: each text's first copy, `order`'s first, scattered shard by shard."""
         shards = [self._read_shard(path) for path in paths]
         keys = pa.concat_arrays([pa.array([], KEY), *(s.keys for s in shards)])
         listed = pc.index_in(order, value_set=keys)
@@ -366,13 +337,12 @@ class Cache:
 
         column = lambda name: np.concatenate([getattr(s, name) for s in shards])[source]  # noqa: E731
         texts = Shard(keys.take(pa.array(source)), column("n_tokens"), column("truncated"))
-        segment = self._next_segment(self.n_rows, len(source))
+        segment = self._segment(self.n_rows, len(source))
         self._write_segment_files(segment, texts, fill)
         return segment, texts.keys
 
     def _write_segment_files(self, segment: Segment, texts: Shard, fill: Callable[[np.memmap], None]) -> None:
-        """A segment's embeddings (contiguous float16, filled through a memory map whose pages are dropped as it
-        goes) and its texts index (page checksums on)."""
+        """A segment's embeddings (contiguous float16, `fill`ed through a memory map) and texts index (checksummed)."""
         dim = self.fingerprint.dim
 
         def write_h5(tmp: Path) -> None:
@@ -390,8 +360,6 @@ class Cache:
                     block = [hashes, row, roles, texts.n_tokens[lo : lo + BLOCK], texts.truncated[lo : lo + BLOCK]]
                     out.write_table(pa.table(block, schema=TEXT_SCHEMA))
 
-        for folder in ("embeddings", "texts.parquet"):
-            (self.folder / folder).mkdir(exist_ok=True)
         atomic_write(segment.h5, write_h5)
         atomic_write(segment.texts, write_texts)
 
@@ -413,8 +381,7 @@ class Cache:
         return {"pairs": pairs_id, "n_pairs": sum(splits.values()), "splits": {s: splits[s] for s in SPLITS}}
 
     def compact(self) -> int:
-        """Merge the segments into one, committed as a run commits its own (a kill leaves the old layout or the new
-        one). Readers that mapped the old segments keep reading them until they close. Returns segments merged."""
+        """Merge the segments into one, committed as a run's is (old maps stay readable). Returns how many merged."""
         assert self.lock is not None, "compact needs the writer's lock (Cache.open)"
         if len(old := self.segments) < 2:
             return 0
@@ -426,10 +393,9 @@ class Cache:
                 release(out, *source.maps)
 
         columns = self.text_columns(np.arange(self.n_rows), ["n_tokens", "truncated"])
-        segment = self._next_segment(0, self.n_rows)
+        segment = self._segment(0, self.n_rows)
         self._write_segment_files(segment, Shard(self.keys, columns["n_tokens"], columns["truncated"]), fill)
         self._write_manifest([segment], {})
-        self.segments = [segment]
         self._tidy()
         return len(old)
 
@@ -454,14 +420,11 @@ class Cache:
         """float16 [n_rows, dim]: read into memory, or memory-mapped segment by segment when over the budget."""
         if not self.segments:
             raise ModrmError(f"{self.folder}: holds no embeddings; run `modrm embed` first")
-        maps = []
+        maps, dim = [], self.fingerprint.dim
         for s in self.segments:
             with h5py.File(s.h5, "r") as f:
-                offset = f["embeddings"].id.get_offset()
-            maps.append(
-                np.memmap(s.h5, dtype=np.float16, mode="r", offset=offset, shape=(s.rows, self.fingerprint.dim))
-            )
-        if self.n_rows * self.fingerprint.dim * 2 > memory_budget_bytes:
+                maps.append(np.memmap(s.h5, np.float16, "r", f["embeddings"].id.get_offset(), (s.rows, dim)))
+        if self.n_rows * dim * 2 > memory_budget_bytes:
             return MappedRows(maps)
         whole = np.concatenate(maps)
         release(*maps)
@@ -470,10 +433,7 @@ class Cache:
     def check_finite(self, block: np.ndarray) -> None:
         """Refuse embeddings that are not finite (a commit never writes them: they were damaged since)."""
         if not np.isfinite(block).all():
-            raise ModrmError(
-                f"{self.folder}: non-finite values in the cache's embeddings; rebuild it with `modrm embed` into a "
-                "fresh --cache folder"
-            )
+            raise ModrmError(f"{self.folder}: non-finite values in the cache's embeddings; embed into a fresh --cache")
 
     def pairs_path(self) -> Path:
         """The pairs index the manifest names: pairs.parquet, or its staged name until a writer renames it."""
@@ -483,8 +443,7 @@ class Cache:
         return staged if staged.exists() else self.folder / "pairs.parquet"
 
     def read_pairs(self, columns: Sequence[str] | None = None) -> pa.Table:
-        """The pairs index, checked (every column there, every row inside the cache); `columns`: only those and the
-        row columns, the few-valued ones as dictionaries."""
+        """The pairs index, checked; `columns`: those and the row columns, the few-valued ones as dictionaries."""
         path = self.pairs_path()
         try:
             missing = {*ROW_COLUMNS, "pair_id", "target_module", "task", "split"} - set(pq.read_schema(path).names)
@@ -519,33 +478,28 @@ class MappedRows:
 
 
 def release(*maps: np.memmap) -> None:
-    """Write back and drop memory maps' resident pages from this process (the kernel keeps them cached), so a pass
-    over a segment larger than memory holds one block of it."""
+    """Write back and drop memory maps' pages from this process (the kernel keeps them cached): one block at a time."""
     for array in maps:
         array.flush()
         array._mmap.madvise(mmap.MADV_DONTNEED)
 
 
 def read_manifest(folder: str | Path) -> dict | None:
-    """manifest.json, of this modrm's format; None where no commit was made yet. A cache of another format is
-    refused: its layout is not read."""
-    folder = cache_folder(folder)
-    older = ModrmError(
-        f"{folder}: a cache in another modrm format (this modrm reads format {FORMAT}); embed again into a fresh "
-        "folder (another --cache, or remove this one)"
-    )
-    if not plain(folder / "manifest.json").exists():
-        if (folder / "embeddings.h5").exists():
-            raise older
-        return None
+    """manifest.json, of this modrm's format (another format is refused, unread); None before the first commit."""
+    folder, path = Path(folder), Path(folder) / "manifest.json"
+    if folder.exists() and not folder.is_dir():
+        raise ModrmError(f"{folder}: is a file; --cache names a folder")
     try:
-        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        manifest = json.loads(path.read_text(encoding="utf-8")) if plain(path).exists() else None
     except (OSError, ValueError) as err:
         raise damaged(folder, f"manifest.json is not valid JSON ({err})") from None
-    if not isinstance(manifest, dict):
-        raise damaged(folder, "manifest.json is not a JSON object")
-    if manifest.get("format") != FORMAT:
-        raise older
+    if manifest is None and not (folder / "embeddings.h5").exists():  # the layout before this format had one
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ModrmError(
+            f"{folder}: a cache in another modrm format (this modrm reads format {FORMAT}); embed again into a fresh "
+            "folder (another --cache, or remove this one)"
+        )
     return manifest
 
 

@@ -1,12 +1,9 @@
 """Stage 0, part one: every distinct text of the pairs, encoded once, into the cache; then the pairs index.
 
-Texts are deduplicated by content within each role across all files (a context seen in ten pairs is encoded once),
-only texts the cache lacks are encoded, and work is written in shards so a killed run resumes. Memory holds some
-150 bytes a pair (its four keys and places), never the texts:
-
+Texts are deduplicated by content within each role across all files, only texts the cache lacks are encoded, and
+work is written in shards so a killed run resumes. Memory holds some 150 bytes a pair, never the texts:
     pass one  (scan_pairs)       each text hashed to its key and dropped; the index's other columns to a file
-    plan      (make_plan)        distinct keys in first-appearance order, the cache's rows, what it lacks, and
-                                 each rank's share of the texts to encode
+    plan      (make_plan)        distinct keys in first-appearance order, their cache rows, each rank's share
     pass two  (encode_mine)      this rank's texts, met again, encoded a shard at a time into pending/
     commit    (Cache.commit)     rank 0: the shards as one new segment, the pairs index and the manifest at once
 """
@@ -30,19 +27,20 @@ from tqdm.auto import tqdm
 
 from pipeline.cache import ROW_COLUMNS, Cache, Shard, as_keys, key_bytes, text_key
 from pipeline.config import Config
-from pipeline.data import DataError, Pair, PairFiles, assign_split, duplicate_id, file_sha256
+from pipeline.data import Pair, PairFiles, assign_split, file_sha256
 from pipeline.distributed import Group
 from pipeline.encoder import Encoder, ModelInfo, describe
 from pipeline.errors import ModrmError
 
 SHARD_TEXTS = 4096  # texts per resumable shard: a kill loses at most this much work
-INDEX_BATCH = 1 << 13  # pairs per batch of the pairs index's columns
-PAIR_ROLES = tuple("context" if column.endswith("ctx_row") else "module" for column in ROW_COLUMNS)
-INDEX_SCHEMA = pa.schema(  # the pairs index's columns but the rows, as pass one collects them
+INDEX_BATCH = 1 << 13  # pairs per batch of the pairs index
+PAIR_ROLES = ("context", "module", "context", "module")  # of ROW_COLUMNS
+PAIRS_SCHEMA = pa.schema(
     [(name, pa.string()) for name in ("pair_id", "target_module", "task", "group", "split")]
+    + [(name, pa.int64()) for name in ROW_COLUMNS]
     + [(name, pa.float64()) for name in ("pos_outcome", "neg_outcome")]
 )
-PAIRS_SCHEMA = pa.schema([*INDEX_SCHEMA][:5] + [pa.field(c, pa.int64()) for c in ROW_COLUMNS] + [*INDEX_SCHEMA][5:])
+INDEX_SCHEMA = pa.schema([f for f in PAIRS_SCHEMA if f.name not in ROW_COLUMNS])  # what pass one collects
 
 
 @dataclass
@@ -59,29 +57,20 @@ class EmbedSummary:
     index: str = ""  # what became of an earlier pairs index (replaced, appended to); empty for a new one
 
     def lines(self) -> list[str]:
-        encoded = "nothing to encode: every text was already in the cache"
-        if self.encoded:
-            seconds = max(self.seconds, 1e-9)
-            encoded = (
-                f"encoded {self.encoded} texts in {self.seconds:.1f}s ({self.encoded / seconds:,.1f} texts/s, "
-                f"{self.tokens / seconds:,.0f} tokens/s)"
-            )
+        rate = f"{self.encoded / max(self.seconds, 1e-9):,.1f} texts/s, {self.tokens / max(self.seconds, 1e-9):,.0f}"
+        encoded = f"encoded {self.encoded} texts in {self.seconds:.1f}s ({rate} tokens/s)"
         return [
             f"pairs: {self.n_pairs}  unique texts: {self.unique_texts}  already cached: {self.cached}",
-            encoded,
+            encoded if self.encoded else "nothing to encode: every text was already in the cache",
             f"truncated: {self.truncated}  texts re-encoded in fp32: {self.fp32_fallbacks}",
             "splits: " + "  ".join(f"{k} {v}" for k, v in self.splits.items()),
             *([f"pairs index: {self.index}"] if self.index else []),
         ]
 
 
-# ---------------------------------------------------------------------------------------------- pass one
-
-
 @dataclass
 class Scan:
-    """Pass one over the pairs, and what pass two needs to meet them again: pair n's texts are keys 4n .. 4n + 3,
-    in ROW_COLUMNS order."""
+    """Pass one, and what pass two needs to meet the pairs again: pair n's texts are keys 4n .. 4n + 3."""
 
     pairs: Iterable[Pair]
     config: Config
@@ -104,35 +93,14 @@ def scan_pairs(pairs: Iterable[Pair], config: Config, work: Path, progress: bool
                 keys += text_key(role, text)
                 lengths.append(len(text))
             split = assign_split(pair.split_key, d.train_fraction, d.val_fraction, d.split_seed)
-            values = (pair.pair_id, pair.target_module, pair.task, pair.split_key, split)
-            for name, value in zip(columns, (*values, pair.positive.outcome, pair.negative.outcome), strict=True):
+            values = [pair.pair_id, pair.target_module, pair.task, pair.split_key, split]
+            for name, value in zip(columns, [*values, pair.positive.outcome, pair.negative.outcome], strict=True):
                 columns[name].append(value)
             if len(columns["pair_id"]) == INDEX_BATCH:
                 index.write_batch(pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA))
                 columns = {name: [] for name in INDEX_SCHEMA.names}
         index.write_batch(pa.RecordBatch.from_pydict(columns, schema=INDEX_SCHEMA))
     return Scan(pairs, config, as_keys(keys), np.frombuffer(lengths, np.int32), work / "index.parquet")
-
-
-def check_unique_ids(scan: Scan, files: Sequence[tuple[str, int]]) -> None:
-    """pair_ids unique over all the files (given with the pairs each gave, in order): DataError names each pair
-    met again, in pair order, as PairFiles would."""
-    ids = pq.read_table(scan.index, columns=["pair_id"]).column(0)
-    if pc.count_distinct(ids).as_py() == len(ids):
-        return
-    counts = pc.value_counts(ids)
-    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-    at = np.flatnonzero(pc.is_in(ids, value_set=repeated).to_numpy(zero_copy_only=False))
-    ends, first, problems = np.cumsum([count for _, count in files]), {}, []  # first: where each id was first met
-    for name, n in zip(ids.take(at).to_pylist(), at.tolist(), strict=True):
-        file = files[int(np.searchsorted(ends, n, side="right"))][0]
-        if name in first:
-            problems.append(duplicate_id(file, name, first[name]))
-        first.setdefault(name, file)
-    raise DataError(problems)
-
-
-# ---------------------------------------------------------------------------------------------- the plan
 
 
 @dataclass
@@ -148,7 +116,7 @@ class Plan:
 
 def make_plan(scan: Scan, cache: Cache, pending: pa.Array, group: Group) -> Plan:
     """Deduplicate the keys (the first appearance of each text wins), look them up in the cache, number the new
-    ones after the cache's rows, and deal the ones no pending shard holds out to the ranks."""
+    ones after the cache's rows, and deal the ones no pending shard holds out to the ranks, balanced by length."""
     distinct = pc.unique(scan.keys)
     at = pc.index_in(scan.keys, value_set=distinct).to_numpy()
     row = cache.find(distinct)
@@ -156,32 +124,20 @@ def make_plan(scan: Scan, cache: Cache, pending: pa.Array, group: Group) -> Plan
     row[new] = cache.n_rows + np.arange(new.sum())
     _, first = np.unique(at, return_index=True)  # each distinct text's first appearance
     todo = np.flatnonzero(new & ~pc.is_in(distinct, value_set=pending).to_numpy(zero_copy_only=False))
-    limits = np.array([scan.config.encoder.max_context_tokens, scan.config.encoder.max_module_tokens])  # ROLES
+    limits = np.array([scan.config.encoder.max_context_tokens, scan.config.encoder.max_module_tokens])  # by role
     cost = np.minimum(scan.lengths[first[todo]] // 4 + 1, limits[key_bytes(distinct)[todo, 0]])  # about the tokens
+    deal = np.argsort(-cost, kind="stable")  # longest first, dealt out back and forth: 0, 1, ..., N-1, N-1, ..., 0
+    lap, seat = np.divmod(np.arange(len(deal)), group.world_size)
     mine = np.zeros(len(at), dtype=np.uint8)
-    mine[first[todo[rank_share(cost, group)]]] = 1
+    mine[first[todo[deal[np.where(lap % 2 == 0, seat, group.world_size - 1 - seat) == group.rank]]]] = 1
     nibbles = (mine.reshape(-1, 4) << np.arange(4, dtype=np.uint8)).sum(axis=1, dtype=np.uint8)
     return Plan(row[at].reshape(-1, 4), distinct.filter(pa.array(new)), nibbles, len(todo), row)
-
-
-def rank_share(cost: np.ndarray, group: Group) -> np.ndarray:
-    """This rank's share of texts of these estimated costs (as indices, ascending), the same split on every rank,
-    balanced: longest first, dealt out back and forth (0, 1, ..., N-1, N-1, ..., 0, ...)."""
-    if not group.distributed:
-        return np.arange(len(cost))
-    order = np.argsort(-cost, kind="stable")
-    lap, seat = np.divmod(np.arange(len(order)), group.world_size)
-    return np.sort(order[np.where(lap % 2 == 0, seat, group.world_size - 1 - seat) == group.rank])
-
-
-# ---------------------------------------------------------------------------------------------- pass two
 
 
 def ensure_embedded(
     scan: Scan, cache: Cache, info: ModelInfo, summary: EmbedSummary, progress: bool = True, group: Group = Group()
 ) -> Plan:
-    """Encode what the cache lacks of the scanned pairs' texts into pending shards, every rank its share; rank 0
-    then commits them (`plan.order`). The plan's rows are the pairs' rows once committed."""
+    """Encode the texts the cache lacks into pending shards, every rank its share (rank 0 then commits `plan.order`)."""
     pending = cache.pending_keys()
     group.barrier()  # every rank has read pending/ before any rank adds to it
     plan = make_plan(scan, cache, pending, group)
@@ -200,21 +156,25 @@ def ensure_embedded(
 def encode_mine(
     scan: Scan, plan: Plan, cache: Cache, encoder: Encoder | None, progress: bool, rank: int
 ) -> tuple[int, int]:
-    """Pass two: this rank's texts, encoded into pending shards as they are met; each must have the key pass one
-    gave it. Returns (texts, tokens)."""
+    """Pass two: this rank's texts, encoded into pending shards as met (each with pass one's key): (texts, tokens)."""
     waiting: dict[str, list[tuple[bytes, str, str]]] = {"context": [], "module": []}  # (key, text, head)
     expected, encoded, tokens, met = key_bytes(scan.keys), 0, 0, 0
     changed = ModrmError("the pairs changed while they were being embedded (a file rewritten?); run embed again")
 
     def flush(role: str) -> None:
         nonlocal encoded, tokens
-        shard = encode_shard(encoder, waiting.pop(role), role, progress)
-        cache.add_shard(shard, rank)
-        encoded, tokens, waiting[role] = encoded + len(shard.keys), tokens + int(shard.n_tokens.sum()), []
+        texts, waiting[role] = waiting[role], []
+        shard_tokens = encoder.tokenize([t for _, t, _ in texts], role, heads=[h for _, _, h in texts])
+        embeddings = np.empty((len(texts), encoder.dim), dtype=np.float16)
+        for index, emb in encoder.encode_tokenized(shard_tokens, desc=f"embed {role}s", progress=progress):
+            embeddings[index] = emb
+        keys = as_keys(b"".join(k for k, _, _ in texts))
+        cache.add_shard(Shard(keys, shard_tokens.lengths, shard_tokens.truncated, embeddings), rank)
+        encoded, tokens = encoded + len(texts), tokens + int(shard_tokens.lengths.sum())
 
     for n, pair in enumerate(scan.pairs):
         met, wanted = n + 1, int(plan.mine[n]) if n < len(plan.mine) else 0
-        head = scan.config.encoder.context_head(pair.task)  # what truncation of a context keeps
+        head = scan.config.encoder.context_head(pair.task) if wanted else ""  # what truncation of a context keeps
         for k, (role, text) in enumerate(zip(PAIR_ROLES, scan.config.encoder.pair_texts(pair), strict=True)):
             if wanted >> k & 1:
                 waiting[role].append((text_key(role, text), text, head))
@@ -229,17 +189,6 @@ def encode_mine(
     return encoded, tokens
 
 
-def encode_shard(encoder: Encoder, texts: list[tuple[bytes, str, str]], role: str, progress: bool) -> Shard:
-    tokens = encoder.tokenize([t for _, t, _ in texts], role, heads=[h for _, _, h in texts])
-    embeddings = np.empty((len(texts), encoder.dim), dtype=np.float16)
-    for index, emb in encoder.encode_tokenized(tokens, desc=f"embed {role}s", progress=progress):
-        embeddings[index] = emb
-    return Shard(as_keys(b"".join(k for k, _, _ in texts)), tokens.lengths, tokens.truncated, embeddings)
-
-
-# ---------------------------------------------------------------------------------------------- modrm embed
-
-
 def embed_files(
     paths: Sequence[str | Path],
     cache_dir: str | Path,
@@ -248,41 +197,66 @@ def embed_files(
     append: bool = False,
     wait: bool = True,
 ) -> EmbedSummary:
-    """`modrm embed`: read and check the pairs, encode what the cache lacks, commit the pairs index with them. The
-    index holds these files' pairs (and says so when it replaced others), or with `append` the earlier ones too.
-    Under torchrun, rank 0 holds the cache's lock and commits; every rank encodes a share."""
+    """`modrm embed`: read and check the pairs, encode what the cache lacks, commit the pairs index with them: these
+    files' pairs (saying so when they replace others), or with `append` the earlier ones and these. Under torchrun,
+    rank 0 holds the cache's lock and commits; every rank encodes a share."""
     group = Group.from_env(config.encoder.device)
     encoder = dataclasses.replace(config.encoder, device=group.device(config.encoder.device))  # cuda:LOCAL_RANK
     config = dataclasses.replace(config, encoder=encoder)
-    pairs = PairFiles(paths, config.data.modules, check_ids=False)  # ids: check_unique_ids, from pass one's file
+    pairs = PairFiles(paths, config.data.modules, check_ids=False)  # ids: checked from pass one's file
     with tempfile.TemporaryDirectory(prefix=f"modrm-embed-r{group.rank}-") as work:
         scan = scan_pairs(pairs, config, Path(work), progress and group.is_main)  # every problem found before a write
-        check_unique_ids(scan, list(zip(map(str, paths), pairs.counts, strict=True)))
+        ids = pq.read_table(scan.index, columns=["pair_id"]).column(0)
+        if pc.count_distinct(ids).as_py() != len(ids):  # a pair_id met twice: named as loading names it
+            list(PairFiles(paths, config.data.modules))  # raises the DataError (holding the ids alone)
         info = describe(config.encoder)
-        opened = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait))  # the lock, and any repair
-        cache = opened if opened is not None else Cache(cache_dir, info.fingerprint)
+        cache = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait)) or Cache(
+            cache_dir, info.fingerprint
+        )
         try:
             summary = EmbedSummary(n_pairs=scan.n_pairs)
-            previous = cache.read_pairs(["pair_id"]) if group.is_main and "pairs" in cache.manifest else None
-            appending = append and previous is not None
-            if appending:
-                check_appendable(previous.column("pair_id"), scan, cache.manifest, cache.folder)
-                summary.index = f"appended {scan.n_pairs} pairs to the {len(previous)} already indexed"
-            elif previous is not None and (earlier := cache.manifest.get("data_files", [])) != list(map(str, paths)):
-                held = f"it held {len(previous)} pairs from {', '.join(earlier) or 'other files'}"
-                summary.index = f"replaced: {held} (--append keeps them)"
-            kept = cache.pairs_path() if appending else None
+            kept = index_kept(cache, scan, [str(p) for p in paths], append, summary) if group.is_main else None
             plan = ensure_embedded(scan, cache, info, summary, progress, group)
             if group.is_main:
-                files = [*(cache.manifest.get("data_files", []) if appending else []), *map(str, paths)]
-                hashes = [*(cache.manifest.get("data_sha256", []) if appending else []), *map(file_sha256, paths)]
-                cache.commit(plan.order, pairs_index(kept, scan, plan.rows), manifest_entries(config, files, hashes))
+                earlier = ([], []) if kept is None else (cache.manifest["data_files"], cache.manifest["data_sha256"])
+                entries = manifest_entries(
+                    config, [*earlier[0], *map(str, paths)], [*earlier[1], *map(file_sha256, paths)]
+                )
+                cache.commit(plan.order, pairs_index(kept, scan, plan.rows), entries)
                 summary.truncated = int(cache.text_columns(plan.distinct_rows, ["truncated"])["truncated"].sum())
                 summary.splits = cache.manifest["splits"]
             group.barrier()  # the commit is visible
             return summary
         finally:
             cache.close()
+
+
+def index_kept(cache: Cache, scan: Scan, paths: list[str], append: bool, summary: EmbedSummary) -> Path | None:
+    """With `append`, the pairs index the new one keeps, once the new pairs are checked to join it (distinct ids, the
+    same split settings); else None, and the summary says what the new index replaces."""
+    if "pairs" not in cache.manifest:
+        return None
+    indexed, folder = cache.read_pairs(["pair_id"]).column("pair_id"), cache.folder
+    if not append:
+        if (earlier := cache.manifest.get("data_files", [])) != paths:
+            summary.index = f"replaced: it held {len(indexed)} pairs from {', '.join(earlier) or 'other files'}"
+            summary.index += " (--append keeps them)"
+        return None
+    built = cache.manifest.get("config", {}).get("data", {})
+    for key in ("train_fraction", "val_fraction", "split_seed"):
+        if key in built and built[key] != getattr(scan.config.data, key):
+            raise ModrmError(
+                f"{folder}: --append with data.{key} = {getattr(scan.config.data, key)!r}, but the index was split "
+                f"with {built[key]!r}; use the same setting, or embed without --append to replace the index"
+            )
+    ids = pq.read_table(scan.index, columns=["pair_id"]).column(0)
+    if len(clashes := ids.filter(pc.is_in(ids, value_set=indexed))):
+        raise ModrmError(
+            f"{folder}: --append: pair_id {clashes[0].as_py()!r} is already in the pairs index; give distinct ids, "
+            "or embed without --append to replace the index"
+        )
+    summary.index = f"appended {scan.n_pairs} pairs to the {len(indexed)} already indexed"
+    return cache.pairs_path()
 
 
 def pairs_index(kept: Path | None, scan: Scan, rows: np.ndarray) -> pa.RecordBatchReader:
@@ -297,33 +271,15 @@ def pairs_index(kept: Path | None, scan: Scan, rows: np.ndarray) -> pa.RecordBat
             start = 0
             for batch in index.iter_batches(INDEX_BATCH):
                 block, start = rows[start : start + len(batch)], start + len(batch)
-                columns = dict(zip(batch.schema.names, batch.columns, strict=True))
+                columns = {name: batch.column(name) for name in INDEX_SCHEMA.names}
                 columns |= {column: pa.array(block[:, k]) for k, column in enumerate(ROW_COLUMNS)}
                 yield pa.RecordBatch.from_pydict(columns, schema=PAIRS_SCHEMA)
 
     return pa.RecordBatchReader.from_batches(PAIRS_SCHEMA, batches())
 
 
-def check_appendable(indexed: pa.ChunkedArray, scan: Scan, manifest: dict, folder: Path) -> None:
-    """Appended pairs keep their ids distinct from the `indexed` ones and are split as those were."""
-    built = manifest.get("config", {}).get("data", {})
-    for key in ("train_fraction", "val_fraction", "split_seed"):
-        if key in built and built[key] != getattr(scan.config.data, key):
-            raise ModrmError(
-                f"{folder}: --append with data.{key} = {getattr(scan.config.data, key)!r}, but the index was split "
-                f"with {built[key]!r}; use the same setting, or embed without --append to replace the index"
-            )
-    ids = pq.read_table(scan.index, columns=["pair_id"]).column(0)
-    if len(clashes := ids.filter(pc.is_in(ids, value_set=indexed))):
-        raise ModrmError(
-            f"{folder}: --append: pair_id {clashes[0].as_py()!r} is already in the pairs index; give distinct ids, "
-            "or embed without --append to replace the index"
-        )
-
-
 def manifest_entries(config: Config, files: list[str], sha256: list[str]) -> dict:
-    """What `modrm embed` records in the manifest besides the cache's own entries; data_sha256 is what the pairs
-    index holds, by content (eval leaves a checkpoint's training files out by it)."""
+    """What embed records besides the cache's own entries (data_sha256: eval knows a checkpoint's training files)."""
     import torch
 
     from pipeline.encoder import pick_device, pick_dtype
@@ -331,11 +287,5 @@ def manifest_entries(config: Config, files: list[str], sha256: list[str]) -> dic
     names = ("modrm", "torch", "transformers", "tokenizers", "h5py", "pyarrow")
     versions = {name: md.version(name) for name in names} | {"cuda": torch.version.cuda or "none"}
     dtype = str(pick_dtype(config.encoder.dtype, pick_device(config.encoder.device))).removeprefix("torch.")
-    files = {"data_files": files, "data_sha256": sha256}
-    return {
-        "compute_dtype": dtype,
-        "storage_dtype": "float16",
-        **files,
-        "config": config.to_dict(),
-        "versions": versions,
-    }
+    run = {"compute_dtype": dtype, "storage_dtype": "float16", "config": config.to_dict(), "versions": versions}
+    return run | {"data_files": files, "data_sha256": sha256}

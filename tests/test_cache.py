@@ -368,14 +368,14 @@ def test_embed_holds_one_pair_at_a_time(
     records = [r | {"pair_id": "streamed-" + r["pair_id"]} for r in json.loads(seed_pairs_path.read_text())]
     path = _jsonl(tmp_path / "pairs.jsonl", records)
     monkeypatch.setattr(pipeline.embed, "SHARD_TEXTS", 8)
-    encode_shard, alive = pipeline.embed.encode_shard, []
+    add_shard, alive = Cache.add_shard, []
 
     def counting(*args, **kwargs):
         gc.collect()
         alive.append(sum(isinstance(o, Pair) and o.pair_id.startswith("streamed-") for o in gc.get_objects()))
-        return encode_shard(*args, **kwargs)
+        return add_shard(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline.embed, "encode_shard", counting)
+    monkeypatch.setattr(Cache, "add_shard", counting)
     summary = embed_files([path], tmp_path / "cache", tiny_config, progress=False)
     assert summary.n_pairs == 32 and summary.encoded == SEED_UNIQUE_TEXTS and len(alive) >= 12
     assert max(alive) <= 1
@@ -766,8 +766,8 @@ def tiny_config_file(tiny_qwen3: Path, tmp_path: Path) -> Path:
 HOLD_LOCK = (
     "import sys, time\n"
     "from pathlib import Path\n"
-    "from pipeline.cache import WriterLock\n"
-    "lock = WriterLock(Path(sys.argv[1]))\n"
+    "from pipeline.cache import lock_writer\n"
+    "lock = lock_writer(Path(sys.argv[1]))\n"
     "print('held', flush=True)\n"
     "time.sleep(float(sys.argv[2]))\n"
 )
