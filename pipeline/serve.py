@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import hmac
 import json
@@ -35,10 +34,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -222,7 +222,8 @@ class MicroBatcher:
                 return
             log.warning("batch of %d requests failed (%s); scoring them one by one", len(batch), type(err).__name__)
             for pending in batch:
-                await self._score([pending])
+                if not pending.future.done():
+                    await self._score([pending])
             return
         after = self.rm.stats
         log.info(
@@ -529,7 +530,6 @@ REFUSALS = OncePerSecond(
         "connections at the limit",  # ConnectionGuard
         "socket.accept() out of system resource",  # asyncio, should the open-file limit be reached anyway
         "Invalid HTTP request received.",  # uvicorn, once per malformed request
-        "Exceeded concurrency limit.",
     )
 )
 
@@ -614,10 +614,8 @@ class GuardedH11Protocol(H11Protocol):
             self.guard.waits(self)
 
 
-def uvicorn_config(app: FastAPI, config: ServeConfig, host: str, port: int):
+def uvicorn_config(app: FastAPI, config: ServeConfig, host: str, port: int) -> uvicorn.Config:
     """uvicorn's settings for `app`: the guarded protocol, a short listen backlog, the graceful shutdown period."""
-    import uvicorn
-
     guard = ConnectionGuard(config.max_connections, config.header_timeout_s)
     return uvicorn.Config(
         app,
@@ -632,11 +630,9 @@ def uvicorn_config(app: FastAPI, config: ServeConfig, host: str, port: int):
 
 
 def serve(rm: RewardModel, config: ServeConfig, host: str, port: int) -> None:
-    """Run until SIGINT or SIGTERM; on either, requests in flight finish (within `shutdown_timeout_s`) before the
-    process exits."""
-    import uvicorn
-
+    """Run until SIGINT or SIGTERM; on either, requests in flight finish (within `shutdown_timeout_s`; those still
+    running then are answered 503) before the process exits, without waiting for a model call still running."""
     settings = uvicorn_config(create_app(rm, config), config, host, port)  # configures logging
     limit_refusal_logs()
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises SIGINT once it has shut down
+    with suppress(KeyboardInterrupt):  # uvicorn re-raises SIGINT once it has shut down
         uvicorn.Server(settings).run()

@@ -273,7 +273,7 @@ def test_hostile_bodies_sent_with_valid_ones_are_refused_alone(rm):
     logging.getLogger("modrm.serve").setLevel(logging.INFO)
     with serving(rm, max_items=MAX_ITEMS) as (url, _), ThreadPoolExecutor(8) as pool:
 
-        @settings(max_examples=40, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=30, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
         @given(st.lists(valid_bodies(), min_size=2, max_size=4), st.lists(hostile_bodies(), min_size=1, max_size=3))
         def check(valid: list[tuple[str, object]], hostile: list[tuple[str, object, str]]) -> None:
             good = [pool.submit(post, url + path, body) for path, body in valid]
