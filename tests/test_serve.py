@@ -283,7 +283,7 @@ def test_one_bad_request_among_concurrent_ones_fails_alone(server, records):
         ("batch_wait_ms", math.nan, "--batch-wait-ms nan"),
         ("shutdown_timeout", math.inf, "--shutdown-timeout inf"),
         ("request_timeout", math.nan, "--request-timeout nan"),
-        ("max_connections", 10**9, "--max-connections 1000000000: the open-file limit of .* leaves room for"),
+        ("max_connections", 2**64, "--max-connections 18446744073709551616: the open-file limit of .* leaves"),
     ],
 )
 def test_serve_refuses_impossible_settings_at_start(flag, value, pattern):
@@ -291,10 +291,14 @@ def test_serve_refuses_impossible_settings_at_start(flag, value, pattern):
         cli.serve_cmd(Path("checkpoint"), **{flag: value})
 
 
-def test_the_default_connection_limit_stays_below_the_open_file_limit():
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    assert ServeConfig().max_connections < soft
-    check_max_connections(ServeConfig().max_connections)
+@pytest.mark.parametrize("soft", [512, 1024, 1 << 20])
+def test_the_default_connection_limit_stays_below_the_open_file_limit(monkeypatch, soft):
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (soft, resource.RLIM_INFINITY))
+    default = ServeConfig().max_connections
+    assert 1 <= default <= min(1000, soft - 256)  # room for the server's own files and a burst of accepts
+    check_max_connections(default)
+    with pytest.raises(ModrmError, match=f"the open-file limit of {soft} leaves room for {soft - 256}"):
+        check_max_connections(soft)
 
 
 @pytest.mark.parametrize(
