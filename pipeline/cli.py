@@ -55,6 +55,7 @@ def synth(
         bool,
         typer.Option("--off-task-test", help="with --holdout-phrasings: every test negative is another task's text"),
     ] = False,
+    max_rounds: Annotated[int, typer.Option("--max-rounds", help="rounds per trajectory: 1 to this (at most 6)")] = 6,
     config: ConfigOpt = None,
 ) -> None:
     """Write synthetic preference pairs: varied multi-round trajectories, negatives differing in one module."""
@@ -62,7 +63,7 @@ def synth(
 
     cfg = _config(config)
     split = cfg.data if holdout_phrasings else None
-    pairs = generate_pairs(pairs_per_module, seed, cfg.data.modules, split, off_task_test)
+    pairs = generate_pairs(pairs_per_module, seed, cfg.data.modules, split, off_task_test, max_rounds)
     write_pairs(out, pairs)
     typer.echo(f"wrote {len(pairs)} pairs to {out}")
 

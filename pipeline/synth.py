@@ -1,11 +1,11 @@
 """Synthetic preference pairs: varied multi-round trajectories whose two sides differ in one module only.
 
-Each pair draws a task (verb x component x stack: 1,152 distinct tasks), 1-6 rounds and one phrasing per round
-and module. Both sides share every round and every other module's text; the negative side replaces the target
-module's text in some or all rounds with a worse one: subtle (a misdiagnosis, a skipped or misordered step, a
-wrong tool, a failed call, a memory lookup that finds nothing, a wrong stored fact, a plausible text about another
-task) or blatant ("Looks fine. No issues."). Many subtle negatives are as long as their positives, so length
-alone does not separate the sides.
+Each pair draws a task (verb x component x stack: 1,152 distinct tasks), 1-6 rounds (fewer under `max_rounds`)
+and one phrasing per round and module. Both sides share every round and every other module's text; the negative
+side replaces the target module's text in some or all rounds with a worse one: subtle (a misdiagnosis, a skipped
+or misordered step, a wrong tool, a failed call, a memory lookup that finds nothing, a wrong stored fact, a
+plausible text about another task) or blatant ("Looks fine. No issues."). Many subtle negatives are as long as
+their positives, so length alone does not separate the sides.
 
 Only the modules in MODULE_KEYS have phrasing; other module names raise a ModrmError rather than get generic
 filler text, which would teach a reward model nothing about that module (pipeline.trajectory.MODULE_TAGS is where
@@ -318,6 +318,7 @@ _BAD: dict[str, dict[str, list[dict[str, str]]]] = {
 _BLATANT = "blatant"
 _OFF_TASK = "off_task"  # the good text of another task: fluent, plausible, and wrong here
 _BLATANT_SHARE = 0.25
+MAX_ROUNDS = 6  # rounds per trajectory: 1 to this
 
 _GOOD_PLANS = {phase: _plan_styles(steps) for phase, steps in _GOOD_STEPS.items()}
 _STYLES = len(_GOOD_PLANS["fix"])  # surface styles drawn per round and module; variant lists wrap around
@@ -404,7 +405,9 @@ def _bad_rounds(rng: random.Random, n: int, kind: str) -> set[int]:
     return set(rng.sample(range(1, n + 1), rng.randint(1, n - 1)))
 
 
-def _pair(module: str, index: int, rng: random.Random, heldout_split: DataConfig | None, off_task_test: bool) -> Pair:
+def _pair(
+    module: str, index: int, rng: random.Random, heldout_split: DataConfig | None, off_task_test: bool, max_rounds: int
+) -> Pair:
     task, slots, other = _draw_task(rng)
     group = f"{slots['goal']} in {slots['c']}"  # variants differing in the stack only stay in one split
     wording, in_test = "any", False
@@ -412,7 +415,7 @@ def _pair(module: str, index: int, rng: random.Random, heldout_split: DataConfig
         d = heldout_split
         in_test = assign_split(group, d.train_fraction, d.val_fraction, d.split_seed) == "test"
         wording = "heldout" if in_test else "train"
-    n = rng.randint(1, 6)
+    n = rng.randint(1, max_rounds)
     kind = _draw_kind(rng, module)
     bad_rounds = _bad_rounds(rng, n, kind)
     if off_task_test and in_test:  # drawn as usual first, so every other pair stays what it would have been
@@ -483,6 +486,7 @@ def generate_pairs(
     modules: Sequence[str] = DEFAULT_MODULES,
     heldout_split: DataConfig | None = None,
     off_task_test: bool = False,
+    max_rounds: int = MAX_ROUNDS,
 ) -> list[Pair]:
     """`pairs_per_module` pairs per module, the same for the same seed.
 
@@ -492,7 +496,8 @@ def generate_pairs(
     phrasing list's last variant, which train and val pairs never draw, in the held-out wording (other words).
     `off_task_test` (with `heldout_split`): every test pair's negative is off-task, the target module's fluent text
     written for another task, the case a reward model can judge only by relating the module's text to the task
-    (train and val pairs unchanged).
+    (train and val pairs unchanged). `max_rounds` caps the rounds of a trajectory: shorter texts, so a pair costs
+    fewer encoder tokens (one round: about a third of the tokens of up to six), for quick runs such as the demo.
     """
     if off_task_test and heldout_split is None:
         raise ModrmError("synth: off-task test pairs need the held-out split (--holdout-phrasings)")
@@ -503,10 +508,12 @@ def generate_pairs(
         raise ModrmError(f"synth: modules listed twice: {', '.join(modules)}")
     if pairs_per_module < 0:
         raise ModrmError(f"synth: pairs_per_module must be >= 0, got {pairs_per_module}")
+    if not 1 <= max_rounds <= MAX_ROUNDS:
+        raise ModrmError(f"synth: max_rounds must be between 1 and {MAX_ROUNDS}, got {max_rounds}")
     pairs = []
     for module in modules:
         rng = random.Random(f"{seed}/{module}")
-        pairs += [_pair(module, i, rng, heldout_split, off_task_test) for i in range(pairs_per_module)]
+        pairs += [_pair(module, i, rng, heldout_split, off_task_test, max_rounds) for i in range(pairs_per_module)]
     return pairs
 
 

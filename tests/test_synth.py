@@ -150,3 +150,33 @@ def test_off_task_test_negatives_are_another_tasks_text_and_nothing_else_changes
     assert len(tested) > 5 and not all(tested)  # without the option, some test negatives are of other kinds
     with pytest.raises(ModrmError, match="held-out split"):
         generate_pairs(4, 3, off_task_test=True)
+
+
+def test_max_rounds_caps_the_rounds_and_leaves_the_default_draws_alone():
+    assert generate_pairs(20, 3, max_rounds=6) == generate_pairs(20, 3)
+    for cap in (1, 2):
+        pairs = generate_pairs(40, 3, max_rounds=cap)
+        rounds = {len(ROUND_LINE.findall(side.context)) for p in pairs for side in (p.positive, p.negative)}
+        assert rounds == set(range(1, cap + 1)), cap
+        assert all(p.positive.module_text != p.negative.module_text for p in pairs)
+    for bad in (0, 7):
+        with pytest.raises(ModrmError, match="max_rounds must be between 1 and 6"):
+            generate_pairs(1, 0, max_rounds=bad)
+
+
+def test_synth_command_takes_max_rounds(tmp_path: Path):
+    """`modrm synth --max-rounds N`: every trajectory has 1 to N rounds; a cap outside 1-6 is a one-line error."""
+    import subprocess
+    import sys
+
+    def synth(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", "from pipeline.cli import main; main()", "synth", *args]
+        return subprocess.run(command, capture_output=True, text=True)
+
+    out = tmp_path / "pairs.jsonl"
+    assert synth("--out", str(out), "--pairs-per-module", "5", "--max-rounds", "1").returncode == 0
+    assert {len(ROUND_LINE.findall(p.positive.context)) for p in load_pairs([out])} == {1}
+    done = synth("--out", str(tmp_path / "other.jsonl"), "--max-rounds", "7")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: synth: max_rounds must be between 1 and 6, got 7"
+    ]
