@@ -401,11 +401,10 @@ class Cache:
 
     def find(self, keys: pa.Array) -> np.ndarray:
         """Each key's row, -1 where the cache lacks it: the cache's keys probed against a table of the asked."""
-        distinct = pc.unique(keys)
-        place = pc.index_in(self.keys, value_set=distinct)
-        row = np.full(len(distinct), -1, np.int64)
+        place = pc.index_in(self.keys, value_set=keys)  # each cached key's (first) place among the asked
+        row = np.full(len(keys), -1, np.int64)
         row[place.drop_null().to_numpy()] = np.flatnonzero(place.is_valid().to_numpy(zero_copy_only=False))
-        return row[pc.index_in(keys, value_set=distinct).to_numpy(zero_copy_only=False)]
+        return row[pc.index_in(keys, value_set=keys).to_numpy()]  # a key asked again: its first place's row
 
     def text_columns(self, rows: np.ndarray, columns: Sequence[str]) -> dict[str, np.ndarray]:
         """`columns` of the texts index at `rows`."""

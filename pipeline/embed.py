@@ -117,12 +117,13 @@ class Plan:
 def make_plan(scan: Scan, cache: Cache, pending: pa.Array, group: Group) -> Plan:
     """Deduplicate the keys (the first appearance of each text wins), look them up in the cache, number the new
     ones after the cache's rows, and deal the ones no pending shard holds out to the ranks, balanced by length."""
-    distinct = pc.unique(scan.keys)
-    at = pc.index_in(scan.keys, value_set=distinct).to_numpy()
+    first_of = pc.index_in(scan.keys, value_set=scan.keys).to_numpy()  # each appearance's text's first appearance
+    is_first = first_of == np.arange(len(first_of))
+    first, at = np.flatnonzero(is_first), (np.cumsum(is_first) - 1)[first_of]  # texts' first appearances; whose
+    distinct = scan.keys.take(pa.array(first))
     row = cache.find(distinct)
     new = row < 0
     row[new] = cache.n_rows + np.arange(new.sum())
-    _, first = np.unique(at, return_index=True)  # each distinct text's first appearance
     todo = np.flatnonzero(new & ~pc.is_in(distinct, value_set=pending).to_numpy(zero_copy_only=False))
     limits = np.array([scan.config.encoder.max_context_tokens, scan.config.encoder.max_module_tokens])  # by role
     cost = np.minimum(scan.lengths[first[todo]] // 4 + 1, limits[key_bytes(distinct)[todo, 0]])  # about the tokens
