@@ -219,10 +219,7 @@ def embed_files(
             kept = index_kept(cache, scan, [str(p) for p in paths], append, summary) if group.is_main else None
             plan = ensure_embedded(scan, cache, info, summary, progress, group)
             if group.is_main:
-                earlier = ([], []) if kept is None else (cache.manifest["data_files"], cache.manifest["data_sha256"])
-                entries = manifest_entries(
-                    config, [*earlier[0], *map(str, paths)], [*earlier[1], *map(file_sha256, paths)]
-                )
+                entries = manifest_entries(config, paths, cache.manifest if kept else {})
                 cache.commit(plan.order, pairs_index(kept, scan, plan.rows), entries)
                 summary.truncated = int(cache.text_columns(plan.distinct_rows, ["truncated"])["truncated"].sum())
                 summary.splits = cache.manifest["splits"]
@@ -279,8 +276,9 @@ def pairs_index(kept: Path | None, scan: Scan, rows: np.ndarray) -> pa.RecordBat
     return pa.RecordBatchReader.from_batches(PAIRS_SCHEMA, batches())
 
 
-def manifest_entries(config: Config, files: list[str], sha256: list[str]) -> dict:
-    """What embed records besides the cache's own entries (data_sha256: eval knows a checkpoint's training files)."""
+def manifest_entries(config: Config, paths: Sequence[str | Path], kept: dict) -> dict:
+    """What embed records besides the cache's own entries: the files the pairs index holds (`kept`'s, then these;
+    by sha256 too, so eval knows a checkpoint's training files), the config, versions."""
     import torch
 
     from pipeline.encoder import pick_device, pick_dtype
@@ -288,5 +286,7 @@ def manifest_entries(config: Config, files: list[str], sha256: list[str]) -> dic
     names = ("modrm", "torch", "transformers", "tokenizers", "h5py", "pyarrow")
     versions = {name: md.version(name) for name in names} | {"cuda": torch.version.cuda or "none"}
     dtype = str(pick_dtype(config.encoder.dtype, pick_device(config.encoder.device))).removeprefix("torch.")
+    files = [*kept.get("data_files", []), *map(str, paths)]
+    sha256 = [*kept.get("data_sha256", []), *map(file_sha256, paths)]
     run = {"compute_dtype": dtype, "storage_dtype": "float16", "config": config.to_dict(), "versions": versions}
     return run | {"data_files": files, "data_sha256": sha256}
