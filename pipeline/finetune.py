@@ -348,7 +348,7 @@ def setup(checkpoint: Path, data: list[Path], out: Path, overrides: Mapping, res
     if fc.lora_r > 0 and fc.train_layers is not None:
         raise ModrmError("finetune: --lora and --train-layers both choose what trains; give one of them")
     group = Group.from_env(fc.device)
-    stale = group.on_main(lambda: check_out(out, resume)) or []
+    stale = group.on_main(lambda: entries_to_replace(out, resume)) or []
     group.barrier()  # nobody looks into `out` before rank 0 has recovered it
     splits = load_split(data, ckpt)
     trained_on = ckpt.trained_on + [{"path": str(p), "sha256": file_sha256(p)} for p in data]
@@ -388,7 +388,7 @@ def setup(checkpoint: Path, data: list[Path], out: Path, overrides: Mapping, res
     return Run(config, out, identity, stale, trained_on, group, device, model, trainer, frozen, opt, plans, train, val)
 
 
-def check_out(out: Path, resume: bool) -> list[str]:
+def entries_to_replace(out: Path, resume: bool) -> list[str]:
     """Rank 0, before anything is written: what a fresh run's first save removes from `out` (a folder that is not
     a checkpoint's is refused); with --resume, nothing, and the snapshot must be there."""
     stale = stale_entries(out)

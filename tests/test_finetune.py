@@ -153,9 +153,11 @@ def test_partial_freezing_leaves_frozen_layers_identical(stage0, tmp_path):
     assert any(not torch.equal(base[k], after[k]) for k in trained)
 
 
-def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch):
-    """With dropout on (encoder and heads), so a wrong RNG restore would show."""
-    dropout = {"encoder_dropout": 0.2}
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch, dtype):
+    """With dropout on (encoder and heads), so a wrong RNG restore would show; in fp16 the grad scaler's state
+    (its scale after the skipped steps) must come back too."""
+    dropout = {"encoder_dropout": 0.2, "dtype": dtype} | ({"epochs": 1, "max_steps": 4} if dtype == "float16" else {})
     heads = {"heads": {"dropout": 0.2}}
 
     def go(out: Path, resume: bool = False) -> dict:
@@ -174,6 +176,10 @@ def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch):
     monkeypatch.setattr(ft, "save_snapshot", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         go(tmp_path / "resumed")
+    if dtype == "float16":  # steps were skipped before the kill: the scale to restore is not the initial one
+        assert (
+            json.loads((tmp_path / "resumed" / ft.SNAPSHOT_DIR / "state.json").read_text())["scaler"]["scale"] < 2**16
+        )
     monkeypatch.setattr(ft, "save_snapshot", real_save)
     go(tmp_path / "resumed", resume=True)
     for read in (weights, latest):
@@ -181,6 +187,10 @@ def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch):
         assert full.keys() == resumed.keys()
         for k in full:
             assert torch.equal(full[k], resumed[k]), k
+    scalers = [
+        json.loads((tmp_path / d / ft.SNAPSHOT_DIR / "state.json").read_text())["scaler"] for d in ("full", "resumed")
+    ]
+    assert scalers[0] == scalers[1]  # fp16: the same scale and growth count at the end
 
 
 @pytest.mark.parametrize("crash_at", [1, 4, 9, 14, 22, 31])
