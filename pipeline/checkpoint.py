@@ -148,11 +148,15 @@ def read_checkpoint_config(folder: str | Path) -> tuple[dict, Config]:
         raise ModrmError(f"checkpoint {folder}: {CONFIG_FILE} is malformed ({err})") from None
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> Checkpoint:
+def load_checkpoint(
+    folder: str | Path, device: str | torch.device = "cpu", trust_remote_code: bool = False
+) -> Checkpoint:
     """Read a checkpoint, refusing one whose files are missing or damaged, or whose weights do not match its
-    config (compared on shapes before any weight is allocated, so a hostile config cannot exhaust memory)."""
+    config (compared on shapes before any weight is allocated, so a hostile config cannot exhaust memory).
+    `trust_remote_code`: this run lets the encoder folder's own Python files run (a saved config never does)."""
     folder = Path(folder)
     meta, config = read_checkpoint_config(folder)
+    config.encoder.trust_remote_code = trust_remote_code
     try:
         fingerprint = Fingerprint(**meta["encoder"])
         modules, dim = meta["modules"], meta["dim"]

@@ -26,6 +26,12 @@ SeedOpt = Annotated[int | None, typer.Option("--seed")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 CacheOpt = Annotated[Path, typer.Option("--cache", help="cache folder")]
 NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="fail at once if another process is writing the cache")]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code", help="let the encoder folder's own Python files run (only for folders you trust)"
+    ),
+]
 NO_VAL = "no val split (too few task groups for one): trained without validation, the checkpoint keeps the last epoch"
 
 
@@ -221,12 +227,15 @@ def eval_cmd(
         str, typer.Option("--split", help="auto (leave out what the checkpoint trained on) | all | train | val | test")
     ] = "auto",
     device: DeviceOpt = None,
+    trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Score pairs with trained heads: accuracy, AUC, separation per module, report and plots."""
     from pipeline.evaluate import evaluate, format_table
 
-    results = evaluate(checkpoint, data, out, cache=cache, split=split, progress=not quiet, device=device or "auto")
+    results = evaluate(
+        checkpoint, data, out, cache, split, not quiet, device or "auto", trust_remote_code=trust_remote_code
+    )
     typer.echo(format_table(results))
     typer.echo(f"report: {out / 'report.md'}  plots: {out}")
 
@@ -237,12 +246,13 @@ def score_cmd(
     input: Annotated[Path, typer.Option("--input", help="JSONL of {id, task, trajectory}")],
     out: Annotated[Path, typer.Option("--out", help="JSONL of {id, rewards: {module: reward}}")],
     device: DeviceOpt = None,
+    trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-module rewards for raw tagged trajectories."""
     from pipeline.score import score_file
 
-    n = score_file(checkpoint, input, out, device=device or "auto", progress=not quiet)
+    n = score_file(checkpoint, input, out, device or "auto", not quiet, trust_remote_code)
     typer.echo(f"scored {n} trajectories -> {out}")
 
 
@@ -282,6 +292,7 @@ def serve_cmd(
         int | None,
         typer.Option("--max-connections", min=1, help="open connections; default: 1000 or below the open-file limit"),
     ] = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Serve rewards over HTTP for RL loops (OpenRLHF's /get_reward, /score, /health, /info)."""
     import logging
@@ -328,7 +339,7 @@ def serve_cmd(
         from pipeline.encoder import pick_device
 
         compile = pick_device(device or "auto").type == "cuda"
-    rm = RewardModel.load(checkpoint, device or "auto", cache_size=cache_size, compile=compile)
+    rm = RewardModel.load(checkpoint, device or "auto", cache_size, compile, trust_remote_code)
     rm.check_weights(config.weights)
     serve(rm, config, host, port)
 

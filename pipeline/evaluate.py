@@ -389,10 +389,12 @@ def evaluate(
     split: str = "auto",
     progress: bool = True,
     device: str = "auto",
+    trust_remote_code: bool = False,
 ) -> dict[str, dict]:
     """Evaluate each checkpoint on the pairs in `data`; returns {label: metrics}, writes out/report.md.
 
     One checkpoint writes straight into `out`; several write into out/<label>/ and the report compares them.
+    `trust_remote_code`: let the encoder folders' own Python files run (a saved config never does).
     """
     if split not in ("auto", "all", *SPLITS):
         raise ModrmError(f"split {split!r}: use auto, all, {', '.join(SPLITS)}")
@@ -400,7 +402,7 @@ def evaluate(
         raise ModrmError("eval: give at least one --checkpoint")
     data, out = Path(data), Path(out)
     pairs = load_pairs([data], modules=[])
-    ckpts = [load_checkpoint(d) for d in checkpoint_dirs]
+    ckpts = [load_checkpoint(d, trust_remote_code=trust_remote_code) for d in checkpoint_dirs]
     for ckpt in ckpts:
         ckpt.run_on(device)
     labels = labels_for(ckpts)

@@ -157,12 +157,18 @@ class RewardModel:
 
     @classmethod
     def load(
-        cls, checkpoint: str | Path, device: str = "auto", cache_size: int = DEFAULT_CACHE_SIZE, compile: bool = False
+        cls,
+        checkpoint: str | Path,
+        device: str = "auto",
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        compile: bool = False,
+        trust_remote_code: bool = False,
     ) -> RewardModel:
         """A stage-0 or stage-1 checkpoint on `device` (auto | cpu | cuda[:N]), with the encoder its heads were
         trained on (a different one, by fingerprint, is an error naming what differs). `compile`: the encoder
-        under torch.compile, compiled here (see `Encoder.compile`)."""
-        ckpt = load_checkpoint(checkpoint)
+        under torch.compile, compiled here (see `Encoder.compile`). `trust_remote_code`: let the encoder folder's
+        own Python files run (only for folders you trust; a checkpoint's saved config never turns it on)."""
+        ckpt = load_checkpoint(checkpoint, trust_remote_code=trust_remote_code)
         ckpt.run_on(device)
         encoder = Encoder.load(ckpt.config.encoder, ckpt.encoder_info())
         if compile:

@@ -56,12 +56,19 @@ def read_trajectories(path: Path) -> list[dict]:
     return records
 
 
-def score_file(checkpoint: Path, input_path: Path, out_path: Path, device: str = "auto", progress: bool = True) -> int:
+def score_file(
+    checkpoint: Path,
+    input_path: Path,
+    out_path: Path,
+    device: str = "auto",
+    progress: bool = True,
+    trust_remote_code: bool = False,
+) -> int:
     """Score every trajectory under every head; returns the number of records written."""
     from pipeline.reward import RewardModel
 
     records = read_trajectories(input_path)
-    rm = RewardModel.load(checkpoint, device)
+    rm = RewardModel.load(checkpoint, device, trust_remote_code=trust_remote_code)
     rewards = rm.score(records, progress=progress)
     lines = []
     for i, (record, reward) in enumerate(zip(records, rewards, strict=True)):

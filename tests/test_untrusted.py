@@ -299,6 +299,28 @@ def test_only_the_runs_own_settings_turn_on_remote_code(stage0, tmp_path):
     assert (config.encoder.trust_remote_code, config.encoder.use_safetensors) == (True, False)
 
 
+@pytest.mark.parametrize("command", ["score", "eval", "serve"])
+@pytest.mark.parametrize("flag", [False, True])
+def test_trust_remote_code_is_the_runs_own_flag(capsys, monkeypatch, ckpt, trajectories, tmp_path, command, flag):
+    """score, eval and serve take no --config: their --trust-remote-code reaches the encoder, and only it does."""
+    import pipeline.checkpoint
+
+    seen = []
+
+    def describe(config, folder=None):
+        seen.append(config.trust_remote_code)
+        raise ModrmError("stop here")
+
+    monkeypatch.setattr(pipeline.checkpoint, "describe", describe)
+    args = {
+        "score": ["--input", trajectories, "--out", tmp_path / "o"],
+        "eval": ["--data", SEED_PAIRS, "--out", tmp_path / "o"],
+        "serve": ["--port", "1"],
+    }[command]
+    line = refused(capsys, command, "--checkpoint", ckpt, *args, *(["--trust-remote-code"] if flag else []))
+    assert line == "error: stop here" and seen == [flag]
+
+
 # ---------------------------------------------------------------------------------------------- damaged files
 
 
