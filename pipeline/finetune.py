@@ -357,7 +357,7 @@ def setup(checkpoint: Path, data: list[Path], out: Path, overrides: Mapping, res
         read_state(out / SNAPSHOT_DIR, identity)  # another run's snapshot is refused before any work
     device = pick_device(group.device(fc.device))
     enc_cfg = dataclasses.replace(config.encoder, device=str(device), dtype="float32")  # fp32 master weights
-    encoder = Encoder.load(enc_cfg, ckpt.encoder_info())
+    encoder = Encoder.load(enc_cfg, ckpt.encoder_info(enc_cfg))  # the run may trust remote code; a saved config never
     modules = ckpt.model.module_names
     train = tokenize_pairs(encoder, splits["train"], modules)
     val = tokenize_pairs(encoder, splits["val"], modules) if splits["val"] else None

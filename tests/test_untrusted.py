@@ -299,10 +299,11 @@ def test_only_the_runs_own_settings_turn_on_remote_code(stage0, tmp_path):
     assert (config.encoder.trust_remote_code, config.encoder.use_safetensors) == (True, False)
 
 
-@pytest.mark.parametrize("command", ["score", "eval", "serve"])
+@pytest.mark.parametrize("command", ["score", "eval", "serve", "finetune"])
 @pytest.mark.parametrize("flag", [False, True])
-def test_trust_remote_code_is_the_runs_own_flag(capsys, monkeypatch, ckpt, trajectories, tmp_path, command, flag):
-    """score, eval and serve take no --config: their --trust-remote-code reaches the encoder, and only it does."""
+def test_trust_remote_code_is_the_runs_own_setting(capsys, monkeypatch, ckpt, trajectories, tmp_path, command, flag):
+    """score, eval and serve take --trust-remote-code, finetune its --config: that setting reaches the encoder's
+    loading, and only it does."""
     import pipeline.checkpoint
 
     seen = []
@@ -312,12 +313,15 @@ def test_trust_remote_code_is_the_runs_own_flag(capsys, monkeypatch, ckpt, traje
         raise ModrmError("stop here")
 
     monkeypatch.setattr(pipeline.checkpoint, "describe", describe)
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"[encoder]\ntrust_remote_code = {str(flag).lower()}\n")
     args = {
-        "score": ["--input", trajectories, "--out", tmp_path / "o"],
-        "eval": ["--data", SEED_PAIRS, "--out", tmp_path / "o"],
-        "serve": ["--port", "1"],
+        "score": ["--input", trajectories, "--out", tmp_path / "o", *(["--trust-remote-code"] if flag else [])],
+        "eval": ["--data", SEED_PAIRS, "--out", tmp_path / "o", *(["--trust-remote-code"] if flag else [])],
+        "serve": ["--port", "1", *(["--trust-remote-code"] if flag else [])],
+        "finetune": ["--data", SEED_PAIRS, "--out", tmp_path / "o", "--config", toml],
     }[command]
-    line = refused(capsys, command, "--checkpoint", ckpt, *args, *(["--trust-remote-code"] if flag else []))
+    line = refused(capsys, command, "--checkpoint", ckpt, *args)
     assert line == "error: stop here" and seen == [flag]
 
 
