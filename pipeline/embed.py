@@ -23,14 +23,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 from tqdm.auto import tqdm
 
 from pipeline.cache import ROW_COLUMNS, Cache, Shard, as_keys, key_bytes, text_key
 from pipeline.config import Config
-from pipeline.data import Pair, PairFiles, assign_split, file_sha256
+from pipeline.data import Pair, PairFiles, file_sha256
 from pipeline.distributed import Group
-from pipeline.encoder import Encoder, ModelInfo, describe
+from pipeline.encoder import Encoder, ModelInfo, describe, pick_device, pick_dtype
 from pipeline.errors import ModrmError
+from pipeline.pairwise import split_by_group
 
 SHARD_TEXTS = 4096  # texts per resumable shard: a kill loses at most this much work
 INDEX_BATCH = 1 << 13  # pairs per batch of the pairs index
@@ -40,7 +42,7 @@ PAIRS_SCHEMA = pa.schema(
     + [(name, pa.int64()) for name in ROW_COLUMNS]
     + [(name, pa.float64()) for name in ("pos_outcome", "neg_outcome")]
 )
-INDEX_SCHEMA = pa.schema([f for f in PAIRS_SCHEMA if f.name not in ROW_COLUMNS])  # what pass one collects
+INDEX_SCHEMA = pa.schema([f for f in PAIRS_SCHEMA if f.name not in (*ROW_COLUMNS, "split")])  # pass one collects
 
 
 @dataclass
@@ -85,15 +87,14 @@ class Scan:
 
 def scan_pairs(pairs: Iterable[Pair], config: Config, work: Path, progress: bool = False) -> Scan:
     """Pass one: each text hashed to its key and dropped; the index columns written a batch at a time."""
-    keys, lengths, d = bytearray(), array.array("i"), config.data
+    keys, lengths = bytearray(), array.array("i")
     columns: dict[str, list] = {name: [] for name in INDEX_SCHEMA.names}
     with pq.ParquetWriter(work / "index.parquet", INDEX_SCHEMA) as index:
         for pair in tqdm(pairs, desc="read pairs", unit="pair", disable=not progress, dynamic_ncols=True):
             for role, text in zip(PAIR_ROLES, config.encoder.pair_texts(pair), strict=True):
                 keys += text_key(role, text)
                 lengths.append(len(text))
-            split = assign_split(pair.split_key, d.train_fraction, d.val_fraction, d.split_seed)
-            values = [pair.pair_id, pair.target_module, pair.task, pair.split_key, split]
+            values = [pair.pair_id, pair.target_module, pair.task, pair.split_key]
             for name, value in zip(columns, [*values, pair.positive.outcome, pair.negative.outcome], strict=True):
                 columns[name].append(value)
             if len(columns["pair_id"]) == INDEX_BATCH:
@@ -211,9 +212,8 @@ def embed_files(
         if pc.count_distinct(ids).as_py() != len(ids):  # a pair_id met twice: named as loading names it
             list(PairFiles(paths, config.data.modules))  # raises the DataError (holding the ids alone)
         info = describe(config.encoder)
-        cache = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait)) or Cache(
-            cache_dir, info.fingerprint
-        )
+        opened = group.on_main(lambda: Cache.open(cache_dir, info.fingerprint, wait))  # rank 0 writes
+        cache = opened or Cache(cache_dir, info.fingerprint)
         try:
             summary = EmbedSummary(n_pairs=scan.n_pairs)
             kept = index_kept(cache, scan, [str(p) for p in paths], append, summary) if group.is_main else None
@@ -258,20 +258,24 @@ def index_kept(cache: Cache, scan: Scan, paths: list[str], append: bool, summary
 
 
 def pairs_index(kept: Path | None, scan: Scan, rows: np.ndarray) -> pa.RecordBatchReader:
-    """The pairs index, a batch at a time: the `kept` index's pairs first, then the scanned ones with their rows."""
+    """The pairs index, a batch at a time: the `kept` index's pairs first, then the scanned ones with their rows;
+    each pair's split is its group's in `split_by_group` over every group of the index, as training splits them."""
+    sources = [p for p in (kept, scan.index) if p is not None]
+    groups = pa.chunked_array([pq.read_table(p, columns=["group"]).column(0) for p in sources]).unique()
+    split_of = split_by_group(groups.to_pylist(), scan.config.data)
+    names, splits = (pa.array(list(values), pa.string()) for values in (split_of, split_of.values()))
 
     def batches() -> Iterator[pa.RecordBatch]:
-        if kept is not None:
-            with pq.ParquetFile(kept) as previous:
-                for batch in previous.iter_batches(INDEX_BATCH, columns=PAIRS_SCHEMA.names):
-                    yield pa.RecordBatch.from_arrays(batch.columns, schema=PAIRS_SCHEMA)
-        with pq.ParquetFile(scan.index) as index:
-            start = 0
-            for batch in index.iter_batches(INDEX_BATCH):
-                block, start = rows[start : start + len(batch)], start + len(batch)
-                columns = {name: batch.column(name) for name in INDEX_SCHEMA.names}
-                columns |= {column: pa.array(block[:, k]) for k, column in enumerate(ROW_COLUMNS)}
-                yield pa.RecordBatch.from_pydict(columns, schema=PAIRS_SCHEMA)
+        start = 0
+        for path in sources:
+            with pq.ParquetFile(path) as file:
+                for batch in file.iter_batches(INDEX_BATCH):
+                    columns = dict(zip(batch.schema.names, batch.columns, strict=True))
+                    if path == scan.index:  # the new pairs: their rows from the plan
+                        block, start = rows[start : start + len(batch)], start + len(batch)
+                        columns |= {column: pa.array(block[:, k]) for k, column in enumerate(ROW_COLUMNS)}
+                    columns["split"] = splits.take(pc.index_in(columns["group"], value_set=names))
+                    yield pa.RecordBatch.from_pydict({n: columns[n] for n in PAIRS_SCHEMA.names}, schema=PAIRS_SCHEMA)
 
     return pa.RecordBatchReader.from_batches(PAIRS_SCHEMA, batches())
 
@@ -279,10 +283,6 @@ def pairs_index(kept: Path | None, scan: Scan, rows: np.ndarray) -> pa.RecordBat
 def manifest_entries(config: Config, paths: Sequence[str | Path], kept: dict) -> dict:
     """What embed records besides the cache's own entries: the files the pairs index holds (`kept`'s, then these;
     by sha256 too, so eval knows a checkpoint's training files), the config, versions."""
-    import torch
-
-    from pipeline.encoder import pick_device, pick_dtype
-
     names = ("modrm", "torch", "transformers", "tokenizers", "h5py", "pyarrow")
     versions = {name: md.version(name) for name in names} | {"cuda": torch.version.cuda or "none"}
     dtype = str(pick_dtype(config.encoder.dtype, pick_device(config.encoder.device))).removeprefix("torch.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import gc
 import hashlib
 import json
@@ -30,6 +32,7 @@ from pipeline.data import Pair, assign_split, load_pairs, pair_to_record
 from pipeline.embed import PAIR_ROLES, embed_files
 from pipeline.encoder import Encoder, Fingerprint
 from pipeline.errors import ModrmError
+from pipeline.pairwise import split_by_group
 
 SEED_UNIQUE_TEXTS = 98  # 63 contexts + 35 module texts for the 128 text slots of the 32 seed pairs
 PAIR_COLUMNS = ("pair_id", "target_module", "task", "group", "split", *ROW_COLUMNS, "pos_outcome", "neg_outcome")
@@ -142,14 +145,29 @@ def test_round_trip_and_the_one_line_recipes(seed_cache, seed_pairs_path: Path, 
     assert manifest["data_sha256"] == [hashlib.sha256(seed_pairs_path.read_bytes()).hexdigest()]
     assert (manifest["n_texts"], manifest["n_pairs"], manifest["storage_dtype"]) == (SEED_UNIQUE_TEXTS, 32, "float16")
     assert manifest["encoder"]["max_context_tokens"] == 128 and manifest["config"]["encoder"]["max_module_tokens"] == 64
-    d = tiny_config.data
-    assert pairs["split"].tolist() == [
-        assign_split(t, d.train_fraction, d.val_fraction, d.split_seed) for t in pairs["task"]
-    ]
+    split = split_by_group(pairs["task"], tiny_config.data)  # as training splits them
+    assert pairs["split"].tolist() == [split[t] for t in pairs["task"]]
     assert (
         summary.splits == manifest["splits"] == {s: int((pairs["split"] == s).sum()) for s in ("train", "val", "test")}
     )
     assert summary.truncated == int(texts["truncated"].sum()) > 0
+
+
+def test_the_pairs_index_splits_a_small_data_set_as_training_does(
+    seed_pairs_path: Path, tiny_config: Config, tmp_path: Path
+) -> None:
+    """24 groups whose independent draws leave val empty: the index's split column gives val a group, as
+    `split_by_group` does for training and eval, and the manifest counts it."""
+    config = copy.deepcopy(tiny_config)
+    config.data.split_seed = 5
+    groups = [f"task {t}" for t in range(24)]
+    assert "val" not in {assign_split(g, 0.8, 0.1, 5) for g in groups}
+    pairs = [dataclasses.replace(p, group=groups[i % 24]) for i, p in enumerate(load_pairs([seed_pairs_path]))]
+    summary = embed_files([_write_pairs(tmp_path / "pairs.json", pairs)], tmp_path / "cache", config, progress=False)
+    index = pd.read_parquet(tmp_path / "cache" / "pairs.parquet")
+    split = split_by_group(groups, config.data)
+    assert index["split"].tolist() == [split[p.split_key] for p in pairs]
+    assert summary.splits["val"] == int((index["split"] == "val").sum()) > 0
 
 
 def test_round_trip_with_minilm(
