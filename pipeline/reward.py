@@ -7,8 +7,8 @@
 
 A trajectory is split into module views by the tag parser; every unique text of a call is encoded once, in
 token-budget batches, and an LRU of recent embeddings keeps texts repeated across calls (a GRPO group shares its
-task, and often most module outputs) from being encoded again. `modrm score`, `modrm eval` and `modrm serve` all
-score through `head_rewards`, the one place the heads run.
+task, and often most module outputs) from being encoded again. `modrm score` and `modrm serve` score through
+`head_rewards`; training and eval score whole pairs through `pipeline.pairwise.side_rewards`.
 """
 
 from __future__ import annotations
