@@ -27,7 +27,7 @@ DEMO_DATA := data/generated/demo.jsonl
 STAGE1 ?= artifacts/stage1
 DEMO_DIR := artifacts/demo
 
-.PHONY: install synth embed train-heads finetune eval serve demo test bench bench-gpu lint clean
+.PHONY: install synth embed train-heads finetune eval serve demo test test-fast bench bench-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -86,6 +86,10 @@ bench-gpu:
 
 test: install
 	$(BIN)/pytest
+
+# The everyday loop: the suite without the tests marked slow.
+test-fast: install
+	$(BIN)/pytest -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

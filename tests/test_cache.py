@@ -128,6 +128,7 @@ def _assert_round_trip(folder: Path, pairs: list[Pair], config: Config) -> None:
 # ---------------------------------------------------------------------------------------------- round trip
 
 
+@pytest.mark.slow
 def test_round_trip_and_the_one_line_recipes(seed_cache, seed_pairs_path: Path, tiny_config: Config) -> None:
     folder, summary = seed_cache
     _assert_round_trip(folder, load_pairs([seed_pairs_path]), tiny_config)
@@ -170,6 +171,7 @@ def test_the_pairs_index_splits_a_small_data_set_as_training_does(
     assert summary.splits["val"] == int((index["split"] == "val").sum()) > 0
 
 
+@pytest.mark.slow
 def test_round_trip_with_minilm(
     tmp_path: Path, seed_pairs_path: Path, minilm_id: str, make_config: Callable[..., Config]
 ) -> None:
@@ -226,6 +228,7 @@ def test_the_flat_file_after_the_pairs_file_encodes_nothing(
     assert pq.read_table(folder / "pairs.parquet").sort_by("pair_id").equals(before.sort_by("pair_id"))
 
 
+@pytest.mark.slow
 def test_growth_writes_one_new_segment_of_the_new_texts(
     seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path
 ) -> None:
@@ -252,6 +255,7 @@ def test_growth_writes_one_new_segment_of_the_new_texts(
     _assert_round_trip(folder, load_pairs([seed_pairs_path, second]), tiny_config)
 
 
+@pytest.mark.slow
 def test_compact_merges_the_segments_into_one_and_keeps_every_row(
     seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path
 ) -> None:
@@ -378,6 +382,7 @@ def test_a_cache_of_another_format_is_refused_with_embed_again(
 # ---------------------------------------------------------------------------------------------- two passes
 
 
+@pytest.mark.slow
 def test_embed_holds_one_pair_at_a_time(
     seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -429,6 +434,7 @@ def test_pairs_that_change_between_the_two_passes_are_an_error(
 
 
 @pytest.mark.parametrize("known", [True, False])
+@pytest.mark.slow
 def test_a_crash_after_two_shards_resumes_to_the_same_cache(
     seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, known: bool
 ) -> None:
@@ -456,6 +462,7 @@ def test_a_crash_after_two_shards_resumes_to_the_same_cache(
     _assert_same_cache(folder, seed_cache[0])
 
 
+@pytest.mark.slow
 def test_shards_of_another_encoder_are_never_merged(
     seed_pairs_path: Path,
     tiny_qwen3: Path,
@@ -561,6 +568,7 @@ def test_append_killed_between_the_pairs_index_and_the_manifest_then_rerun(
     assert pq.read_table(folder / "pairs.parquet").num_rows == 35 and not list(folder.glob("pairs-*"))
 
 
+@pytest.mark.slow
 def test_kill_9_during_embed_then_resume(tmp_path: Path, seed_pairs_path: Path, tiny_qwen3: Path) -> None:
     from pipeline.config import load_config
 
@@ -748,6 +756,7 @@ def test_a_cache_that_is_a_file_is_one_line(seed_pairs_path: Path, tiny_config: 
             run()
 
 
+@pytest.mark.slow
 def test_eval_refuses_non_finite_embeddings(stage0: Path, tmp_path: Path, fixtures_dir: Path) -> None:
     from pipeline.evaluate import evaluate
 
@@ -791,6 +800,7 @@ HOLD_LOCK = (
 )
 
 
+@pytest.mark.slow
 def test_a_second_writer_fails_with_no_wait_and_otherwise_waits(
     seed_cache, seed_pairs_path: Path, tiny_config: Config, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
@@ -811,6 +821,7 @@ def test_a_second_writer_fails_with_no_wait_and_otherwise_waits(
         holder.wait()
 
 
+@pytest.mark.slow
 def test_two_concurrent_embeds_leave_a_consistent_cache(
     seed_pairs_path: Path, tiny_config: Config, tiny_config_file: Path, tmp_path: Path
 ) -> None:
@@ -852,6 +863,7 @@ def _torchrun(nproc: int, *args: str, script: str | None = None) -> subprocess.P
     return subprocess.Popen([*launcher, *program, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 def test_sharded_embed_on_two_processes_equals_one_process(
     seed_cache, seed_pairs_path: Path, tiny_config_file: Path, tmp_path: Path
 ) -> None:
@@ -880,6 +892,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_a_rank_killed_mid_run_then_a_rerun_equals_the_uninterrupted_run(
     seed_cache, seed_pairs_path: Path, tiny_config_file: Path, tmp_path: Path
 ) -> None:

@@ -79,6 +79,7 @@ def test_validate_passes_good_files(tmp_path: Path, seed_pairs_path: Path, seed_
     assert done.stdout.count("32 valid pairs, 0 problems") == 2
 
 
+@pytest.mark.slow
 def test_embed_prints_the_summary(cli_cache) -> None:
     _, done, _ = cli_cache
     assert done.returncode == 0, done.stderr
@@ -88,6 +89,7 @@ def test_embed_prints_the_summary(cli_cache) -> None:
     assert "splits: train" in done.stdout
 
 
+@pytest.mark.slow
 def test_a_second_embed_has_nothing_to_encode(cli_cache, seed_flat_path: Path, tmp_path: Path) -> None:
     cache, _, args = cli_cache
     done = modrm("embed", "--data", seed_flat_path, "--cache", cache, *args, cwd=tmp_path)
@@ -96,6 +98,7 @@ def test_a_second_embed_has_nothing_to_encode(cli_cache, seed_flat_path: Path, t
     assert "nothing to encode" in done.stdout
 
 
+@pytest.mark.slow
 def test_embed_on_a_bad_file_is_one_line_and_leaves_the_cache_alone(
     cli_cache, seed_pairs_path: Path, tmp_path: Path
 ) -> None:
@@ -118,6 +121,7 @@ def test_embed_on_a_bad_file_is_one_line_and_leaves_the_cache_alone(
     assert done.returncode == 2 and not fresh.exists()
 
 
+@pytest.mark.slow
 def test_embed_with_a_different_encoder_setting_is_one_line(cli_cache, seed_pairs_path: Path, tmp_path: Path) -> None:
     cache, _, args = cli_cache
     toml = tmp_path / "longer.toml"
@@ -140,6 +144,7 @@ def test_embed_with_a_different_encoder_setting_is_one_line(cli_cache, seed_pair
         ("validate", "[encoder\n", "malformed TOML"),
     ],
 )
+@pytest.mark.slow
 def test_a_bad_config_is_a_one_line_error(
     tmp_path: Path, seed_pairs_path: Path, command: str, content: str, expected: str
 ) -> None:

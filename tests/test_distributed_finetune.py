@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 import pipeline.finetune as ft
 
+pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
+
 ROOT = Path(__file__).resolve().parents[1]
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 BASE = {"epochs": 2, "token_budget": 2048, "save_every": 2, "encoder_lr": 1e-3, "heads_lr": 1e-3, "device": "cpu"}

@@ -50,6 +50,7 @@ def qwen_no_eos(tiny_qwen3_no_eos: Path, make_config: Callable[..., Config]) -> 
 # ------------------------------------------------------------------------------------- vs sentence-transformers
 
 
+@pytest.mark.slow
 def test_minilm_matches_sentence_transformers(minilm: Encoder, seed_texts: tuple[list[str], list[str]]) -> None:
     from sentence_transformers import SentenceTransformer
 
@@ -70,6 +71,7 @@ def test_minilm_matches_sentence_transformers(minilm: Encoder, seed_texts: tuple
     np.testing.assert_allclose(minilm.encode(modules[:6], role="context"), ours[:6], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tiny_qwen3_matches_sentence_transformers(
     qwen: Encoder, tiny_qwen3: Path, seed_texts: tuple[list[str], list[str]]
 ) -> None:
@@ -90,6 +92,7 @@ def test_tiny_qwen3_matches_sentence_transformers(
 # ---------------------------------------------------------------------------------------------- padding
 
 
+@pytest.mark.slow
 def test_embedding_does_not_depend_on_the_batch(qwen: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
     texts = ["a short text", "Plan: step one", "x", LONG[:900], LONG[:300]]
     longer = [LONG[:1500], LONG[::-1][:1500], LONG[:1200]]
@@ -303,6 +306,7 @@ def _random_texts(seed: int, n: int) -> list[str]:
 
 
 @pytest.mark.parametrize("model", ["minilm", "qwen"])
+@pytest.mark.slow
 def test_long_texts_are_tokenized_from_cuts_with_the_same_kept_tokens(model, minilm_id, tiny_qwen3, make_config):
     import pipeline.encoder as enc_module
 

@@ -166,6 +166,7 @@ def _texts_rows(cache: Path) -> int:
     return pq.read_table(cache / "texts.parquet").num_rows
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_plots_report_and_reuses_the_cache(_eval_setup):
     s = _eval_setup
     pairs_before = (s["cache"] / "pairs.parquet").read_bytes()
@@ -201,6 +202,7 @@ def test_evaluate_writes_metrics_plots_report_and_reuses_the_cache(_eval_setup):
     assert (s["cache"] / "pairs.parquet").read_bytes() == pairs_before
 
 
+@pytest.mark.slow
 def test_evaluate_two_checkpoints_side_by_side(_eval_setup):
     s = _eval_setup
     out = s["root"] / "both"
@@ -249,6 +251,7 @@ def test_evaluate_refuses_a_broken_checkpoint_or_another_encoder(_eval_setup, tm
         evaluate([other], s["data"], tmp_path / "out", cache=s["cache"], progress=False)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_trained_on_a_gpu_evaluates_anywhere(_eval_setup, tmp_path):
     """The training device is saved in the config ("cuda" after `--device cuda`); evaluation runs on the device
     it is given (auto here: the CPU in CI) with the same results, not on the one the config names."""
@@ -268,6 +271,7 @@ def test_a_checkpoint_trained_on_a_gpu_evaluates_anywhere(_eval_setup, tmp_path)
         assert got["stage0"]["overall"][key] == pytest.approx(expected["stage0"]["overall"][key], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_auto_split_leaves_out_what_the_checkpoint_trained_on(stage0, seed_pairs_path, tmp_path):
     """stage0 trained on the seed pairs: by default only their test split is scored, and the report says why;
     the same pairs in a file the checkpoint never saw are scored whole."""
@@ -292,6 +296,7 @@ def test_auto_split_leaves_out_what_the_checkpoint_trained_on(stage0, seed_pairs
     assert unseen["split"] == "all" and unseen["n_pairs"] == 32 and "never trained" in unseen["split_reason"]
 
 
+@pytest.mark.slow
 def test_training_curves_of_both_stages(stage0, tmp_path):
     from pipeline.evaluate import training_curves
     from pipeline.finetune import finetune

@@ -26,6 +26,8 @@ from pipeline.errors import ModrmError
 from pipeline.heads import preference_loss
 from pipeline.training import warmup_then_linear
 
+pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
+
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 
 

@@ -23,6 +23,8 @@ from pipeline.errors import ModrmError
 from pipeline.score import read_trajectories
 from pipeline.train_heads import train_heads
 
+pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
+
 FIXTURES = Path(__file__).parent / "fixtures"
 FUZZ = settings(
     max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]

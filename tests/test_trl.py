@@ -14,6 +14,8 @@ from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
 from pipeline import RewardModel
 
+pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
+
 # a word-level vocabulary of module tags and filler, so random generations are (often) tagged trajectories
 WORDS = ["<pad>", "<eos>", "<unk>", "Round", "1:", "2:", "<plan>", "</plan>", "<action>", "</action>"]
 WORDS += ["<reflection>", "</reflection>", "read", "the", "logs", "fix", "leak", "check", "cache", "retry"]
