@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.atomic import refuse_link
 from pipeline.errors import ModrmError
 
 BACKENDS = ("tensorboard", "wandb")
@@ -28,6 +29,8 @@ class Reporter:
         if unknown:
             raise ModrmError(f"report_to: unknown backend(s) {', '.join(unknown)} (known: {', '.join(BACKENDS)})")
         self.writer = self.run = None
+        for planted in (log_dir, log_dir / "wandb") if backends else ():  # the loggers write through links
+            refuse_link(planted)
         if "tensorboard" in backends:
             try:
                 from torch.utils.tensorboard import SummaryWriter

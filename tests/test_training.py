@@ -150,6 +150,24 @@ def test_commit_leaves_the_old_set_or_the_new_one_whatever_instant_a_kill_comes(
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nothing left behind
 
 
+@pytest.mark.parametrize("backend", ["tensorboard", "wandb"])
+@pytest.mark.parametrize("planted", ["runs", "runs/wandb"])
+def test_the_loggers_never_write_through_a_link(tmp_path, backend, planted):
+    """`<out>/runs` (or wandb's folder in it) planted as a link elsewhere: refused before a logger writes."""
+    from pipeline.errors import ModrmError
+    from pipeline.reporting import Reporter
+
+    elsewhere, runs = tmp_path / "elsewhere", tmp_path / "out" / "runs"
+    elsewhere.mkdir()
+    runs.parent.mkdir()
+    if planted == "runs/wandb":
+        runs.mkdir()
+    (tmp_path / "out" / planted).symlink_to(elsewhere)
+    with pytest.raises(ModrmError, match="is a symbolic link"):
+        Reporter([backend], runs)
+    assert not any(elsewhere.iterdir())
+
+
 def test_report_to_tensorboard_streams_both_stages(stage0, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
