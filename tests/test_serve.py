@@ -312,7 +312,7 @@ def test_serve_compiles_by_default_only_on_a_gpu(monkeypatch, cuda, flag, compil
     --compile. The load is stopped once asked: what matters is what it was asked."""
     asked = {}
 
-    def load(checkpoint, device, cache_size, compile):
+    def load(checkpoint, device, cache_size, compile, trust_remote_code):
         asked["compile"] = compile
         raise SystemExit
 
