@@ -7,7 +7,6 @@ carries the full trajectory context and the target module's own text (the seed's
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import re
@@ -102,43 +101,101 @@ class DataError(ModrmError):
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _records(path: Path, problems: list[Problem]) -> Iterator[object]:
-    """Raw records, one at a time: JSON lines are read line by line (a file of any size never sits in memory),
-    a JSON array at once. Malformed JSON is a problem naming its line (a bad JSON line is skipped)."""
-    name = str(path)
+class UnreadableFile(ModrmError):
+    """A JSON file that cannot be read at all (missing, not UTF-8): `message` says why, without the file name."""
+
+    def __init__(self, path: Path, message: str):
+        self.path, self.message = path, message
+        super().__init__(f"{path}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class JsonRecord:
+    """One record of a JSON file: its decoded value, or `problem` saying why it could not be decoded."""
+
+    index: int  # how many records of the file were decoded before it: record numbers name what a reader kept
+    line: int | None  # its line in the file; None inside a JSON array when the decoder does not say
+    offset: int | None  # byte offset of its JSON line, to read it again alone; None inside a JSON array
+    value: object = None
+    problem: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"line {self.line}" if self.line is not None else f"record {self.index}"
+
+
+class JsonRecords:
+    """The one JSON reader: the records of a JSON lines file, read line by line in binary (a file of any size
+    never sits in memory and each record knows its byte offset), or of a JSON array, read at once. A line that
+    cannot be decoded is a record with a `problem` and reading goes on; an array that cannot be decoded is one such
+    record and the end. UnreadableFile when the file cannot be read. `layout` is "lines" or "array" once the
+    first record is read, None for a file with no content."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.layout: str | None = None
+
+    def __iter__(self) -> Iterator[JsonRecord]:
+        try:
+            with self.path.open("rb") as handle:
+                yield from self._read(handle)
+        except FileNotFoundError:
+            raise UnreadableFile(self.path, "no such file") from None
+        except OSError as err:
+            raise UnreadableFile(self.path, f"cannot be read ({err.strerror or err})") from None
+
+    def _text(self, data: bytes, offset: int) -> str:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UnreadableFile(self.path, f"not UTF-8 text (byte {offset + err.start})") from None
+
+    def _read(self, handle) -> Iterator[JsonRecord]:
+        offset, index = 0, 0
+        for lineno, data in enumerate(handle, start=1):
+            text = self._text(data, offset)
+            if not text.strip():
+                offset += len(data)
+                continue
+            if self.layout is None and text.lstrip().startswith("["):
+                self.layout = "array"
+                yield from self._array(text + self._text(handle.read(), offset + len(data)), lineno)
+                return
+            self.layout = "lines"
+            try:
+                value = json.loads(text)
+            except (ValueError, RecursionError) as err:
+                yield JsonRecord(index, lineno, offset, problem=json_problem(err))
+            else:
+                yield JsonRecord(index, lineno, offset, value)
+                index += 1
+            offset += len(data)
+
+    @staticmethod
+    def _array(text: str, first_line: int) -> Iterator[JsonRecord]:
+        try:
+            records = json.loads(text)
+        except (ValueError, RecursionError) as err:
+            line = err.lineno + first_line - 1 if isinstance(err, json.JSONDecodeError) else None
+            yield JsonRecord(failing_record(text, text.index("[")), line, None, problem=json_problem(err))
+            return
+        for index, value in enumerate(records):
+            yield JsonRecord(index, None, None, value)
+
+
+def _records(path: Path, problems: list[Problem]) -> Iterator[tuple[int, object]]:
+    """(index, value) of each record that decodes; a record or file that does not is a problem naming it."""
+    name, reader, before = str(path), JsonRecords(path), len(problems)
     try:
-        with path.open(encoding="utf-8") as handle:
-            lines = enumerate(handle, start=1)
-            first = next(((n, line) for n, line in lines if line.strip()), None)
-            if first is None:
-                problems.append(Problem(name, "file", "", "is empty"))
-                return
-            if first[1].lstrip().startswith("["):
-                text = first[1] + handle.read()
-                try:
-                    records = json.loads(text)
-                except json.JSONDecodeError as err:
-                    problems.append(Problem(name, f"line {err.lineno + first[0] - 1}", "", json_problem(err)))
-                    return
-                except (ValueError, RecursionError) as err:
-                    record = f"record {failing_record(text, text.index('['))}"
-                    problems.append(Problem(name, record, "", json_problem(err)))
-                    return
-                yield from records
-                return
-            for lineno, line in itertools.chain([first], lines):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except (ValueError, RecursionError) as err:
-                    problems.append(Problem(name, f"line {lineno}", "", json_problem(err)))
-                    continue
-                yield record
-    except FileNotFoundError:
-        problems.append(Problem(name, "file", "", "no such file"))
-    except (OSError, UnicodeDecodeError) as err:
-        problems.append(Problem(name, "file", "", f"cannot be read ({err})"))
+        for record in reader:
+            if record.problem is None:
+                yield record.index, record.value
+            else:
+                problems.append(Problem(name, record.where, "", record.problem))
+    except UnreadableFile as err:
+        problems.append(Problem(name, "file", "", err.message))
+    if reader.layout is None and len(problems) == before:
+        problems.append(Problem(name, "file", "", "is empty"))
 
 
 def _record_name(record: object, index: int) -> str:
@@ -262,7 +319,7 @@ def iter_file(
     file, before, count = str(path), len(problems), 0
     flat: list[tuple[int, dict]] = []
     seen: set[str] | None = set() if check_ids else None
-    for index, record in enumerate(_records(Path(path), problems)):
+    for index, record in _records(Path(path), problems):
         count += 1
         if not isinstance(record, dict):
             problems.append(Problem(file, f"record {index}", "", "must be a JSON object"))

@@ -13,38 +13,19 @@ import json
 from pathlib import Path
 
 from pipeline.atomic import atomic_write
-from pipeline.data import failing_record, json_problem, lone_surrogate
+from pipeline.data import JsonRecords, lone_surrogate
 from pipeline.errors import ModrmError
 from pipeline.trajectory import parse_trajectory
 
 
 def read_trajectories(path: Path) -> list[dict]:
     """Records of a JSON array or JSON lines; a problem names the file, the record (index) and the field."""
-    if not path.is_file():
-        raise ModrmError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ModrmError(f"{path}: not UTF-8 text (byte {err.start})") from None
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ModrmError(f"{path}: malformed JSON ({err})") from None
-        except (ValueError, RecursionError) as err:
-            start = text.index("[")
-            raise ModrmError(f"{path}: record {failing_record(text, start)}: {json_problem(err)}") from None
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ModrmError(f"{path}: record {len(records)} (line {number}): malformed JSON ({err})") from None
-            except (ValueError, RecursionError) as err:
-                raise ModrmError(f"{path}: record {len(records)} (line {number}): {json_problem(err)}") from None
+    records = []
+    for record in JsonRecords(path):
+        if record.problem is not None:
+            where = f"record {record.index}" + (f" (line {record.line})" if record.line is not None else "")
+            raise ModrmError(f"{path}: {where}: {record.problem}")
+        records.append(record.value)
     if not records:
         raise ModrmError(f"{path}: holds no records (expected JSON lines of {{id, task, trajectory}})")
     for i, record in enumerate(records):
