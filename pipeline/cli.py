@@ -61,17 +61,62 @@ def synth(
         bool,
         typer.Option("--off-task-test", help="with --holdout-phrasings: every test negative is another task's text"),
     ] = False,
-    max_rounds: Annotated[int, typer.Option("--max-rounds", help="rounds per trajectory: 1 to this (at most 6)")] = 6,
+    max_rounds: Annotated[
+        int | None, typer.Option("--max-rounds", help="rounds per trajectory: 1 to this (at most 6; rollouts: 2)")
+    ] = None,
+    rollouts: Annotated[
+        bool, typer.Option("--rollouts", help="write RL rollouts (chat form, with ground truth) instead of pairs")
+    ] = False,
+    tasks: Annotated[int, typer.Option("--tasks", min=1, help="with --rollouts: tasks")] = 100,
+    group_size: Annotated[int, typer.Option("--group-size", min=1, help="with --rollouts: rollouts per task")] = 8,
+    branched: Annotated[
+        bool, typer.Option("--branched", help="with --rollouts: rollouts branch from earlier ones (shared prefixes)")
+    ] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Write synthetic preference pairs: varied multi-round trajectories, negatives differing in one module."""
-    from pipeline.synth import generate_pairs, write_pairs
+    """Write synthetic preference pairs (varied multi-round trajectories, negatives differing in one module), or
+    with --rollouts GRPO-style groups of rollouts whose outcome depends on their modules' outputs."""
+    from pipeline.synth import MAX_ROUNDS, generate_pairs, generate_rollouts, write_pairs, write_rollouts
 
+    if rollouts:
+        records = generate_rollouts(tasks, group_size, seed, branched, 2 if max_rounds is None else max_rounds)
+        typer.echo(f"wrote {write_rollouts(out, records)} rollouts of {tasks} tasks to {out}")
+        return
+    max_rounds = MAX_ROUNDS if max_rounds is None else max_rounds
     cfg = _config(config)
     split = cfg.data if holdout_phrasings else None
     pairs = generate_pairs(pairs_per_module, seed, cfg.data.modules, split, off_task_test, max_rounds)
     write_pairs(out, pairs)
     typer.echo(f"wrote {len(pairs)} pairs to {out}")
+
+
+@app.command("pairs")
+def pairs_cmd(
+    rollouts: Annotated[list[Path], typer.Option("--rollouts", help="rollouts file (JSON lines or a JSON array)")],
+    out: Annotated[Path, typer.Option("--out", help="pairs file to write (JSON lines)")],
+    strategy: Annotated[str, typer.Option("--strategy", help="contrast | anchor")] = "contrast",
+    min_gap: Annotated[float, typer.Option("--min-gap", help="least outcome difference between the sides")] = 0.5,
+    min_support: Annotated[int, typer.Option("--min-support", help="anchor: least rollouts behind each side")] = 2,
+    max_pairs_per_task: Annotated[int, typer.Option("--max-pairs-per-task", help="pairs per task at most")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="the sampling of a task's pairs")] = 0,
+    module_field: Annotated[
+        str, typer.Option("--module-field", help="the chat message field naming its module")
+    ] = "name",
+    module: Annotated[
+        str | None, typer.Option("--module", help="names to modules: NAME=MODULE,... (e.g. AutoGen agent names)")
+    ] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Mine module-level preference pairs from RL rollouts (GRPO groups, branched or tree-search rollouts)."""
+    from pipeline.mine import MineOptions, mine_rollouts
+    from pipeline.rollouts import RolloutFormat, parse_module_map
+
+    options = MineOptions(strategy, min_gap, min_support, max_pairs_per_task, seed)
+    fmt = RolloutFormat(module_field, parse_module_map(module))
+    summary = mine_rollouts(rollouts, out, options, fmt, progress=not quiet)
+    for line in summary.lines():
+        typer.echo(line)
+    typer.echo(f"pairs: {out}")
 
 
 @app.command()

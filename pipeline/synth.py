@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -515,6 +517,152 @@ def generate_pairs(
         rng = random.Random(f"{seed}/{module}")
         pairs += [_pair(module, i, rng, heldout_split, off_task_test, max_rounds) for i in range(pairs_per_module)]
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------- rollouts
+
+# The order modules speak in a round of a synthetic rollout; the executor's tool results follow as a tool message.
+_SPEAKERS = ("reflection", "memory", "planner", "executor")
+
+
+def _chat_content(module: str, texts: dict[str, str]) -> str:
+    """A module's output as one chat message: its texts (the executor's tool results are the tool's message)."""
+    keys = ("action",) if module == "executor" else MODULE_KEYS[module]
+    return "\n".join(texts[key] for key in keys)
+
+
+def _output(rng: random.Random, module: str, good: dict[str, str], slots: dict, other: dict, style: int) -> dict:
+    """A bad output of `module` whose message differs from the good one (a failed call with the right action, for
+    one, would show only in the tool's message)."""
+    while True:
+        kind = _draw_kind(rng, module)
+        if kind == _OFF_TASK:
+            phase, r = slots["phase"], int(slots["r"])
+            texts = _good(module, phase, style, _round_slots(other, phase, r, int(slots["k"])), "any")
+        else:
+            texts = _fill(_variant(_BAD[module][kind], style, "any"), slots)
+        if _chat_content(module, texts) != _chat_content(module, good):
+            return texts
+
+
+@dataclass(frozen=True, slots=True)
+class _TaskPlan:
+    """What every rollout of one task shares: the task, its rounds, and each step's good and bad outputs."""
+
+    task: str
+    group: str
+    steps: list[tuple[int, str]]  # (round, module) in speaking order
+    good: dict[tuple[int, str], dict[str, str]]
+    draw_bad: Callable[[random.Random, tuple[int, str]], dict[str, str]]
+
+
+def _task_plan(rng: random.Random, max_rounds: int) -> _TaskPlan:
+    task, slots, other = _draw_task(rng)
+    n = rng.randint(1, max_rounds)
+    good, context = {}, {}
+    for r in range(1, n + 1):
+        phase, k = _phase(r, n), rng.randint(1, 4)
+        round_slots = _round_slots(slots, phase, r, k) | {"phase": phase}
+        for module in _SPEAKERS:
+            style = rng.randrange(_STYLES)
+            good[r, module] = _good(module, phase, style, round_slots, "any")
+            context[r, module] = (round_slots, style)
+
+    def draw_bad(rng: random.Random, step: tuple[int, str]) -> dict[str, str]:
+        round_slots, style = context[step]
+        return _output(rng, step[1], good[step], round_slots, other, style)
+
+    steps = [(r, m) for r in range(1, n + 1) for m in _SPEAKERS]
+    return _TaskPlan(task, f"{slots['goal']} in {slots['c']}", steps, good, draw_bad)
+
+
+def _draw_step(rng: random.Random, plan: _TaskPlan, step: tuple[int, str]) -> tuple[bool, dict[str, str]]:
+    """(good?, texts): each output is bad with a chance of one in the number of outputs (one mistake a rollout on
+    average)."""
+    if rng.random() < 1 / len(plan.steps):
+        return False, plan.draw_bad(rng, step)
+    return True, plan.good[step]
+
+
+def _messages(plan: _TaskPlan, outputs: list) -> list[dict]:
+    messages = []
+    for (_, module), (_, texts) in zip(plan.steps, outputs, strict=True):
+        messages.append({"role": "assistant", "name": module, "content": _chat_content(module, texts)})
+        if module == "executor":
+            messages.append({"role": "tool", "content": texts["results"]})
+    return messages
+
+
+def _tagged(plan: _TaskPlan, outputs: list) -> str:
+    """The rollout as synth's pairs write a trajectory (so its module views look like theirs)."""
+    rounds: dict[int, dict[str, str]] = defaultdict(dict)
+    for (r, _), (_, texts) in zip(plan.steps, outputs, strict=True):
+        rounds[r] |= texts
+    return "\n".join(_ROUND.format(n=r, **texts) for r, texts in rounds.items())
+
+
+def _rollout_record(plan: _TaskPlan, task_id: str, number: int, outputs: list, rng: random.Random, tagged: bool):
+    """A rollout in chat form (or `tagged`, synth's trajectory text); its outcome 1 with a chance that falls with
+    each bad output (0.95, 0.28, 0.09, ...); `good` is the ground truth: per module, per round, whether its output
+    was good."""
+    truth = defaultdict(list)
+    for (_, module), (ok, _) in zip(plan.steps, outputs, strict=True):
+        truth[module].append(ok)
+    bad = sum(not ok for ok, _ in outputs)
+    outcome = 1.0 if rng.random() < 0.02 + 0.93 * 0.28**bad else 0.0
+    form = {"trajectory": _tagged(plan, outputs)} if tagged else {"messages": _messages(plan, outputs)}
+    return {
+        "task_id": task_id,
+        "task": plan.task,
+        "rollout_id": f"{task_id}/{number}",
+        "outcome": outcome,
+        **form,
+        "group": plan.group,
+        "good": dict(truth),
+    }
+
+
+def generate_rollouts(
+    tasks: int, group_size: int, seed: int, branched: bool = False, max_rounds: int = 2, tagged: bool = False
+) -> Iterator[dict]:
+    """GRPO-style groups: `group_size` rollouts for each of `tasks` tasks, in chat form, whose binary outcome
+    depends on how many of their modules' outputs were bad (with noise); the same for the same arguments.
+    Independent rollouts draw every output afresh; `branched` ones grow a tree, as tree search does: each new
+    rollout copies an earlier one up to a random step and draws the rest afresh (so rollouts share prefixes).
+    `tagged`: each rollout a `trajectory` in synth's tagged text instead of chat `messages` (the draws unchanged).
+    Each record's extra fields `good` (the ground truth) and `group` (synth's pair group of its task) let tests
+    score what is mined from them."""
+    if tasks < 1 or group_size < 1:
+        raise ModrmError(f"synth: tasks and group size must be 1 or more, got {tasks} and {group_size}")
+    if not 1 <= max_rounds <= MAX_ROUNDS:
+        raise ModrmError(f"synth: max_rounds must be between 1 and {MAX_ROUNDS}, got {max_rounds}")
+    for t in range(tasks):
+        rng = random.Random(f"{seed}/rollouts/{t}")
+        plan = _task_plan(rng, max_rounds)
+        drawn: list[list] = []
+        for g in range(group_size):
+            keep = []
+            if branched and drawn:
+                parent = rng.choice(drawn)
+                keep = parent[: rng.randrange(len(plan.steps))]
+            outputs = keep + [_draw_step(rng, plan, step) for step in plan.steps[len(keep) :]]
+            drawn.append(outputs)
+            yield _rollout_record(plan, f"task-{t}", g, outputs, rng, tagged)
+
+
+def write_rollouts(path: str | Path, rollouts: Iterable[dict]) -> int:
+    """JSON lines, atomically; returns how many were written."""
+    count = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with tmp.open("w", encoding="utf-8") as handle:
+            for rollout in rollouts:
+                handle.write(json.dumps(rollout) + "\n")
+                count += 1
+
+    atomic_write(path, write)
+    return count
 
 
 def _reworded(pair: Pair) -> Pair:
