@@ -77,6 +77,7 @@ bench: install
 	$(BIN)/python bench/bench_finetune.py
 	$(BIN)/python bench/bench_ddp_finetune.py
 	$(BIN)/python bench/bench_serve.py
+	$(BIN)/python bench/bench_pairs.py
 
 # The GPU check: the cuda tests and bench/bench_gpu.py, on a Python that has torch with CUDA and modrm
 # importable (a GPU machine's own: `pip install --no-deps --no-build-isolation -e .`; or GPU_PYTHON=.venv/bin/python).

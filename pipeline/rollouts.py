@@ -26,9 +26,10 @@ import json
 import math
 import re
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
@@ -36,8 +37,12 @@ from pipeline import trajectory
 from pipeline.data import JsonRecords, Problem, UnreadableFile, lone_surrogate
 from pipeline.errors import ModrmError
 
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+
+Fail = Callable[[str, str], NoReturn]  # (field, message): raises, naming the record too
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-_ROUND_LINE = re.compile(r"^([^\S\n]*Round[^\S\n]+\d+[^\S\n]*:[^\S\n]*)$", re.MULTILINE | re.IGNORECASE)
+_ROUND_LINE = re.compile(r"^[^\S\n]*Round[^\S\n]+\d+[^\S\n]*:[^\S\n]*$", re.MULTILINE | re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,17 +97,23 @@ def module_tag(module: str) -> str:
     return tag
 
 
+def _known_tags() -> frozenset[str]:
+    return frozenset(t for tags in trajectory.MODULE_TAGS.values() for t in tags) | trajectory.CONTAINER_TAGS
+
+
 @functools.lru_cache(maxsize=8)
-def _tag_regex(tags: frozenset[str]) -> re.Pattern[str]:
+def _neutraliser(tags: frozenset[str]) -> re.Pattern[str]:
     """A `<` that opens one of `tags` (opening or closing, blanks allowed as the parser allows them)."""
     names = "|".join(re.escape(t).replace(r"\ ", r"[ \t]+") for t in sorted(tags, key=len, reverse=True))
     return re.compile(rf"<(?=/?[ \t]*(?:{names})[ \t]*>)", re.IGNORECASE)
 
 
-def neutralise(text: str) -> str:
-    """`text` with nothing the parser would take for a known tag or a round line (see the module docstring)."""
-    tags = frozenset(t for tags in trajectory.MODULE_TAGS.values() for t in tags) | trajectory.CONTAINER_TAGS
-    return _ROUND_LINE.sub(r"[\1]", _tag_regex(tags).sub("&lt;", text))
+def neutralise(text: str, pattern: re.Pattern[str] | None = None) -> str:
+    """`text` with nothing the parser would take for a known tag or a round line (see the module docstring);
+    `pattern`: `_neutraliser` of the tags known now, if the caller has it."""
+    if "<" in text:
+        text = (pattern or _neutraliser(_known_tags())).sub("&lt;", text)
+    return _ROUND_LINE.sub(r"[\g<0>]", text)
 
 
 def _content(message: dict) -> str | None:
@@ -130,10 +141,11 @@ def _content(message: dict) -> str | None:
 class _Renderer:
     """Chat messages -> tagged text, round by round; a problem raises naming the message and field."""
 
-    def __init__(self, fmt: RolloutFormat, fail):
+    def __init__(self, fmt: RolloutFormat, fail: Fail):
         self.fmt, self.fail = fmt, fail
         self.lines: list[str] = []
         self.round, self.spoken = 0, set()
+        self.pattern = _neutraliser(_known_tags())
 
     def module(self, message: dict, at: str) -> str | None:
         if message.get("role") != "assistant":
@@ -171,21 +183,24 @@ class _Renderer:
             self.lines.append(f"Round {number}:")
             self.round, self.spoken = number, set()
         if module is None:
-            self.lines.append(f"{role}: {neutralise(text)}")
+            self.lines.append(neutralise(f"{role}: {text}", self.pattern))
             return
-        try:
-            tag = module_tag(module)
-        except ModrmError as err:
-            self.fail(f"{at}.{self.fmt.module_field}", str(err))
-        self.lines.append(f"<{tag}>\n{neutralise(text)}\n</{tag}>")
+        if module not in trajectory.MODULE_TAGS:
+            try:
+                module_tag(module)
+            except ModrmError as err:
+                self.fail(f"{at}.{self.fmt.module_field}", str(err))
+            self.pattern = _neutraliser(_known_tags())
+        tag = module_tag(module)
+        self.lines.append(f"<{tag}>\n{neutralise(text, self.pattern)}\n</{tag}>")
         self.spoken.add(module)
 
 
-def render_messages(messages: Sequence[object], fmt: RolloutFormat | None = None, fail=None) -> str:
+def render_messages(messages: Sequence[object], fmt: RolloutFormat | None = None, fail: Fail | None = None) -> str:
     """The tagged trajectory of chat messages: what `modrm pairs` trains on and what to send `modrm serve`.
     `fail(field, message)` raises for a malformed message (default: a ModrmError naming the field)."""
 
-    def raise_error(field: str, message: str):
+    def raise_error(field: str, message: str) -> NoReturn:
         raise ModrmError(f"field '{field}': {message}")
 
     renderer = _Renderer(fmt or RolloutFormat(), fail or raise_error)
@@ -210,7 +225,7 @@ def read_rollout(value: object, file: str, where: str, fmt: RolloutFormat) -> Ro
     """One record as a Rollout; a problem raises one line naming the file, the record and the field. Without a
     `rollout_id` the record is named by its place: `FILE:LINE` (`FILE#INDEX` in a JSON array)."""
 
-    def fail(field: str, message: str):
+    def fail(field: str, message: str) -> NoReturn:
         raise ModrmError(str(Problem(file, where, field, message)))
 
     if not isinstance(value, dict):
@@ -239,7 +254,7 @@ def read_rollout(value: object, file: str, where: str, fmt: RolloutFormat) -> Ro
     return Rollout(task_id, task, rollout_id, None if outcome is None else float(outcome), text, f"{file}: {where}")
 
 
-def _trajectory(value: dict, fmt: RolloutFormat, fail) -> str:
+def _trajectory(value: dict, fmt: RolloutFormat, fail: Fail) -> str:
     has_messages, has_text = "messages" in value, "trajectory" in value
     if has_messages == has_text:
         fail("messages", "give either messages or trajectory" + (", not both" if has_text else " (both missing)"))
@@ -260,7 +275,7 @@ class RolloutIndex:
     """Where every rollout of some files is, by task: pass one reads and checks every record (a problem raises
     before anything is written); `tasks()` reads the rollouts back one task at a time."""
 
-    def __init__(self, paths: Sequence[str | Path], fmt: RolloutFormat, progress=None):
+    def __init__(self, paths: Sequence[str | Path], fmt: RolloutFormat, progress: tqdm | None = None):
         self.paths, self.fmt = [Path(p) for p in paths], fmt
         self.task_numbers: dict[str, int] = {}
         self.task_of, self.file_of, self.offset_of, self.line_of = array("q"), array("q"), array("q"), array("q")
@@ -271,7 +286,7 @@ class RolloutIndex:
     def __len__(self) -> int:
         return len(self.task_of)
 
-    def _index(self, number: int, path: Path, progress) -> None:
+    def _index(self, number: int, path: Path, progress: tqdm | None) -> None:
         reader, count = JsonRecords(path), 0
         try:
             for record in reader:
