@@ -40,6 +40,7 @@ from pipeline.errors import ModrmError
 if TYPE_CHECKING:
     from tqdm.auto import tqdm
 
+MAX_ROUND = 10**18  # the parser reads round numbers of up to 18 digits
 Fail = Callable[[str, str], NoReturn]  # (field, message): raises, naming the record too
 _MODULE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _ROUND_LINE = re.compile(r"^[^\S\n]*Round[^\S\n]+\d+[^\S\n]*:[^\S\n]*$", re.MULTILINE | re.IGNORECASE)
@@ -159,8 +160,8 @@ class _Renderer:
         number = message.get("round")
         if number is None:
             return self.round + 1 if module is not None and (self.round == 0 or module in self.spoken) else None
-        if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-            self.fail(f"{at}.round", f"must be a whole number from 1, got {number!r}")
+        if isinstance(number, bool) or not isinstance(number, int) or not 1 <= number < MAX_ROUND:
+            self.fail(f"{at}.round", f"must be a whole number from 1 to {MAX_ROUND - 1}, got {number!r}")
         if number < self.round:
             self.fail(f"{at}.round", f"goes back from round {self.round} to {number}")
         return number

@@ -327,6 +327,7 @@ GOOD = chat(("planner", "step 1"))
         ([chat({"role": "assistant", "content": "x"})], "line 1, field 'messages[0].name': an assistant message"),
         ([chat({"role": "user", "content": 3})], "line 1, field 'messages[0].content': must be a string"),
         ([chat(("planner", "a"), {"role": "user", "round": 0, "content": "x"})], "field 'messages[1].round'"),
+        ([chat({"role": "user", "round": 10**18, "content": "x"})], "field 'messages[0].round': must be a whole"),
         (
             [chat({"role": "user", "round": 2, "content": "x"}, {"role": "user", "round": 1, "content": "y"})],
             "line 1, field 'messages[1].round': goes back from round 2 to 1",
