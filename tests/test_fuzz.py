@@ -75,10 +75,12 @@ def damaged_bytes(raw: bytes, draw) -> bytes:
 
 
 def only_clean_outcomes(read: Callable[[], object]) -> None:
+    """Reads, or fails with a ModrmError that says something: any other exception is a crash and fails the test
+    (`cli.main` turns a ModrmError into one line on stderr)."""
     try:
         read()
     except ModrmError as err:
-        assert str(err) and "Traceback" not in str(err)
+        assert str(err).strip()
 
 
 def tree(folder: Path) -> dict[str, str]:

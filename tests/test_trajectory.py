@@ -10,20 +10,11 @@ import pytest
 
 from pipeline.data import DEFAULT_MODULES
 from pipeline.errors import ModrmError
-from pipeline.trajectory import MODULE_TAGS, module_view, module_views, parse_trajectory
+from pipeline.trajectory import MODULE_TAGS, SEPARATOR, module_view, module_views, parse_trajectory
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
 SEED_PAIRS = json.loads((FIXTURES / "seed_training_pairs.json").read_text(encoding="utf-8"))
 SEED_FLAT = json.loads((FIXTURES / "seed_synthetic_dataset.json").read_text(encoding="utf-8"))
-
-
-@pytest.mark.parametrize("name", ["seed_training_pairs.json", "seed_synthetic_dataset.json"])
-def test_fixture_copies_match_the_shared_ones(name: str) -> None:
-    shared = SHARED_FIXTURES / name
-    if not shared.exists():
-        pytest.skip(f"no shared fixture at {shared}")
-    assert (FIXTURES / name).read_bytes() == shared.read_bytes()
 
 
 @pytest.mark.parametrize("side", ["positive", "negative"])
@@ -169,5 +160,5 @@ def test_arbitrary_strings_never_crash() -> None:
     for _ in range(300):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
         trajectory = parse_trajectory(text)
-        for views in module_views(trajectory).values():
-            assert isinstance(views, str)
+        for view in module_views(trajectory).values():  # empty tags are absent: a view has no empty piece
+            assert view == "" or all(piece.strip() for piece in view.split(SEPARATOR)), (text, view)
