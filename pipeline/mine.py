@@ -76,7 +76,7 @@ class Summary:
             reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
             lines.append(f"skipped {sum(self.skipped.values())} rollouts: {reasons}")
         if self.equal_tasks:
-            lines.append(f"{self.equal_tasks} tasks whose rollouts all have the same outcome (no pairs)")
+            lines.append(f"tasks whose rollouts all have the same outcome (no pairs): {self.equal_tasks}")
         per_module = ", ".join(f"{module} {n}" for module, n in sorted(self.pairs.items())) or "none"
         lines.append(f"{sum(self.pairs.values())} {self.strategy} pairs: {per_module}")
         return lines
