@@ -4,8 +4,7 @@ Each size is a JSON lines file of N chat rollouts of about 3.5 KB (synth's rollo
 task), with the tasks interleaved over the whole file (line i belongs to task i mod N/8), the worst order for
 reading one task at a time. The file is built by repeating 64 generated tasks under new task ids, so building it
 costs little beside what is measured. Each size is mined (contrast, the default) by `mine_rollouts` in a process of
-its own; peak RSS is that process's high-water mark (VmHWM: Linux's ru_maxrss of a child keeps the size of the
-parent it was forked from, here one that imported torch), imports included.
+its own; peak RSS is that process's high-water mark (`common.in_fresh_process`), imports included.
 """
 
 from __future__ import annotations
@@ -55,8 +54,6 @@ def mine(data: Path, out: Path, imports_only: bool) -> dict:
         "from pipeline.rollouts import RolloutFormat\n"
         f"start = time.perf_counter(); {work}\n"
         "r = {'seconds': time.perf_counter() - start, 'pairs': sum(summary.pairs.values()) if summary else 0}\n"
-        "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
-        "r['vm_hwm_mib'] = int(hwm.split()[1]) / 1024\n"
     )
 
 
@@ -75,19 +72,28 @@ def main() -> None:
             data = write_rollouts(Path(tmp) / f"rollouts-{n}.jsonl", n, templates)
             r = mine(data, Path(tmp) / "pairs.jsonl", imports_only=False)
             rows.append({"rollouts": n, "input_mib": data.stat().st_size / 2**20, **r})
-            print(f"pairs, {n:,} rollouts: {n / r['seconds']:,.0f}/s, peak RSS {r['vm_hwm_mib']:,.0f} MiB", flush=True)
+            print(
+                f"pairs, {n:,} rollouts: {n / r['seconds']:,.0f}/s, peak RSS {r['peak_rss_mib']:,.0f} MiB", flush=True
+            )
             data.unlink()
     print()
     print(
         table(
             ["rollouts", "input (MiB)", "pairs", "seconds", "rollouts/s", "peak RSS (MiB)"],
             [
-                (r["rollouts"], r["input_mib"], r["pairs"], r["seconds"], r["rollouts"] / r["seconds"], r["vm_hwm_mib"])
+                (
+                    r["rollouts"],
+                    r["input_mib"],
+                    r["pairs"],
+                    r["seconds"],
+                    r["rollouts"] / r["seconds"],
+                    r["peak_rss_mib"],
+                )
                 for r in rows
             ],
         )
     )
-    print(f"(imports alone: {imports['vm_hwm_mib']:,.0f} MiB)")
+    print(f"(imports alone: {imports['peak_rss_mib']:,.0f} MiB)")
     write_results("bench_pairs", {"imports": imports, "pairs": rows}, started, busy)
 
 

@@ -105,8 +105,9 @@ def write_results(name: str, results: dict, started: float, busy_at_start: float
 
 def in_fresh_process(code: str) -> dict:
     """Run `code`, which leaves its results in a dict `r`, in a fresh interpreter (from the project's root), so
-    the peak RSS added to them is its own."""
-    tail = "\nimport json, resource\nr['peak_rss_mib'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024"
-    tail += "\nprint(json.dumps(r))\n"
+    the peak RSS added to them is its own: the high-water mark VmHWM (Linux), not ru_maxrss, which a child keeps
+    from the parent it was forked from (here one that imported torch)."""
+    tail = "\nimport json\nhwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM'))"
+    tail += "\nr['peak_rss_mib'] = int(hwm.split()[1]) / 1024\nprint(json.dumps(r))\n"
     done = subprocess.run([sys.executable, "-c", code + tail], capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(done.stdout.strip().splitlines()[-1])
