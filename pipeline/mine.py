@@ -157,10 +157,9 @@ def _elements(parsed: _Parsed) -> Iterator[tuple[int, int, int | None, str, str]
     """(start, end, round, tag, text) of each tagged part of the parse: the parser's own tokens, in its order
     (each token that opens a tag is one part)."""
     text = parsed.rollout.trajectory
-    opens = [m for m in trajectory._token_regex(trajectory._leaf_tags()).finditer(text) if m["open"] is not None]
     parts = [(r.number, tag, body) for r in parsed.parse.rounds for tag, body in r.parts]
-    for match, part in zip(opens, parts, strict=True):
-        yield match.start(), match.end(), *part
+    for (start, end), part in zip(trajectory.part_spans(text), parts, strict=True):
+        yield start, end, *part
 
 
 def _states(rollouts: Sequence[_Parsed], modules: Sequence[str]) -> dict[bytes, dict[tuple, _Branch]]:

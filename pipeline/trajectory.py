@@ -132,6 +132,12 @@ def parse_trajectory(text: str) -> Trajectory:
     return Trajectory(rounds, warnings)
 
 
+def part_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) in `text` of each tagged part `parse_trajectory(text)` reads, in the same order: where a part
+    sits, so what came before it (the state a module answered) can be cut from the text."""
+    return [match.span() for match in _token_regex(_leaf_tags()).finditer(text) if match["open"] is not None]
+
+
 def _module_tags(module: str) -> dict[str, str]:
     tags = MODULE_TAGS.get(module)
     if tags is None:
