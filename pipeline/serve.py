@@ -3,8 +3,17 @@
     POST /get_reward  {"query": [str], "prompts": [str], "labels": [...]}  (OpenRLHF's --reward.remote_url)
                   ->  {"rewards": [float], "scores": [float in 0..1], "extra_logs": {"<module>": [float|null]}}
     POST /score       {"items": [{"task": str, "trajectory": str}]}  ->  {"rewards": [{"<module>": float|null}]}
+    POST /slime       {"prompt", "response", "label"}  (slime's --rm-type remote_rm)
+                  ->  {"reward": float, "<module>": float|null, "<module>_mask": 1.0|0.0}
+    POST /classify    vLLM's {"model", "input": str|[str], "use_activation"}  (verl's reward model path)
+                  ->  {"data": [{"index": i, "probs": [reward], "modules": {...}}], ...}
     GET  /health      200 once the model is loaded
     GET  /info        modules, stage, encoder, device, compiled, version, limits
+    GET  /stats       running count, mean and std of each module's rewards served
+    GET  /metrics     Prometheus text format: requests, errors, latency, batches, queue, texts, module rewards
+
+Every protocol carries each module's reward by name (null where the trajectory has no text for it) and a mask,
+`<module>_mask`: 1.0 where the module had text, 0.0 where it had none, so a loop never reads a silent 0.
 
 One model per process. A request is read and checked on the event loop, then queued; a micro-batcher gathers
 the requests that arrive within `batch_wait_ms` (up to `max_batch` trajectories) into one `RewardModel.score`
@@ -29,24 +38,27 @@ import json
 import logging
 import math
 import queue
+import re
 import resource
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
-from contextlib import asynccontextmanager, suppress
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline import __version__
 from pipeline.errors import ModrmError
-from pipeline.reward import RewardModel, check_items, check_text, weighted_mean
+from pipeline.reward import RewardModel, check_items, check_text, message_text, weighted_mean
 
 log = logging.getLogger("modrm.serve")
 
@@ -105,6 +117,87 @@ class ApiError(Exception):
         self.status, self.message, self.headers = status, message, dict(headers or {})
 
 
+# ---------------------------------------------------------------------------------------------- metrics
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+REWARD_BUCKETS = (-8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class ServeMetrics:
+    """The server's Prometheus metrics, in a registry of its own (one per app: two apps in a process never
+    share counters)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("modrm_requests", "Requests answered, by endpoint", ["endpoint"], registry=r)
+        self.errors = Counter(
+            "modrm_request_errors",
+            "Requests refused or failed, by endpoint and status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "modrm_request_latency_seconds",
+            "Time to answer, by endpoint",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "modrm_batch_trajectories", "Trajectories per model call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("modrm_queue_trajectories", "Trajectories waiting for the model", registry=r)
+        self.encoded = Counter("modrm_texts_encoded", "Texts run through the encoder", registry=r)
+        self.cached = Counter("modrm_texts_from_cache", "Texts whose embedding came from the LRU", registry=r)
+        self.module_reward = Histogram(
+            "modrm_module_reward", "Rewards served, by module", ["module"], buckets=REWARD_BUCKETS, registry=r
+        )
+
+    @contextmanager
+    def timed(self, endpoint: str) -> Iterator[None]:
+        """Counts one request to `endpoint`, its latency, and its error status should it fail."""
+        start = time.perf_counter()
+        try:
+            yield
+        except ApiError as err:
+            self.errors.labels(endpoint, str(err.status)).inc()
+            raise
+        except Exception:
+            self.errors.labels(endpoint, "500").inc()
+            raise
+        finally:
+            self.requests.labels(endpoint).inc()
+            self.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RewardStats:
+    """Running count, mean and std of each module's served rewards (Welford's update), for a loop that
+    normalises advantages per module."""
+
+    def __init__(self, modules: list[str]):
+        self.moments = {m: (0, 0.0, 0.0) for m in modules}  # count, mean, sum of squared deviations
+
+    def add(self, scores: list[dict[str, float | None]]) -> None:
+        for rewards in scores:
+            for module, reward in rewards.items():
+                if reward is not None:
+                    n, mean, m2 = self.moments[module]
+                    delta = reward - mean
+                    mean += delta / (n + 1)
+                    self.moments[module] = (n + 1, mean, m2 + delta * (reward - mean))
+
+    def summary(self) -> dict[str, dict[str, float | int | None]]:
+        return {
+            m: {"count": n, "mean": mean if n else None, "std": math.sqrt(m2 / n) if n else None}
+            for m, (n, mean, m2) in self.moments.items()
+        }
+
+
 # ---------------------------------------------------------------------------------------------- micro-batching
 
 
@@ -151,8 +244,9 @@ class Pending:
 class MicroBatcher:
     """Gathers concurrent requests into one model call, run by a single worker thread."""
 
-    def __init__(self, rm: RewardModel, config: ServeConfig):
+    def __init__(self, rm: RewardModel, config: ServeConfig, metrics: ServeMetrics | None = None):
         self.rm, self.config = rm, config
+        self.metrics = metrics or ServeMetrics()
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.waiting = 0  # trajectories queued, not yet taken into a batch
         self.last_batch_requests = 0
@@ -226,6 +320,9 @@ class MicroBatcher:
                     await self._score([pending])
             return
         after = self.rm.stats
+        self.metrics.batch_size.observe(len(items))
+        self.metrics.encoded.inc(after.encoded - before.encoded)
+        self.metrics.cached.inc(after.cache_hits - before.cache_hits)
         log.info(
             "batch: %d requests, %d trajectories, %d texts encoded (%d tokens), %d from cache, %.1f ms",
             len(batch),
@@ -278,6 +375,31 @@ def split_query(query: str, prompt: str | None) -> dict[str, str]:
     return {"task": prompt, "trajectory": query[len(prompt) :] if query.startswith(prompt) else query}
 
 
+CHAT_TURNS = (
+    re.compile(r"<\|im_start\|>(\w+)\n(.*?)(?:<\|im_end\|>|$)", re.S),  # ChatML: Qwen and many others
+    re.compile(r"<\|start_header_id\|>(\w+)<\|end_header_id\|>\n\n(.*?)(?:<\|eot_id\|>|$)", re.S),  # Llama 3
+)
+
+
+def split_chat(text: str) -> dict[str, str]:
+    """A chat-templated prompt + response (what verl sends to /classify) as task and trajectory: the task is the
+    last user turn, the trajectory the assistant turns after it, joined by newlines. Text in neither template
+    (ChatML, Llama 3) is all trajectory, with an empty task."""
+    turns = next((found for pattern in CHAT_TURNS if (found := pattern.findall(text))), [])
+    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    if not users:
+        return {"task": "", "trajectory": text}
+    task = turns[users[-1]][1]
+    replies = [content for role, content in turns[users[-1] + 1 :] if role == "assistant"]
+    return {"task": task.strip(), "trajectory": "\n".join(replies).strip()}
+
+
+def module_fields(rewards: dict[str, float | None]) -> dict[str, float | None]:
+    """A trajectory's module rewards by name (None: no text for the module) and `<module>_mask`: 1.0 where the
+    module had text, 0.0 where it had none."""
+    return rewards | {f"{m}_mask": float(r is not None) for m, r in rewards.items()}
+
+
 def sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x)) if x >= 0 else math.exp(x) / (1 + math.exp(x))
 
@@ -288,7 +410,10 @@ class RewardService:
     def __init__(self, rm: RewardModel, config: ServeConfig):
         self.rm, self.config = rm, config
         self.weights = rm.check_weights(config.weights)
-        self.batcher = MicroBatcher(rm, config)
+        self.metrics = ServeMetrics()
+        self.stats = RewardStats(rm.modules)
+        self.batcher = MicroBatcher(rm, config, self.metrics)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.waiting)
 
     def _check_size(self, n: int, what: str) -> None:
         if n > self.config.max_items:
@@ -304,6 +429,29 @@ class RewardService:
         except ModrmError as err:
             raise ApiError(400, str(err)) from None
 
+    async def _scores(self, items: list[dict]) -> list[dict[str, float | None]]:
+        """Module rewards of `items` through the batcher, counted in /stats and /metrics."""
+        scores = await self.batcher.submit(items) if items else []
+        self.stats.add(scores)
+        for rewards in scores:
+            for module, reward in rewards.items():
+                if reward is not None:
+                    self.metrics.module_reward.labels(module).observe(reward)
+        return scores
+
+    async def _rewards(
+        self, items: list[dict], weights: dict[str, float], what: str
+    ) -> tuple[list[dict[str, float | None]], list[float]]:
+        """Module rewards and the weighted reward of each item (`empty_reward` where no weighted module has
+        text); `what` names an item in the refusal of a reward that overflows."""
+        scores = await self._scores(items)
+        rewards = [weighted_mean(s, weights) for s in scores]
+        rewards = [self.config.empty_reward if r is None else r for r in rewards]
+        for i, reward in enumerate(rewards):
+            if not math.isfinite(reward):
+                raise ApiError(400, f"'weights': {what} {i}'s reward is {reward} with these weights; use smaller ones")
+        return scores, rewards
+
     async def get_reward(self, body: Any) -> dict:
         if not isinstance(body, dict):
             raise ApiError(400, f"body: expected a JSON object, got {type(body).__name__}")
@@ -313,18 +461,57 @@ class RewardService:
         for key, value in (("prompts", prompts), ("labels", body.get("labels"))):
             if isinstance(value, list) and len(value) != len(queries):
                 raise ApiError(400, f"'{key}' has {len(value)} entries but 'query' has {len(queries)}")
-        weights = self._weights(body)
         items = [split_query(q, prompts[i] if prompts else None) for i, q in enumerate(queries)]
-        scores = await self.batcher.submit(items) if items else []
-        rewards = [weighted_mean(s, weights) for s in scores]
-        rewards = [self.config.empty_reward if r is None else r for r in rewards]
-        for i, reward in enumerate(rewards):
-            if not math.isfinite(reward):
-                raise ApiError(400, f"'weights': query {i}'s reward is {reward} with these weights; use smaller ones")
+        scores, rewards = await self._rewards(items, self._weights(body), "query")
+        fields = [module_fields(s) for s in scores]
         return {
             "rewards": rewards,
             "scores": [sigmoid(r) for r in rewards],
-            "extra_logs": {m: [s[m] for s in scores] for m in self.rm.modules},
+            "extra_logs": {key: [f[key] for f in fields] for key in module_fields(dict.fromkeys(self.rm.modules))},
+        }
+
+    async def slime(self, body: Any) -> dict:
+        """slime's remote_rm: the prompt (a string, or chat messages) is the task, the response the trajectory."""
+        if not isinstance(body, dict):
+            raise ApiError(400, f"body: expected a JSON object, got {type(body).__name__}")
+        if not isinstance(body.get("response"), str):
+            raise ApiError(400, f"'response': expected a string, got {type(body.get('response')).__name__}")
+        try:
+            task = message_text(body.get("prompt") or "", "'prompt'")
+            check_text(task, "'prompt'")
+            check_text(body["response"], "'response'")
+        except ModrmError as err:
+            raise ApiError(400, str(err)) from None
+        item = {"task": task, "trajectory": body["response"]}
+        [scores], [reward] = await self._rewards([item], self._weights(body), "response")
+        return {"reward": reward, **module_fields(scores)}
+
+    async def classify(self, body: Any) -> dict:
+        """vLLM's /classify as verl's reward-model path calls it: each input is a chat-templated prompt +
+        response (split by `split_chat`); `probs` is [reward], or [sigmoid(reward)] with `use_activation`
+        (vLLM's default when it is absent; verl sends false)."""
+        if not isinstance(body, dict):
+            raise ApiError(400, f"body: expected a JSON object, got {type(body).__name__}")
+        value = body.get("input")
+        texts = string_list({"input": [value] if isinstance(value, str) else value}, "input", required=True)
+        self._check_size(len(texts), "input")
+        activation = body.get("use_activation")
+        if activation is not None and not isinstance(activation, bool):
+            raise ApiError(400, f"'use_activation': expected true or false, got {type(activation).__name__}")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, f"'model': expected a string, got {type(model).__name__}")
+        scores, rewards = await self._rewards([split_chat(t) for t in texts], self._weights(body), "input")
+        probs = [[sigmoid(r)] if activation is not False else [r] for r in rewards]
+        return {
+            "id": f"classify-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": model or self.rm.checkpoint.folder.name,
+            "data": [
+                {"index": i, "label": None, "probs": p, "num_classes": 1, "modules": module_fields(s)}
+                for i, (p, s) in enumerate(zip(probs, scores, strict=True))
+            ],
         }
 
     async def score(self, body: Any) -> dict:
@@ -336,7 +523,7 @@ class RewardService:
         except ModrmError as err:
             raise ApiError(400, str(err)) from None
         items = [{"task": i["task"], "trajectory": i["trajectory"]} for i in body["items"]]
-        return {"rewards": await self.batcher.submit(items) if items else []}
+        return {"rewards": await self._scores(items)}
 
     def info(self) -> dict:
         ckpt = self.rm.checkpoint
@@ -454,19 +641,25 @@ def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
                 {"Retry-After": "1"},
             ) from None
 
-    def endpoint(handler: Callable) -> Callable:
+    def endpoint(path: str, handler: Callable) -> Callable:
         async def run(request: Request) -> JSONResponse:
-            authorize(request)
-            check_content_type(request)
-            try:
-                return JSONResponse(await answer(request, handler))
-            except asyncio.CancelledError:  # the server stops and its graceful period is over
-                return error(503, "the server is shutting down; retry elsewhere or later", {"Retry-After": "1"})
+            with service.metrics.timed(path):
+                authorize(request)
+                check_content_type(request)
+                try:
+                    return JSONResponse(await answer(request, handler))
+                except asyncio.CancelledError:  # the server stops and its graceful period is over
+                    return error(503, "the server is shutting down; retry elsewhere or later", {"Retry-After": "1"})
 
         return run
 
-    app.add_api_route("/get_reward", endpoint(service.get_reward), methods=["POST"])
-    app.add_api_route("/score", endpoint(service.score), methods=["POST"])
+    for path, handler in (
+        ("/get_reward", service.get_reward),
+        ("/score", service.score),
+        ("/slime", service.slime),
+        ("/classify", service.classify),
+    ):
+        app.add_api_route(path, endpoint(path, handler), methods=["POST"])
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -478,6 +671,16 @@ def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
     async def info(request: Request) -> JSONResponse:
         authorize(request)
         return JSONResponse(service.info())
+
+    @app.get("/stats")
+    async def stats(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse({"modules": service.stats.summary()})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        authorize(request)
+        return Response(service.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -168,7 +168,7 @@ def test_get_reward_speaks_openrlhf_and_equals_the_python_api_and_eval(server, r
     assert server.post("/get_reward", {"query": [], "prompts": [], "labels": []})[1] == {
         "rewards": [],
         "scores": [],
-        "extra_logs": {m: [] for m in MODULES},
+        "extra_logs": {m: [] for m in MODULES} | {f"{m}_mask": [] for m in MODULES},
     }
     assert server.post("/score", {"items": []})[1] == {"rewards": []}
 
@@ -176,6 +176,7 @@ def test_get_reward_speaks_openrlhf_and_equals_the_python_api_and_eval(server, r
 def test_a_trajectory_without_module_text_gets_the_empty_reward(server):
     status, answer, _ = server.post("/get_reward", {"query": ["plain text, no tags"]})
     assert status == 200 and answer["rewards"] == [0.0] and answer["extra_logs"]["planner"] == [None]
+    assert answer["extra_logs"]["planner_mask"] == [0.0]
 
 
 def test_32_concurrent_openrlhf_clients_get_what_sequential_calls_get(server, records):
@@ -333,7 +334,8 @@ def test_verl_compute_score_calls_the_server(server, rm, records, monkeypatch):
     )
     assert {k: result[k] for k in MODULES} == pytest.approx(scores, abs=1e-5)
     partial = verl.compute_score("agent", "<plan>only a plan</plan>", None)
-    assert set(partial) == {"score", *MODULES} and math.isnan(partial["memory"])
+    assert set(partial) == {"score", *MODULES, *(f"{m}_mask" for m in MODULES)} and math.isnan(partial["memory"])
+    assert partial["memory_mask"] == 0.0 and partial["planner_mask"] == 1.0
     monkeypatch.delenv("MODRM_URL")
     with pytest.raises(RuntimeError, match="MODRM_URL"):
         verl.compute_score("agent", trajectory, None)
