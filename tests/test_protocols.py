@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_serve_fuzz import post, serving
+from test_serve_fuzz import StandIn, poll, post, serving
 from transformers import AutoTokenizer
 
 from pipeline import RewardModel
@@ -165,10 +167,27 @@ def test_metrics_in_prometheus_format_count_requests_errors_batches_texts_and_re
     assert metric(text, "modrm_request_latency_seconds_count", endpoint="/score") == 2
     assert metric(text, "modrm_batch_trajectories_count") == 3
     assert metric(text, "modrm_batch_trajectories_sum") == 5
-    assert metric(text, "modrm_queue_trajectories") == 0
     assert metric(text, "modrm_texts_encoded_total") > 0 and metric(text, "modrm_texts_from_cache_total") > 0
     planner = [s["planner"] for s in rm.score([*items[:2], {"task": "t", "trajectory": PLAN_ONLY}, *items[:2]])]
     assert metric(text, "modrm_module_reward_count", module="planner") == len([p for p in planner if p is not None])
+
+
+def test_metrics_say_how_many_trajectories_wait_for_the_model(rm):
+    gate = threading.Event()
+
+    def score(model: RewardModel, items: list[dict]) -> list[dict]:
+        gate.wait(60)  # the model is busy: what comes next waits in the queue
+        return model.score(items)
+
+    with serving(StandIn(rm, score)) as (url, app), ThreadPoolExecutor(2) as pool:
+        body = {"items": [{"task": "t", "trajectory": PLAN_ONLY}] * 3}
+        first = pool.submit(post, url + "/score", body)
+        poll(lambda: app.state.service.batcher.waiting == 0 and app.state.service.batcher.last_batch_requests, "busy")
+        second = pool.submit(post, url + "/score", body)
+        poll(lambda: app.state.service.batcher.waiting == 3, "three trajectories queued")
+        assert metric(httpx.get(url + "/metrics").text, "modrm_queue_trajectories") == 3
+        gate.set()
+        assert first.result()[0] == second.result()[0] == 200
 
 
 def test_every_new_endpoint_needs_the_bearer_token(rm):
