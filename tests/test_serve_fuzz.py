@@ -197,9 +197,14 @@ trajectories = st.one_of(texts, tagged)
 @st.composite
 def valid_bodies(draw) -> tuple[str, object]:
     n = draw(st.integers(1, 3))
-    if draw(st.booleans()):
+    path = draw(st.sampled_from(["/score", "/get_reward", "/slime", "/classify"]))
+    if path == "/score":
         items = [{"task": draw(texts), "trajectory": draw(trajectories)} for _ in range(n)]
         return "/score", {"items": items}
+    if path == "/slime":
+        return "/slime", {"prompt": draw(texts), "response": draw(trajectories), "label": None}
+    if path == "/classify":
+        return "/classify", {"model": "m", "input": [draw(trajectories) for _ in range(n)], "use_activation": False}
     queries = [draw(trajectories) for _ in range(n)]
     body = {"query": queries, "prompts": [""] * n, "labels": [None] * n}
     if draw(st.booleans()):
@@ -212,9 +217,22 @@ def poisoned(body: dict, value: object) -> dict:
     body = json.loads(json.dumps(body))
     if "items" in body:
         body["items"][0]["trajectory"] = value
+    elif "response" in body:
+        body["response"] = value
     else:
-        body["query"][0] = value
+        body["query" if "query" in body else "input"][0] = value
     return body
+
+
+LISTS = {"/score": "items", "/get_reward": "query", "/classify": "input"}  # each endpoint's list of trajectories
+
+
+def answered(path: str, body: dict, answer: dict) -> tuple[int, int]:
+    """How many trajectories the answer scores, and what the body sent, read as each caller reads it."""
+    if path == "/slime":
+        return int(isinstance(answer["reward"], float)), 1
+    got = answer["data"] if path == "/classify" else answer["rewards"]
+    return len(got), len(body[LISTS[path]])
 
 
 surrogates = st.integers(0xD800, 0xDFFF).map(chr)
@@ -251,8 +269,8 @@ def hostile_bodies(draw) -> tuple[str, object, str]:
     if kind == "bytes":
         return path, draw(st.binary(max_size=64)), "application/json"
     if kind == "size":
-        key = "items" if path == "/score" else "query"
-        return path, {key: [body[key][0]] * (MAX_ITEMS + 1)}, "application/json"
+        path, body = (path, body) if path in LISTS else ("/get_reward", {"query": ["x"]})
+        return path, {LISTS[path]: [body[LISTS[path]][0]] * (MAX_ITEMS + 1)}, "application/json"
     return path, body, draw(st.sampled_from(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"]))
 
 
@@ -283,7 +301,8 @@ def test_hostile_bodies_sent_with_valid_ones_are_refused_alone(rm):
             for (path, body), future in zip(valid, good, strict=True):
                 status, answer = future.result()
                 assert status == 200, (path, body, answer)
-                assert len(answer["rewards"]) == len(body.get("items") or body.get("query"))
+                got, sent = answered(path, body, answer)
+                assert got == sent, (path, body, answer)
             for (path, body, ctype), future in zip(hostile, bad, strict=True):
                 status, answer = future.result()
                 assert 400 <= status < 500 and set(answer) == {"error"}, (path, str(body)[:200], ctype, answer)
