@@ -85,8 +85,9 @@ GPU_PYTHON ?= python3
 bench-gpu:
 	$(GPU_PYTHON) bench/bench_gpu.py
 
+# One worker per core (one thread each), whole files per worker so module fixtures are built once.
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n auto --dist loadfile --no-loadscope-reorder
 
 # The everyday loop: the suite without the tests marked slow.
 test-fast: install

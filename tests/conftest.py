@@ -18,8 +18,21 @@ from pipeline.encoder import MINILM_ID
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the hub; a local folder or MiniLM only
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test` runs one worker per core: one thread each, children too
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# The files that take longest, longest first: `make test` deals whole files to one worker per core in collection
+# order, so the longest runs beside the others instead of after them.
+LONGEST_FIRST = ("test_stage1_learns.py", "test_integration.py", "test_distributed_finetune.py", "test_pairs.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every file keeps its own order
 
 
 @pytest.fixture(scope="session")
