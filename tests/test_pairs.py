@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from in_process import modrm
 
 from pipeline import trajectory
-from pipeline.cli import main
 from pipeline.data import load_pairs
 from pipeline.mine import MineOptions, mine_rollouts
 from pipeline.rollouts import RolloutFormat, render_messages
@@ -19,21 +18,6 @@ from pipeline.synth import generate_pairs, generate_rollouts, write_pairs, write
 from pipeline.trajectory import module_view, module_views
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def modrm(capsys, *args: str | Path) -> tuple[int, str, str]:
-    """`modrm ARGS` in this process, through `cli.main` as a user runs it: (exit code, stdout, stderr)."""
-    argv = sys.argv
-    sys.argv = ["modrm", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write_jsonl(path: Path, records: list) -> Path:

@@ -8,16 +8,15 @@ import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from in_process import modrm
 from safetensors.torch import load_file, save_file
 
 import pipeline.atomic as atomic
 from pipeline.atomic import JOURNAL, RETIRED, STAGING, atomic_write, commit, recover
 from pipeline.checkpoint import HEADS_FILES, load_checkpoint, read_checkpoint_config
-from pipeline.cli import main
 from pipeline.config import FIXED_BY_CHECKPOINT, config_from_dict, load_config
 from pipeline.data import ERROR_CHARS
 from pipeline.errors import ModrmError
@@ -25,21 +24,6 @@ from pipeline.evaluate import training_curves
 
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 TRAJECTORY = {"id": "a", "task": "Fix the login bug", "trajectory": "Round 1:\n<plan>read the logs</plan>"}
-
-
-def modrm(capsys, *args: str | Path) -> tuple[int, str, str]:
-    """`modrm ARGS` in this process, through `cli.main` as a user runs it: (exit code, stdout, stderr)."""
-    argv = sys.argv
-    sys.argv = ["modrm", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def refused(capsys, *args: str | Path) -> str:
