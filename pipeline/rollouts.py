@@ -186,13 +186,13 @@ class _Renderer:
         if module is None:
             self.lines.append(neutralise(f"{role}: {text}", self.pattern))
             return
-        if module not in trajectory.MODULE_TAGS:
-            try:
-                module_tag(module)
-            except ModrmError as err:
-                self.fail(f"{at}.{self.fmt.module_field}", str(err))
+        new = module not in trajectory.MODULE_TAGS
+        try:
+            tag = module_tag(module)
+        except ModrmError as err:
+            self.fail(f"{at}.{self.fmt.module_field}", str(err))
+        if new:  # its tag is one more that a message's text must not open
             self.pattern = _neutraliser(_known_tags())
-        tag = module_tag(module)
         self.lines.append(f"<{tag}>\n{neutralise(text, self.pattern)}\n</{tag}>")
         self.spoken.add(module)
 
