@@ -344,8 +344,9 @@ def serve_cmd(
     import math
     import os
 
+    from pipeline.connections import check_max_connections, default_max_connections
     from pipeline.reward import RewardModel
-    from pipeline.serve import ServeConfig, check_max_connections, default_max_connections, parse_weights, serve
+    from pipeline.serve import ServeConfig, parse_weights, serve
 
     numbers = {
         "--batch-wait-ms": batch_wait_ms,

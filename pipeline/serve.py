@@ -32,62 +32,34 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import hmac
 import json
 import logging
 import math
 import queue
 import re
-import resource
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager, suppress
+from collections.abc import Callable, Mapping
+from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pipeline import __version__
+from pipeline.api_error import ApiError
+from pipeline.connections import default_max_connections, limit_refusal_logs, uvicorn_config
 from pipeline.errors import ModrmError
 from pipeline.reward import RewardModel, check_items, check_text, message_text, weighted_mean
+from pipeline.serve_metrics import RewardStats, ServeMetrics
 
 log = logging.getLogger("modrm.serve")
-
-LISTEN_BACKLOG = 64  # connections the kernel queues for us; one loop turn may accept that many files at once
-OWN_FILES = 128  # files the process keeps besides its connections: libraries, the model, the log
-MAX_CONNECTIONS = 1000  # the default where the open-file limit allows it
-
-
-def open_file_limit() -> int:
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return sys.maxsize if soft == resource.RLIM_INFINITY else soft
-
-
-def connection_ceiling() -> int:
-    """The most connections that cannot exhaust the open-file limit: what the process keeps open itself and two
-    loop turns of accepts are left out (at the limit, every accept would fail and log)."""
-    return open_file_limit() - OWN_FILES - 2 * LISTEN_BACKLOG
-
-
-def default_max_connections() -> int:
-    return max(1, min(MAX_CONNECTIONS, connection_ceiling()))
-
-
-def check_max_connections(limit: int) -> None:
-    if limit > connection_ceiling():
-        raise ModrmError(
-            f"--max-connections {limit}: the open-file limit of {open_file_limit()} leaves room for "
-            f"{connection_ceiling()} (raise it with `ulimit -n`)"
-        )
 
 
 @dataclass(frozen=True)
@@ -107,95 +79,6 @@ class ServeConfig:
 
     def limits(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("api_key", "weights")}
-
-
-class ApiError(Exception):
-    """A request the server refuses: its status, one line, and any headers."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, dict(headers or {})
-
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-REWARD_BUCKETS = (-8.0, -4.0, -2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
-
-
-class ServeMetrics:
-    """The server's Prometheus metrics, in a registry of its own (one per app: two apps in a process never
-    share counters)."""
-
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("modrm_requests", "Requests answered, by endpoint", ["endpoint"], registry=r)
-        self.errors = Counter(
-            "modrm_request_errors",
-            "Requests refused or failed, by endpoint and status",
-            ["endpoint", "status"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "modrm_request_latency_seconds",
-            "Time to answer, by endpoint",
-            ["endpoint"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "modrm_batch_trajectories", "Trajectories per model call", buckets=BATCH_BUCKETS, registry=r
-        )
-        self.queue_depth = Gauge("modrm_queue_trajectories", "Trajectories waiting for the model", registry=r)
-        self.encoded = Counter("modrm_texts_encoded", "Texts run through the encoder", registry=r)
-        self.cached = Counter("modrm_texts_from_cache", "Texts whose embedding came from the LRU", registry=r)
-        self.module_reward = Histogram(
-            "modrm_module_reward", "Rewards served, by module", ["module"], buckets=REWARD_BUCKETS, registry=r
-        )
-
-    @contextmanager
-    def timed(self, endpoint: str) -> Iterator[None]:
-        """Counts one request to `endpoint`, its latency, and its error status should it fail."""
-        start = time.perf_counter()
-        try:
-            yield
-        except ApiError as err:
-            self.errors.labels(endpoint, str(err.status)).inc()
-            raise
-        except Exception:
-            self.errors.labels(endpoint, "500").inc()
-            raise
-        finally:
-            self.requests.labels(endpoint).inc()
-            self.latency.labels(endpoint).observe(time.perf_counter() - start)
-
-    def text(self) -> bytes:
-        return generate_latest(self.registry)
-
-
-class RewardStats:
-    """Running count, mean and std of each module's served rewards (Welford's update), for a loop that
-    normalises advantages per module."""
-
-    def __init__(self, modules: list[str]):
-        self.moments = {m: (0, 0.0, 0.0) for m in modules}  # count, mean, sum of squared deviations
-
-    def add(self, scores: list[dict[str, float | None]]) -> None:
-        for rewards in scores:
-            for module, reward in rewards.items():
-                if reward is not None:
-                    n, mean, m2 = self.moments[module]
-                    delta = reward - mean
-                    mean += delta / (n + 1)
-                    self.moments[module] = (n + 1, mean, m2 + delta * (reward - mean))
-
-    def summary(self) -> dict[str, dict[str, float | int | None]]:
-        return {
-            m: {"count": n, "mean": mean if n else None, "std": math.sqrt(m2 / n) if n else None}
-            for m, (n, mean, m2) in self.moments.items()
-        }
 
 
 # ---------------------------------------------------------------------------------------------- micro-batching
@@ -699,137 +582,6 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
         if not sep or not name.strip():
             raise ModrmError(f"--weights {text!r}: expected module=weight pairs separated by commas")
     return weights
-
-
-# ---------------------------------------------------------------------------------------------- connections
-
-
-class OncePerSecond(logging.Filter):
-    """Lets one record a second through of those starting with one of `prefixes`, without its traceback, and
-    counts the others into the next one: a flood of refused connections cannot flood the log."""
-
-    def __init__(self, prefixes: tuple[str, ...], interval_s: float = 1.0):
-        super().__init__()
-        self.prefixes, self.interval_s = prefixes, interval_s
-        self.last, self.dropped = -math.inf, 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not isinstance(record.msg, str) or not record.msg.startswith(self.prefixes):
-            return True
-        now = time.monotonic()
-        if now - self.last < self.interval_s:
-            self.dropped += 1
-            return False
-        record.msg = record.msg.splitlines()[0]
-        if self.dropped:
-            record.msg += f" ({self.dropped} more such lines dropped)"
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        self.last, self.dropped = now, 0
-        return True
-
-
-REFUSALS = OncePerSecond(
-    (
-        "connections at the limit",  # ConnectionGuard
-        "socket.accept() out of system resource",  # asyncio, should the open-file limit be reached anyway
-        "Invalid HTTP request received.",  # uvicorn, once per malformed request
-    )
-)
-
-
-def limit_refusal_logs() -> None:
-    for name in ("modrm.serve", "asyncio", "uvicorn.error"):
-        if REFUSALS not in logging.getLogger(name).filters:
-            logging.getLogger(name).addFilter(REFUSALS)
-
-
-class ConnectionGuard:
-    """Keeps open connections within `limit` and gives each `header_timeout_s` to send a request's headers (from
-    opening, or from its last answer). A connection over the limit closes the one that has waited longest for a
-    request (a slow or idle client), or is refused itself when every connection is busy with a request."""
-
-    def __init__(self, limit: int, header_timeout_s: float):
-        self.limit, self.header_timeout_s = limit, header_timeout_s
-        self.open: set[GuardedH11Protocol] = set()
-        self.idle: dict[GuardedH11Protocol, None] = {}  # waiting for a request, longest first
-
-    def admit(self, protocol: GuardedH11Protocol) -> bool:
-        if len(self.open) >= self.limit:
-            if not self.idle:
-                log.warning("connections at the limit of %d, each busy with a request: refused one", self.limit)
-                return False
-            log.warning("connections at the limit of %d: closed the one waiting longest for a request", self.limit)
-            oldest = next(iter(self.idle))
-            self.forget(oldest)
-            oldest.transport.close()
-        self.open.add(protocol)
-        return True
-
-    def forget(self, protocol: GuardedH11Protocol) -> None:
-        self.open.discard(protocol)
-        self.busy(protocol)
-
-    def waits(self, protocol: GuardedH11Protocol) -> None:
-        """Idle from now (not from its last byte: a client trickling headers gains nothing)."""
-        if protocol not in self.idle:
-            self.idle[protocol] = None
-            protocol.header_timer = protocol.loop.call_later(self.header_timeout_s, protocol.transport.close)
-
-    def busy(self, protocol: GuardedH11Protocol) -> None:
-        if protocol in self.idle:
-            del self.idle[protocol]
-            protocol.header_timer.cancel()
-
-
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol under a ConnectionGuard: busy while the app answers a request, idle otherwise."""
-
-    def __init__(self, *args: Any, guard: ConnectionGuard, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.guard = guard
-        self.header_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        if self.guard.admit(self):
-            self.guard.waits(self)
-        else:
-            transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.guard.forget(self)
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        self._track()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._track()
-
-    def _track(self) -> None:
-        if self not in self.guard.open:
-            return
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.guard.busy(self)
-        else:
-            self.guard.waits(self)
-
-
-def uvicorn_config(app: FastAPI, config: ServeConfig, host: str, port: int) -> uvicorn.Config:
-    """uvicorn's settings for `app`: the guarded protocol, a short listen backlog, the graceful shutdown period."""
-    guard = ConnectionGuard(config.max_connections, config.header_timeout_s)
-    return uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="info",
-        access_log=False,
-        http=functools.partial(GuardedH11Protocol, guard=guard),
-        backlog=LISTEN_BACKLOG,
-        timeout_graceful_shutdown=config.shutdown_timeout_s,  # beyond it, what still runs is answered 503
-    )
 
 
 def serve(rm: RewardModel, config: ServeConfig, host: str, port: int) -> None:

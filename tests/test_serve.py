@@ -29,10 +29,11 @@ import pytest
 import torch
 
 from pipeline import RewardModel, cli
+from pipeline.connections import check_max_connections
 from pipeline.errors import ModrmError
 from pipeline.evaluate import evaluate
 from pipeline.integrations import verl
-from pipeline.serve import ServeConfig, check_max_connections
+from pipeline.serve import ServeConfig
 from pipeline.synth import generate_pairs
 
 pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them

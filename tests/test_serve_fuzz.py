@@ -24,8 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import RewardModel
+from pipeline.connections import uvicorn_config
 from pipeline.errors import ModrmError
-from pipeline.serve import ServeConfig, create_app, uvicorn_config
+from pipeline.serve import ServeConfig, create_app
 
 pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
 
