@@ -1,4 +1,4 @@
-"""End to end through the CLI, like a user: the offline MiniLM, real subprocesses, real exit codes.
+"""End to end through the CLI, like a user: the offline MiniLM, every command through `cli.main`, real exit codes.
 
 Kept small enough for the default run: the seed's 32 pairs, and 80 synthetic pairs with short token limits.
 """
@@ -6,12 +6,10 @@ Kept small enough for the default run: the seed's 32 pairs, and 80 synthetic pai
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from in_process import modrm as run_modrm
 
 from pipeline.config import Config
 from pipeline.data import assign_split, load_pairs
@@ -28,8 +26,8 @@ DESIGN_KEYS = {"accuracy", "auc", "separation"}  # the metrics contract, per mod
 SYNTH_SEED = 5
 FAST_CONFIG = """\
 [encoder]
-max_context_tokens = 128
-max_module_tokens = 64
+max_context_tokens = 64
+max_module_tokens = 32
 
 [finetune]
 token_budget = 4096
@@ -38,16 +36,10 @@ epochs = 2
 
 
 def modrm(*args: object) -> str:
-    """Run `modrm ARGS` in a fresh interpreter, offline; fail with its stderr unless it exits 0."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(
-        [sys.executable, "-c", "from pipeline.cli import main; main()", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert done.returncode == 0, f"modrm {args[0]} exited {done.returncode}:\n{done.stderr[-3000:]}"
-    return done.stdout
+    """Run `modrm ARGS`; fail with its stderr unless it exits 0."""
+    code, out, err = run_modrm(*map(str, args))
+    assert code == 0, f"modrm {args[0]} exited {code}:\n{err[-3000:]}"
+    return out
 
 
 def read_json(path: Path) -> dict:

@@ -259,14 +259,14 @@ def test_the_summary_counts_skipped_rollouts_and_tasks_with_equal_outcomes(tmp_p
 # ---------------------------------------------------------------------------------------------- the command
 
 
-def test_modrm_pairs_writes_what_validate_and_load_pairs_take(capsys, tmp_path):
+def test_modrm_pairs_writes_what_validate_and_load_pairs_take(tmp_path):
     rollouts = tmp_path / "rollouts.jsonl"
-    code, out, err = modrm(capsys, "synth", "--rollouts", "--out", rollouts, "--tasks", 6, "--group-size", 6)
+    code, out, err = modrm("synth", "--rollouts", "--out", rollouts, "--tasks", 6, "--group-size", 6)
     assert code == 0, err
-    code, out, err = modrm(capsys, "pairs", "--rollouts", rollouts, "--out", tmp_path / "pairs.jsonl", "--quiet")
+    code, out, err = modrm("pairs", "--rollouts", rollouts, "--out", tmp_path / "pairs.jsonl", "--quiet")
     assert code == 0, err
     assert "read 36 rollouts of 6 tasks from 1 file" in out and "contrast pairs: executor" in out
-    code, out, _ = modrm(capsys, "validate", "--data", tmp_path / "pairs.jsonl")
+    code, out, _ = modrm("validate", "--data", tmp_path / "pairs.jsonl")
     pairs = load_pairs([tmp_path / "pairs.jsonl"])
     assert code == 0 and f"{len(pairs)} valid pairs, 0 problems" in out and len(pairs) > 20
     task_of = {r["rollout_id"]: r["task_id"] for r in read_jsonl(rollouts)}
@@ -323,12 +323,12 @@ GOOD = chat(("planner", "step 1"))
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
-def test_bad_input_is_one_line_naming_file_line_and_field_and_writes_nothing(capsys, tmp_path, lines, where):
+def test_bad_input_is_one_line_naming_file_line_and_field_and_writes_nothing(tmp_path, lines, where):
     rollouts = tmp_path / "rollouts.jsonl"
     rollouts.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
     out = tmp_path / "pairs.jsonl"
     out.write_text("before\n")
-    code, _, err = modrm(capsys, "pairs", "--rollouts", rollouts, "--out", out, "--quiet")
+    code, _, err = modrm("pairs", "--rollouts", rollouts, "--out", out, "--quiet")
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"error: {rollouts}: ") and where in err, err
     assert out.read_text() == "before\n"
@@ -347,8 +347,8 @@ def test_bad_input_is_one_line_naming_file_line_and_field_and_writes_nothing(cap
         (["--rollouts", "missing.jsonl"], "missing.jsonl: file: no such file"),
     ],
 )
-def test_bad_flags_are_one_line(capsys, tmp_path, flags, message):
+def test_bad_flags_are_one_line(tmp_path, flags, message):
     rollouts = write_jsonl(tmp_path / "rollouts.jsonl", [GOOD])
-    code, _, err = modrm(capsys, "pairs", "--rollouts", rollouts, "--out", tmp_path / "p.jsonl", "--quiet", *flags)
+    code, _, err = modrm("pairs", "--rollouts", rollouts, "--out", tmp_path / "p.jsonl", "--quiet", *flags)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "p.jsonl").exists()

@@ -26,9 +26,9 @@ SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 TRAJECTORY = {"id": "a", "task": "Fix the login bug", "trajectory": "Round 1:\n<plan>read the logs</plan>"}
 
 
-def refused(capsys, *args: str | Path) -> str:
+def refused(*args: str | Path) -> str:
     """The error line of `modrm ARGS`, which must be refused: exit 2, one line on stderr."""
-    code, _, err = modrm(capsys, *args)
+    code, _, err = modrm(*args)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -110,10 +110,10 @@ def victim(tmp_path) -> Path:
     return folder
 
 
-def test_opening_a_checkpoint_replays_no_journal_through_links(capsys, ckpt, victim, trajectories, tmp_path):
+def test_opening_a_checkpoint_replays_no_journal_through_links(ckpt, victim, trajectories, tmp_path):
     plant_journal_through_links(ckpt, victim)
     before = tree(ckpt)
-    line = refused(capsys, "score", "--checkpoint", ckpt, "--input", trajectories, "--out", tmp_path / "o")
+    line = refused("score", "--checkpoint", ckpt, "--input", trajectories, "--out", tmp_path / "o")
     assert f"{ckpt / JOURNAL}: a damaged commit journal (names 'x/important.txt', not a plain name)" in line
     assert (victim / "important.txt").read_text() == "mine" and tree(ckpt) == before
 
@@ -244,7 +244,7 @@ class EvilConfig(Qwen3Config):
 """
 
 
-def test_a_saved_config_never_turns_on_remote_code(capsys, stage1, trajectories, tmp_path):
+def test_a_saved_config_never_turns_on_remote_code(stage1, trajectories, tmp_path):
     """The attack: encoder/ ships a .py its config.json maps to, and config.json says trust_remote_code."""
     marker = tmp_path / "code-ran"
     (stage1 / "encoder" / "evil.py").write_text(EVIL.format(marker=str(marker)))
@@ -253,20 +253,18 @@ def test_a_saved_config_never_turns_on_remote_code(capsys, stage1, trajectories,
     meta["config"]["encoder"] |= {"trust_remote_code": True, "use_safetensors": False}
     (stage1 / "config.json").write_text(json.dumps(meta))
 
-    code, _, err = modrm(
-        capsys, "score", "--checkpoint", stage1, "--input", trajectories, "--out", tmp_path / "o", "--quiet"
-    )
+    code, _, err = modrm("score", "--checkpoint", stage1, "--input", trajectories, "--out", tmp_path / "o", "--quiet")
     assert not marker.exists()
     assert code == 0, err  # scored with transformers' own Qwen3 code
     encoder = load_checkpoint(stage1).config.encoder
     assert (encoder.trust_remote_code, encoder.use_safetensors) == (False, True)
 
 
-def test_a_checkpoint_of_remote_code_says_how_to_turn_it_on(capsys, ckpt, trajectories, tmp_path):
+def test_a_checkpoint_of_remote_code_says_how_to_turn_it_on(ckpt, trajectories, tmp_path):
     meta = json.loads((ckpt / "config.json").read_text())
     meta["encoder"]["remote_code"] = True  # trained with the folder's own code: a saved config cannot turn it on
     (ckpt / "config.json").write_text(json.dumps(meta))
-    line = refused(capsys, "score", "--checkpoint", ckpt, "--input", trajectories, "--out", tmp_path / "o")
+    line = refused("score", "--checkpoint", ckpt, "--input", trajectories, "--out", tmp_path / "o")
     assert "its heads were trained on embeddings of the encoder folder's own Python code" in line
     assert "encoder.trust_remote_code = true" in line
 
@@ -285,7 +283,7 @@ def test_only_the_runs_own_settings_turn_on_remote_code(stage0, tmp_path):
 
 @pytest.mark.parametrize("command", ["score", "eval", "serve", "finetune"])
 @pytest.mark.parametrize("flag", [False, True])
-def test_trust_remote_code_is_the_runs_own_setting(capsys, monkeypatch, ckpt, trajectories, tmp_path, command, flag):
+def test_trust_remote_code_is_the_runs_own_setting(monkeypatch, ckpt, trajectories, tmp_path, command, flag):
     """score, eval and serve take --trust-remote-code, finetune its --config: that setting reaches the encoder's
     loading, and only it does."""
     import pipeline.checkpoint
@@ -305,7 +303,7 @@ def test_trust_remote_code_is_the_runs_own_setting(capsys, monkeypatch, ckpt, tr
         "serve": ["--port", "1", *(["--trust-remote-code"] if flag else [])],
         "finetune": ["--data", SEED_PAIRS, "--out", tmp_path / "o", "--config", toml],
     }[command]
-    line = refused(capsys, command, "--checkpoint", ckpt, *args)
+    line = refused(command, "--checkpoint", ckpt, *args)
     assert line == "error: stop here" and seen == [flag]
 
 
@@ -321,7 +319,7 @@ LONG_INT = "1" * 5000
     [(DEEP, "JSON nested too deeply to read"), (LONG_INT, "unreadable JSON (Exceeds the limit (4300 digits)")],
 )
 @pytest.mark.parametrize("layout", ["lines", "array"])
-def test_json_too_deep_or_too_long_is_one_line_naming_the_record(capsys, stage0, tmp_path, value, expected, layout):
+def test_json_too_deep_or_too_long_is_one_line_naming_the_record(stage0, tmp_path, value, expected, layout):
     good = json.loads(SEED_PAIRS.read_text())[:2]
     text = json.dumps(good[0])[:-1] + f', "note": {value}}}'
     pairs = tmp_path / "pairs.json"
@@ -331,10 +329,10 @@ def test_json_too_deep_or_too_long_is_one_line_naming_the_record(capsys, stage0,
     else:
         pairs.write_text("[" + json.dumps(good[1]) + ",\n" + text + "]")
         where = "record 1"
-    code, _, err = modrm(capsys, "validate", "--data", pairs)
+    code, _, err = modrm("validate", "--data", pairs)
     assert code == 2 and f"{pairs}: {where}: {expected}" in err
     cache = tmp_path / "cache"
-    line = refused(capsys, "embed", "--data", pairs, "--cache", cache, "--encoder", stage0.parent / "qwen", "--quiet")
+    line = refused("embed", "--data", pairs, "--cache", cache, "--encoder", stage0.parent / "qwen", "--quiet")
     assert f"{pairs}: {where}: {expected}" in line and not cache.exists()
 
     trajectories = tmp_path / "in.json"
@@ -344,27 +342,25 @@ def test_json_too_deep_or_too_long_is_one_line_naming_the_record(capsys, stage0,
         where = "record 1 (line 2)"
     else:
         trajectories.write_text("[" + json.dumps(TRAJECTORY) + ", " + record + "]")
-    line = refused(capsys, "score", "--checkpoint", stage0, "--input", trajectories, "--out", tmp_path / "o")
+    line = refused("score", "--checkpoint", stage0, "--input", trajectories, "--out", tmp_path / "o")
     assert f"{trajectories}: {where}: {expected}" in line
 
 
-def test_a_lone_surrogate_is_refused_by_every_reader(capsys, stage0, tmp_path):
+def test_a_lone_surrogate_is_refused_by_every_reader(stage0, tmp_path):
     records = json.loads(SEED_PAIRS.read_text())[:2]
     text = json.dumps(records).replace('"module_k_all_rounds": "', '"module_k_all_rounds": "\\ud800', 1)
     pairs = tmp_path / "pairs.json"
     pairs.write_text(text)
     pair_id = records[0]["pair_id"]
     expected = f"{pairs}: pair_id {pair_id!r}, field 'positive.module_k_all_rounds': holds a lone surrogate (U+D800"
-    code, _, err = modrm(capsys, "validate", "--data", pairs)
+    code, _, err = modrm("validate", "--data", pairs)
     assert code == 2 and expected in err
-    line = refused(
-        capsys, "embed", "--data", pairs, "--cache", tmp_path / "c", "--encoder", stage0.parent / "qwen", "--quiet"
-    )
+    line = refused("embed", "--data", pairs, "--cache", tmp_path / "c", "--encoder", stage0.parent / "qwen", "--quiet")
     assert expected in line
 
     trajectories = tmp_path / "in.jsonl"
     trajectories.write_text(json.dumps(TRAJECTORY).replace("read the logs", "read \\udfff the logs") + "\n")
-    line = refused(capsys, "score", "--checkpoint", stage0, "--input", trajectories, "--out", tmp_path / "o")
+    line = refused("score", "--checkpoint", stage0, "--input", trajectories, "--out", tmp_path / "o")
     assert f"{trajectories}: record 0, field 'trajectory': holds a lone surrogate (U+DFFF at character 20)" in line
 
 
@@ -409,16 +405,16 @@ ENCODER_DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", list(ENCODER_DAMAGE))
-def test_a_damaged_stage1_encoder_file_is_one_line_naming_it(capsys, stage1, trajectories, tmp_path, damage):
+def test_a_damaged_stage1_encoder_file_is_one_line_naming_it(stage1, trajectories, tmp_path, damage):
     spoil, expected = ENCODER_DAMAGE[damage]
     spoil(stage1 / "encoder")
-    line = refused(capsys, "score", "--checkpoint", stage1, "--input", trajectories, "--out", tmp_path / "o")
+    line = refused("score", "--checkpoint", stage1, "--input", trajectories, "--out", tmp_path / "o")
     assert f"{stage1 / 'encoder'}/" in line and expected in line
 
 
 def test_damaged_training_logs_are_left_out_of_the_plot_with_a_warning(capsys, ckpt, stage1, tmp_path):
     (ckpt / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 0.5}\n')  # no val_loss
-    code, _, err = modrm(capsys, "eval", "--checkpoint", ckpt, "--data", SEED_PAIRS, "--out", tmp_path / "e", "--quiet")
+    code, _, err = modrm("eval", "--checkpoint", ckpt, "--data", SEED_PAIRS, "--out", tmp_path / "e", "--quiet")
     assert code == 0, err
     assert f"warning: {ckpt / 'metrics.jsonl'} is damaged ('val_loss'); the training-curves plot leaves it out" in err
     assert (tmp_path / "e" / "training_curves.png").is_file() and (tmp_path / "e" / "metrics.json").is_file()
@@ -428,10 +424,10 @@ def test_damaged_training_logs_are_left_out_of_the_plot_with_a_warning(capsys, c
         assert f"warning: {stage1 / 'metrics.json'} is damaged" in capsys.readouterr().err
 
 
-def test_eval_out_must_be_a_folder_of_plain_files_and_no_checkpoint(capsys, stage0, ckpt, tmp_path):
+def test_eval_out_must_be_a_folder_of_plain_files_and_no_checkpoint(stage0, ckpt, tmp_path):
     def eval_into(out: Path, *more: Path) -> str:
         checkpoints = [a for c in (stage0, *more) for a in ("--checkpoint", c)]
-        return refused(capsys, "eval", *checkpoints, "--data", SEED_PAIRS, "--out", out, "--quiet")
+        return refused("eval", *checkpoints, "--data", SEED_PAIRS, "--out", out, "--quiet")
 
     a_file = tmp_path / "report.txt"
     a_file.write_text("mine")
@@ -445,16 +441,14 @@ def test_eval_out_must_be_a_folder_of_plain_files_and_no_checkpoint(capsys, stag
     assert a_file.read_text() == "mine"
 
 
-def test_an_error_line_is_capped_whatever_it_quotes(capsys, stage0, tmp_path):
+def test_an_error_line_is_capped_whatever_it_quotes(stage0, tmp_path):
     record = json.loads(SEED_PAIRS.read_text())[0]
     record["pair_id"], record["target_module"] = "p" * 1_000_000, "critic"
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text(json.dumps(record) + "\n")
-    code, _, err = modrm(capsys, "validate", "--data", pairs)
+    code, _, err = modrm("validate", "--data", pairs)
     assert code == 2 and "unknown module" not in err and max(map(len, err.splitlines())) <= ERROR_CHARS
-    line = refused(
-        capsys, "embed", "--data", pairs, "--cache", tmp_path / "c", "--encoder", stage0.parent / "qwen", "--quiet"
-    )
+    line = refused("embed", "--data", pairs, "--cache", tmp_path / "c", "--encoder", stage0.parent / "qwen", "--quiet")
     assert line.startswith(f"error: {pairs}: pair_id 'ppp") and line.endswith("\u2026")
     assert len(line) <= len("error: ") + ERROR_CHARS
 
