@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from pipeline.atomic import check_settled, commit
 from pipeline.config import Config, EncoderConfig, config_from_dict
-from pipeline.data import Pair
+from pipeline.data import Pair, file_sha256
 from pipeline.encoder import Fingerprint, ModelInfo, describe, pick_device
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
@@ -130,6 +130,12 @@ def write_heads(
         )
         + "\n"
     )
+
+
+def heads_version(folder: str | Path) -> str:
+    """A checkpoint's heads as a served version's name: `base-` and the first 12 hex digits of their file's
+    sha256 (the same heads, the same name; what a reload of a retrained folder changes)."""
+    return f"base-{file_sha256(Path(folder) / HEADS_FILE)[:12]}"
 
 
 def read_checkpoint_config(folder: str | Path) -> tuple[dict, Config]:

@@ -338,6 +338,21 @@ def serve_cmd(
         typer.Option("--max-connections", min=1, help="open connections; default: 1000 or below the open-file limit"),
     ] = None,
     trust_remote_code: TrustOpt = False,
+    learn: Annotated[
+        Path | None,
+        typer.Option("--learn", help="learn online: POST /pairs and /rollouts refresh the heads; state kept here"),
+    ] = None,
+    refresh_pairs: Annotated[int, typer.Option("--refresh-pairs", min=1, help="new pairs that start a refresh")] = 1000,
+    refresh_seconds: Annotated[
+        float, typer.Option("--refresh-seconds", min=0, help="or seconds after new pairs arrived")
+    ] = 600.0,
+    max_regression: Annotated[
+        float, typer.Option("--max-regression", min=0, help="val accuracy a new version may lose; else refused")
+    ] = 0.02,
+    replay: Annotated[
+        Path | None, typer.Option("--replay", help="cache of the checkpoint's training pairs (default: its own)")
+    ] = None,
+    refresh_epochs: Annotated[int, typer.Option("--refresh-epochs", min=1, help="epochs per refresh, at most")] = 5,
 ) -> None:
     """Serve rewards over HTTP for RL loops (OpenRLHF's /get_reward, /score, /health, /info)."""
     import logging
@@ -345,6 +360,7 @@ def serve_cmd(
     import os
 
     from pipeline.connections import check_max_connections, default_max_connections
+    from pipeline.learner import LearnConfig
     from pipeline.reward import RewardModel
     from pipeline.serve import ServeConfig, parse_weights, serve
 
@@ -355,6 +371,8 @@ def serve_cmd(
         "--shutdown-timeout": shutdown_timeout,
         "--header-timeout": header_timeout,
         "--request-timeout": request_timeout,
+        "--refresh-seconds": refresh_seconds,
+        "--max-regression": max_regression,
     }
     for flag, value in numbers.items():
         if not math.isfinite(value):
@@ -387,7 +405,10 @@ def serve_cmd(
         compile = pick_device(device or "auto").type == "cuda"
     rm = RewardModel.load(checkpoint, device or "auto", cache_size, compile, trust_remote_code)
     rm.check_weights(config.weights)
-    serve(rm, config, host, port)
+    learning = None
+    if learn is not None:
+        learning = LearnConfig(learn, refresh_pairs, refresh_seconds, max_regression, replay, refresh_epochs)
+    serve(rm, config, host, port, learning)
 
 
 def main() -> None:

@@ -175,6 +175,28 @@ class RewardModel:
             encoder.compile()
         return cls(ckpt, encoder, cache_size)
 
+    def swapped_to(self, folder: str | Path) -> RewardModel:
+        """`folder`'s checkpoint ready to serve in this one's place, on its device: with this one's encoder, embedding
+        LRU and counters where the encoders are the same by fingerprint (a refreshed version, a reloaded stage 0),
+        else with its own encoder. The modules must be the same: a server's weights and statistics are by module."""
+        ckpt = load_checkpoint(folder, trust_remote_code=self.checkpoint.config.encoder.trust_remote_code)
+        if ckpt.model.module_names != self.modules:
+            raise ModrmError(
+                f"checkpoint {folder}: modules {', '.join(ckpt.model.module_names)} differ from the served ones "
+                f"({', '.join(self.modules)})"
+            )
+        ckpt.run_on(self.checkpoint.config.encoder.device)
+        if ckpt.fingerprint.differences(self.checkpoint.fingerprint):
+            encoder = Encoder.load(ckpt.config.encoder, ckpt.encoder_info())
+            if self.encoder.compiled:
+                encoder.compile()
+            swapped = RewardModel(ckpt, encoder, self.cache.size)
+        else:
+            swapped = RewardModel(ckpt, self.encoder, self.cache.size)
+            swapped.cache = self.cache
+        swapped.stats = self.stats
+        return swapped
+
     @property
     def modules(self) -> list[str]:
         return list(self.heads.module_names)

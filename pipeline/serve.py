@@ -10,10 +10,15 @@
     GET  /health      200 once the model is loaded
     GET  /info        modules, stage, encoder, device, compiled, version, limits
     GET  /stats       running count, mean and std of each module's rewards served
-    GET  /metrics     Prometheus text format: requests, errors, latency, batches, queue, texts, module rewards
+    GET  /metrics     Prometheus text format: requests, errors, latency, batches, queue, texts, module rewards,
+                      the heads' version and refreshes
+    GET  /versions    the heads' versions: the checkpoint's, and with --learn those learned (pipeline.learner)
+    POST /reload      --checkpoint again from disk (as SIGHUP does)
+    POST /pairs, /rollouts, /rollback   with --learn only (pipeline.learner)
 
 Every protocol carries each module's reward by name (null where the trajectory has no text for it) and a mask,
-`<module>_mask`: 1.0 where the module had text, 0.0 where it had none, so a loop never reads a silent 0.
+`<module>_mask`: 1.0 where the module had text, 0.0 where it had none, so a loop never reads a silent 0; and
+`head_version`, the heads that scored it (one version per batch: a swap happens in the model thread between two).
 
 One model per process. A request is read and checked on the event loop, then queued; a micro-batcher gathers
 the requests that arrive within `batch_wait_ms` (up to `max_batch` trajectories) into one `RewardModel.score`
@@ -33,17 +38,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hmac
+import itertools
 import json
 import logging
 import math
 import queue
 import re
+import signal
 import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -54,8 +62,11 @@ from starlette.exceptions import HTTPException
 
 from pipeline import __version__
 from pipeline.api_error import ApiError
+from pipeline.checkpoint import heads_version
 from pipeline.connections import default_max_connections, limit_refusal_logs, uvicorn_config
 from pipeline.errors import ModrmError
+from pipeline.learner import LearnConfig, Learner, Served, mine_rollouts_body, read_pairs_body
+from pipeline.mine import MineOptions
 from pipeline.reward import RewardModel, check_items, check_text, message_text, weighted_mean
 from pipeline.serve_metrics import RewardStats, ServeMetrics
 
@@ -84,16 +95,21 @@ class ServeConfig:
 # ---------------------------------------------------------------------------------------------- micro-batching
 
 
+SCORING, LEARNING = 0, 1  # model-thread priorities: a scoring batch runs before the learner's next chunk
+
+
 class ModelThread:
-    """One daemon thread running the model's calls in order. A call cannot be interrupted; as a daemon, a call
-    still running when the server has shut down does not keep the process alive (its requests were answered)."""
+    """One daemon thread running the model's calls, scoring calls before the learner's (each call whole: a call
+    cannot be interrupted, so the learner works in small chunks). As a daemon, a call still running when the server
+    has shut down does not keep the process alive (its requests were answered)."""
 
     def __init__(self):
-        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self.order = itertools.count()  # first come, first served within a priority
         threading.Thread(target=self._work, name="modrm-model", daemon=True).start()
 
     def _work(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while (job := self.jobs.get()[2]) is not None:
             future, fn, args = job
             if future.set_running_or_notify_cancel():
                 try:
@@ -101,13 +117,17 @@ class ModelThread:
                 except BaseException as err:  # handed to the caller, whatever it is
                     future.set_exception(err)
 
-    def run(self, fn: Callable, *args: Any) -> asyncio.Future:
+    def submit(self, fn: Callable, *args: Any, priority: int = SCORING) -> concurrent.futures.Future:
+        """`fn(*args)` in the model thread, for a caller in any thread."""
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self.jobs.put((future, fn, args))
-        return asyncio.wrap_future(future)
+        self.jobs.put((priority, next(self.order), (future, fn, args)))
+        return future
+
+    def run(self, fn: Callable, *args: Any) -> asyncio.Future:
+        return asyncio.wrap_future(self.submit(fn, *args))
 
     def stop(self) -> None:
-        self.jobs.put(None)
+        self.jobs.put((SCORING, next(self.order), None))
 
 
 def model_error(err: Exception) -> ApiError:
@@ -127,8 +147,9 @@ class Pending:
 class MicroBatcher:
     """Gathers concurrent requests into one model call, run by a single worker thread."""
 
-    def __init__(self, rm: RewardModel, config: ServeConfig, metrics: ServeMetrics | None = None):
+    def __init__(self, rm: RewardModel, config: ServeConfig, metrics: ServeMetrics | None = None, version: str = ""):
         self.rm, self.config = rm, config
+        self.version = version  # of the heads `rm` scores with; changed only in the model thread, between batches
         self.metrics = metrics or ServeMetrics()
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
         self.waiting = 0  # trajectories queued, not yet taken into a batch
@@ -146,7 +167,21 @@ class MicroBatcher:
             await asyncio.gather(self.task, return_exceptions=True)
         self.worker.stop()
 
+    def swap(self, rm: RewardModel, version: str) -> concurrent.futures.Future:
+        """Serve `rm` as `version` from the next batch on: a batch is scored by one version, never a mix."""
+        return self.worker.submit(self._install, rm, version)
+
+    def _install(self, rm: RewardModel, version: str) -> None:
+        self.rm, self.version = rm, version
+
+    def _versioned_score(self, items: list[dict]) -> tuple[str, list[dict[str, float | None]]]:
+        return self.version, self.rm.score(items)
+
     async def submit(self, items: list[dict]) -> list[dict[str, float | None]]:
+        return (await self.submit_versioned(items))[1]
+
+    async def submit_versioned(self, items: list[dict]) -> tuple[str, list[dict[str, float | None]]]:
+        """The module rewards of `items` and the version of the heads that scored them."""
         if self.waiting + len(items) > self.config.max_queue:
             raise ApiError(
                 503,
@@ -192,7 +227,7 @@ class MicroBatcher:
         items = [item for pending in batch for item in pending.items]
         before, start = replace(self.rm.stats), time.perf_counter()
         try:
-            scores = await self.worker.run(self.rm.score, items)
+            version, scores = await self.worker.run(self._versioned_score, items)
         except Exception as err:
             if len(batch) == 1:
                 settle(batch[0], exception=model_error(err))
@@ -217,7 +252,7 @@ class MicroBatcher:
         )
         offset = 0
         for pending in batch:
-            settle(pending, result=scores[offset : offset + len(pending.items)])
+            settle(pending, result=(version, scores[offset : offset + len(pending.items)]))
             offset += len(pending.items)
 
 
@@ -290,13 +325,110 @@ def sigmoid(x: float) -> float:
 class RewardService:
     """The endpoints' logic, apart from HTTP: checks a body, scores through the batcher, shapes the answer."""
 
-    def __init__(self, rm: RewardModel, config: ServeConfig):
-        self.rm, self.config = rm, config
+    def __init__(self, rm: RewardModel, config: ServeConfig, learn: LearnConfig | None = None):
+        self.config = config
         self.weights = rm.check_weights(config.weights)
         self.metrics = ServeMetrics()
         self.stats = RewardStats(rm.modules)
-        self.batcher = MicroBatcher(rm, config, self.metrics)
+        self.base = rm.checkpoint.folder
+        self.base_name = heads_version(self.base)
+        self.served = Served(self.base_name, self.base, rm)
+        self.swap_lock = threading.Lock()
+        self.learner = None if learn is None else self._learner(learn)
+        if self.learner is not None and (name := self.learner.start_version()) is not None:
+            folder = self.learner.versions.known[name].folder
+            self.served = Served(name, folder, rm.swapped_to(folder))  # a restart serves what was served
+        self.batcher = MicroBatcher(self.served.rm, config, self.metrics, self.served.name)
         self.metrics.queue_depth.set_function(lambda: self.batcher.waiting)
+        self.metrics.heads.info({"version": self.served.name})
+        log.info("serving heads %s (%s)", self.served.name, self.served.folder)
+
+    def _learner(self, learn: LearnConfig) -> Learner:
+        return Learner(
+            learn,
+            self.base,
+            serving=lambda: self.served,
+            encode=lambda fn, *args: self.batcher.worker.submit(fn, *args, priority=LEARNING).result(),
+            install=self.install,
+            counted=lambda result: self.metrics.refreshes.labels(result).inc(),
+        )
+
+    @property
+    def rm(self) -> RewardModel:
+        """The model served now (a reload or a refresh swaps it between batches)."""
+        return self.batcher.rm
+
+    # ------------------------------------------------------------------------------------------ versions
+
+    def install(self, folder: Path, name: str) -> None:
+        """Serve `folder`'s checkpoint as version `name` from the next batch on (blocks: never on the event loop)."""
+        with self.swap_lock:
+            rm = self.batcher.rm.swapped_to(folder)
+            self.batcher.swap(rm, name).result()
+            self.served = Served(name, folder, rm)
+            self.metrics.heads.info({"version": name})
+            if self.learner is not None:
+                self.learner.versions.mark_served(name)
+        log.info("serving heads %s (%s)", name, folder)
+
+    def reload(self) -> str:
+        """--checkpoint again, from disk (a run that wrote into the same folder since): its version's name."""
+        name = heads_version(self.base)
+        self.install(self.base, name)
+        self.base_name = name
+        return name
+
+    def reload_logged(self) -> None:
+        """SIGHUP's reload: the result goes to the log (no client to answer)."""
+        try:
+            log.info("SIGHUP: reloaded %s as %s", self.base, self.reload())
+        except ModrmError as err:
+            log.error("SIGHUP: reload refused, the served heads stay: %s", err)
+
+    def _learning(self, what: str) -> Learner:
+        if self.learner is None:
+            raise ApiError(404, f"{what}: online learning is off; start `modrm serve` with --learn STATE_DIR to use it")
+        return self.learner
+
+    async def pairs(self, body: bytes, params: Mapping[str, str]) -> dict:
+        learner = self._learning("POST /pairs")
+
+        def keep() -> int:
+            return learner.receive(read_pairs_body(body, self.rm.modules, "POST /pairs"), "POST /pairs")
+
+        return {"accepted": await in_thread(keep), "pending": learner.pending_pairs()}
+
+    async def rollouts(self, body: bytes, params: Mapping[str, str]) -> dict:
+        learner = self._learning("POST /rollouts")
+        strategy = params.get("strategy", MineOptions().strategy)
+
+        def keep() -> tuple[int, list[str]]:
+            mined, summary = mine_rollouts_body(body, self.rm.modules, strategy, "POST /rollouts")
+            return learner.receive(mined, "POST /rollouts", numbered=True) if mined else 0, summary
+
+        accepted, summary = await in_thread(keep)
+        return {"accepted": accepted, "mined": summary, "pending": learner.pending_pairs()}
+
+    async def rollback(self, body: Any) -> dict:
+        learner = self._learning("POST /rollback")
+        if not isinstance(body, dict) or not isinstance(body.get("version"), str):
+            raise ApiError(400, 'body: expected {"version": "<a name GET /versions lists>"}')
+        name = body["version"]
+        folder = await in_thread(lambda: learner.rollback(name, self.base_name))
+        await in_thread(lambda: self.install(folder, name), status=409)
+        return {"head_version": name}
+
+    async def reload_request(self, body: Any) -> dict:
+        return {"head_version": await in_thread(self.reload, status=409)}
+
+    def versions(self) -> dict:
+        if self.learner is None:
+            listed, pending = [{"version": self.base_name, "status": "base", "served": True}], 0
+        else:
+            listed, pending = self.learner.listing(self.base_name), self.learner.pending_pairs()
+        return {"served": self.served.name, "pending_pairs": pending, "versions": listed}
+
+    # ------------------------------------------------------------------------------------------ scoring
 
     def _check_size(self, n: int, what: str) -> None:
         if n > self.config.max_items:
@@ -312,28 +444,29 @@ class RewardService:
         except ModrmError as err:
             raise ApiError(400, str(err)) from None
 
-    async def _scores(self, items: list[dict]) -> list[dict[str, float | None]]:
-        """Module rewards of `items` through the batcher, counted in /stats and /metrics."""
-        scores = await self.batcher.submit(items) if items else []
+    async def _scores(self, items: list[dict]) -> tuple[str, list[dict[str, float | None]]]:
+        """The heads' version and the module rewards of `items` through the batcher, counted in /stats and
+        /metrics."""
+        version, scores = await self.batcher.submit_versioned(items) if items else (self.batcher.version, [])
         self.stats.add(scores)
         for rewards in scores:
             for module, reward in rewards.items():
                 if reward is not None:
                     self.metrics.module_reward.labels(module).observe(reward)
-        return scores
+        return version, scores
 
     async def _rewards(
         self, items: list[dict], weights: dict[str, float], what: str
-    ) -> tuple[list[dict[str, float | None]], list[float]]:
-        """Module rewards and the weighted reward of each item (`empty_reward` where no weighted module has
-        text); `what` names an item in the refusal of a reward that overflows."""
-        scores = await self._scores(items)
+    ) -> tuple[str, list[dict[str, float | None]], list[float]]:
+        """The heads' version, module rewards and the weighted reward of each item (`empty_reward` where no
+        weighted module has text); `what` names an item in the refusal of a reward that overflows."""
+        version, scores = await self._scores(items)
         rewards = [weighted_mean(s, weights) for s in scores]
         rewards = [self.config.empty_reward if r is None else r for r in rewards]
         for i, reward in enumerate(rewards):
             if not math.isfinite(reward):
                 raise ApiError(400, f"'weights': {what} {i}'s reward is {reward} with these weights; use smaller ones")
-        return scores, rewards
+        return version, scores, rewards
 
     async def get_reward(self, body: Any) -> dict:
         if not isinstance(body, dict):
@@ -345,12 +478,13 @@ class RewardService:
             if isinstance(value, list) and len(value) != len(queries):
                 raise ApiError(400, f"'{key}' has {len(value)} entries but 'query' has {len(queries)}")
         items = [split_query(q, prompts[i] if prompts else None) for i, q in enumerate(queries)]
-        scores, rewards = await self._rewards(items, self._weights(body), "query")
+        version, scores, rewards = await self._rewards(items, self._weights(body), "query")
         fields = [module_fields(s) for s in scores]
         return {
             "rewards": rewards,
             "scores": [sigmoid(r) for r in rewards],
             "extra_logs": {key: [f[key] for f in fields] for key in module_fields(dict.fromkeys(self.rm.modules))},
+            "head_version": version,
         }
 
     async def slime(self, body: Any) -> dict:
@@ -366,8 +500,8 @@ class RewardService:
         except ModrmError as err:
             raise ApiError(400, str(err)) from None
         item = {"task": task, "trajectory": body["response"]}
-        [scores], [reward] = await self._rewards([item], self._weights(body), "response")
-        return {"reward": reward, **module_fields(scores)}
+        version, [scores], [reward] = await self._rewards([item], self._weights(body), "response")
+        return {"reward": reward, **module_fields(scores), "head_version": version}
 
     async def classify(self, body: Any) -> dict:
         """vLLM's /classify as verl's reward-model path calls it: each input is a chat-templated prompt +
@@ -384,7 +518,7 @@ class RewardService:
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise ApiError(400, f"'model': expected a string, got {type(model).__name__}")
-        scores, rewards = await self._rewards([split_chat(t) for t in texts], self._weights(body), "input")
+        version, scores, rewards = await self._rewards([split_chat(t) for t in texts], self._weights(body), "input")
         probs = [[sigmoid(r)] if activation is not False else [r] for r in rewards]
         return {
             "id": f"classify-{uuid.uuid4().hex}",
@@ -395,6 +529,7 @@ class RewardService:
                 {"index": i, "label": None, "probs": p, "num_classes": 1, "modules": module_fields(s)}
                 for i, (p, s) in enumerate(zip(probs, scores, strict=True))
             ],
+            "head_version": version,
         }
 
     async def score(self, body: Any) -> dict:
@@ -406,7 +541,8 @@ class RewardService:
         except ModrmError as err:
             raise ApiError(400, str(err)) from None
         items = [{"task": i["task"], "trajectory": i["trajectory"]} for i in body["items"]]
-        return {"rewards": await self._scores(items)}
+        version, scores = await self._scores(items)
+        return {"rewards": scores, "head_version": version}
 
     def info(self) -> dict:
         ckpt = self.rm.checkpoint
@@ -421,7 +557,17 @@ class RewardService:
             "version": __version__,
             "limits": self.config.limits() | {"cache_size": self.rm.cache.size},
             "auth": self.config.api_key is not None,
+            "head_version": self.served.name,
+            "learning": self.learner is not None,
         }
+
+
+async def in_thread(work: Callable[[], Any], status: int = 400) -> Any:
+    """`work()` in a worker thread (it reads files or loads a model); a ModrmError is the client's `status`."""
+    try:
+        return await asyncio.to_thread(work)
+    except ModrmError as err:
+        raise ApiError(status, str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------- HTTP
@@ -431,13 +577,16 @@ def error(status: int, message: str, headers: Mapping[str, str] | None = None) -
     return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers=dict(headers or {}))
 
 
-def check_content_type(request: Request) -> None:
+JSON_LINES = ("application/x-ndjson", "application/jsonl")  # what /pairs and /rollouts also take
+
+
+def check_content_type(request: Request, accepted: tuple[str, ...] = ("application/json",)) -> None:
     """JSON only, parameters allowed (`application/json; charset=utf-8`). A missing type is refused too: a
     browser's cross-site form posts cannot send this one, and every JSON client (`requests.post(json=...)`,
     `curl --json`) sends it."""
     sent = request.headers.get("content-type", "")
-    if sent.partition(";")[0].strip().lower() != "application/json":
-        raise ApiError(415, f"Content-Type {sent or '(none)'}: send application/json")
+    if sent.partition(";")[0].strip().lower() not in accepted:
+        raise ApiError(415, f"Content-Type {sent or '(none)'}: send {' or '.join(accepted)}")
 
 
 def bearer_token(header: str) -> str | None:
@@ -446,16 +595,20 @@ def bearer_token(header: str) -> str | None:
     return token.strip(" ") if scheme.lower() == "bearer" else None
 
 
-def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
-    """The FastAPI app around a loaded model (the batcher starts and stops with the app's lifespan)."""
-    service = RewardService(rm, config)
+def create_app(rm: RewardModel, config: ServeConfig, learn: LearnConfig | None = None) -> FastAPI:
+    """The FastAPI app around a loaded model (the batcher and the learner start and stop with the app's lifespan)."""
+    service = RewardService(rm, config, learn)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.batcher.start()
+        if service.learner is not None:
+            service.learner.start()
         app.state.ready = True
         yield
         app.state.ready = False
+        if service.learner is not None:
+            service.learner.stop()
         await service.batcher.stop()
 
     app = FastAPI(
@@ -476,7 +629,7 @@ def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
         log.exception("internal error on %s %s", request.method, request.url.path)
         return error(500, f"internal error: {type(err).__name__}")
 
-    async def read_json(request: Request) -> Any:
+    async def read_body(request: Request) -> bytes:
         """The body within max_body_bytes (413 beyond, before reading it where the length is declared)."""
         limit = config.max_body_bytes
         declared = request.headers.get("content-length", "")
@@ -487,6 +640,10 @@ def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
             body += chunk
             if len(body) > limit:
                 raise ApiError(413, f"body is over the limit of {limit} bytes")
+        return bytes(body)
+
+    async def read_json(request: Request) -> Any:
+        body = await read_body(request)
         try:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
@@ -503,20 +660,20 @@ def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
                 401, "missing or wrong bearer token (Authorization: Bearer <key>)", {"WWW-Authenticate": "Bearer"}
             )
 
-    async def answer(request: Request, handler: Callable) -> dict:
+    async def answer(request: Request, handler: Callable, raw: bool) -> dict:
         """The handler's answer within request_timeout_s: 408 if the body was still arriving, 503 if the
-        request still waited for the model."""
+        request still waited for the model. `raw`: the handler takes the body's bytes and the query parameters."""
         deadline = asyncio.get_running_loop().time() + config.request_timeout_s
         try:
             async with asyncio.timeout_at(deadline):
-                body = await read_json(request)
+                body = await read_body(request) if raw else await read_json(request)
         except TimeoutError:
             raise ApiError(
                 408, f"body not received within {config.request_timeout_s:g} s", {"Connection": "close"}
             ) from None
         try:
             async with asyncio.timeout_at(deadline):
-                return await handler(body)
+                return await (handler(body, request.query_params) if raw else handler(body))
         except TimeoutError:
             raise ApiError(
                 503,
@@ -524,13 +681,13 @@ def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
                 {"Retry-After": "1"},
             ) from None
 
-    def endpoint(path: str, handler: Callable) -> Callable:
+    def endpoint(path: str, handler: Callable, raw: bool = False, status: int = 200) -> Callable:
         async def run(request: Request) -> JSONResponse:
             with service.metrics.timed(path):
                 authorize(request)
-                check_content_type(request)
+                check_content_type(request, ("application/json", *JSON_LINES) if raw else ("application/json",))
                 try:
-                    return JSONResponse(await answer(request, handler))
+                    return JSONResponse(await answer(request, handler, raw), status_code=status)
                 except asyncio.CancelledError:  # the server stops and its graceful period is over
                     return error(503, "the server is shutting down; retry elsewhere or later", {"Retry-After": "1"})
 
@@ -541,8 +698,12 @@ def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
         ("/score", service.score),
         ("/slime", service.slime),
         ("/classify", service.classify),
+        ("/rollback", service.rollback),
+        ("/reload", service.reload_request),
     ):
         app.add_api_route(path, endpoint(path, handler), methods=["POST"])
+    for path, handler in (("/pairs", service.pairs), ("/rollouts", service.rollouts)):
+        app.add_api_route(path, endpoint(path, handler, raw=True, status=202), methods=["POST"])
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -554,6 +715,11 @@ def create_app(rm: RewardModel, config: ServeConfig) -> FastAPI:
     async def info(request: Request) -> JSONResponse:
         authorize(request)
         return JSONResponse(service.info())
+
+    @app.get("/versions")
+    async def versions(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse(service.versions())
 
     @app.get("/stats")
     async def stats(request: Request) -> JSONResponse:
@@ -584,10 +750,14 @@ def parse_weights(text: str | None) -> dict[str, float] | None:
     return weights
 
 
-def serve(rm: RewardModel, config: ServeConfig, host: str, port: int) -> None:
+def serve(rm: RewardModel, config: ServeConfig, host: str, port: int, learn: LearnConfig | None = None) -> None:
     """Run until SIGINT or SIGTERM; on either, requests in flight finish (within `shutdown_timeout_s`; those still
-    running then are answered 503) before the process exits, without waiting for a model call still running."""
-    settings = uvicorn_config(create_app(rm, config), config, host, port)  # configures logging
+    running then are answered 503) before the process exits, without waiting for a model call still running.
+    SIGHUP reloads --checkpoint from disk (as POST /reload does)."""
+    app = create_app(rm, config, learn)
+    settings = uvicorn_config(app, config, host, port)  # configures logging
     limit_refusal_logs()
+    service = app.state.service
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=service.reload_logged, daemon=True).start())
     with suppress(KeyboardInterrupt):  # uvicorn re-raises SIGINT once it has shut down
         uvicorn.Server(settings).run()

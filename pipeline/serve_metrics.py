@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 from pipeline.api_error import ApiError
 
@@ -43,6 +43,8 @@ class ServeMetrics:
         self.queue_depth = Gauge("modrm_queue_trajectories", "Trajectories waiting for the model", registry=r)
         self.encoded = Counter("modrm_texts_encoded", "Texts run through the encoder", registry=r)
         self.cached = Counter("modrm_texts_from_cache", "Texts whose embedding came from the LRU", registry=r)
+        self.heads = Info("modrm_heads", "The version of the heads served", registry=r)
+        self.refreshes = Counter("modrm_refreshes", "Refreshes of the heads, by result", ["result"], registry=r)
         self.module_reward = Histogram(
             "modrm_module_reward", "Rewards served, by module", ["module"], buckets=REWARD_BUCKETS, registry=r
         )

@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from pipeline import RewardModel, cli
+from pipeline.checkpoint import heads_version
 from pipeline.connections import check_max_connections
 from pipeline.errors import ModrmError
 from pipeline.evaluate import evaluate
@@ -147,7 +148,7 @@ def test_get_reward_speaks_openrlhf_and_equals_the_python_api_and_eval(server, r
     prompts = [PROMPT + r["task"] for r in records[:8]]
     body = {"query": [p + t for p, t in zip(prompts, sides, strict=True)], "prompts": prompts, "labels": [None] * 8}
     status, answer, _ = server.post("/get_reward", body)
-    assert status == 200 and set(answer) == {"rewards", "scores", "extra_logs"}
+    assert status == 200 and set(answer) == {"rewards", "scores", "extra_logs", "head_version"}
     items = [{"task": p, "trajectory": t} for p, t in zip(prompts, sides, strict=True)]
     assert answer["rewards"] == pytest.approx(rm.reward(items, WEIGHTS), abs=1e-5)
     assert answer["scores"] == pytest.approx([1 / (1 + math.exp(-r)) for r in answer["rewards"]])
@@ -170,8 +171,9 @@ def test_get_reward_speaks_openrlhf_and_equals_the_python_api_and_eval(server, r
         "rewards": [],
         "scores": [],
         "extra_logs": {m: [] for m in MODULES} | {f"{m}_mask": [] for m in MODULES},
+        "head_version": heads_version(stage0),
     }
-    assert server.post("/score", {"items": []})[1] == {"rewards": []}
+    assert server.post("/score", {"items": []})[1] == {"rewards": [], "head_version": heads_version(stage0)}
 
 
 def test_a_trajectory_without_module_text_gets_the_empty_reward(server):

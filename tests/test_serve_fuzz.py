@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from pipeline import RewardModel
 from pipeline.connections import uvicorn_config
 from pipeline.errors import ModrmError
+from pipeline.learner import LearnConfig
 from pipeline.serve import ServeConfig, create_app
 
 pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
@@ -48,10 +49,10 @@ class StandIn:
 
 
 @contextmanager
-def serving(rm: RewardModel | StandIn, **settings) -> Iterator[tuple[str, FastAPI]]:
+def serving(rm: RewardModel | StandIn, learn: LearnConfig | None = None, **settings) -> Iterator[tuple[str, FastAPI]]:
     """(base URL, app) of a server on a free port, run by uvicorn in a thread as `modrm serve` runs it."""
     config = ServeConfig(**settings)
-    app = create_app(rm, config)
+    app = create_app(rm, config, learn)
     server = uvicorn.Server(uvicorn_config(app, config, "127.0.0.1", 0))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
