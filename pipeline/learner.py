@@ -54,9 +54,11 @@ import torch
 
 from pipeline.atomic import atomic_write, write_json
 from pipeline.cache import Cache, Shard, as_keys, text_key
-from pipeline.checkpoint import METRICS_FILE, load_checkpoint, save_heads
+from pipeline.checkpoint import METRICS_FILE, Checkpoint, load_checkpoint, save_heads
+from pipeline.config import Config
 from pipeline.data import DataError, Pair, Problem, load_pairs, pair_to_record
 from pipeline.errors import ModrmError
+from pipeline.heads import RewardHeads
 from pipeline.mine import MineOptions, mine_rollouts
 from pipeline.pairwise import PairSet, split_by_group, validate
 from pipeline.rollouts import RolloutFormat
@@ -520,14 +522,14 @@ def train_in_child(job: dict) -> None:
 class Table:
     """Embedding rows as one float16 tensor, gathered from two caches (the replayed one, then STATE_DIR's)."""
 
-    def __init__(self, tensor, device):
-        self.tensor, self.device = tensor.to(device), device
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
 
-    def __getitem__(self, rows):
-        return self.tensor[rows.to(self.device)].float()
+    def __getitem__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.tensor[rows].float()
 
 
-def gather(cache, rows: np.ndarray):
+def gather(cache: Cache, rows: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     """The float16 embeddings of the distinct `rows` of `cache`, and each row's place among them."""
     distinct, places = np.unique(rows, return_inverse=True)
     block = np.asarray(cache.embeddings(0)[distinct]) if len(distinct) else np.empty((0, cache.fingerprint.dim))
@@ -535,104 +537,127 @@ def gather(cache, rows: np.ndarray):
     return torch.from_numpy(block.astype(np.float16)), places.reshape(rows.shape)
 
 
-def joined(first, second):
-    """Two PairSets as one."""
+def pair_set(rows: np.ndarray | torch.Tensor, module_idx: np.ndarray | torch.Tensor) -> PairSet:
+    return PairSet(torch.as_tensor(np.asarray(rows), dtype=torch.int64), torch.as_tensor(np.asarray(module_idx)))
+
+
+def joined(first: PairSet, second: PairSet) -> PairSet:
     return PairSet(torch.cat([first.rows, second.rows]), torch.cat([first.module_idx, second.module_idx]))
 
 
+@dataclass
+class RefreshData:
+    """What a refresh trains and judges on, as rows of one embedding table."""
+
+    table: Table
+    replayed: PairSet  # the checkpoint's own training pairs, a sample
+    original_val: PairSet  # the checkpoint's own val split
+    new_train: PairSet
+    new_val: PairSet | None  # the new pairs held out by group (None: all fell in train)
+
+
+def original_pairs(replay: Cache, modules: list[str], config: Config) -> tuple[PairSet, PairSet]:
+    """The replay cache's train and val pairs, split as stage 0 split them, by the heads' module order."""
+    indexed = replay.read_pairs(["target_module", "group"])
+    found, train_pairs, val_pairs = split_sets(indexed, modules, config.data, replay.folder)
+    if val_pairs is None:
+        raise ModrmError(f"{replay.folder}: its pairs have no val split to judge a new version by")
+    unknown = sorted(set(found) - set(modules))
+    if unknown:
+        raise ModrmError(f"{replay.folder}: pairs of module(s) {', '.join(unknown)}, which the heads lack")
+    head_of = torch.tensor([modules.index(m) for m in found])  # the cache's module order -> the heads'
+    return PairSet(train_pairs.rows, head_of[train_pairs.module_idx]), PairSet(
+        val_pairs.rows, head_of[val_pairs.module_idx]
+    )
+
+
+def new_pairs(
+    state: Cache, files: list[str], modules: list[str], config: Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The gathered pairs as (cache rows [n, 4], head index, whether in the train split by group)."""
+    pairs = load_pairs(files, modules)
+    split = split_by_group([p.split_key for p in pairs], config.data)
+    texts = [zip(PAIR_ROLES, config.encoder.pair_texts(p), strict=True) for p in pairs]
+    rows = state.find(as_keys(b"".join(text_key(role, text) for four in texts for role, text in four))).reshape(-1, 4)
+    if (rows < 0).any():
+        raise ModrmError(f"{state.folder}: lacks texts of the pairs to train on; the refresh embeds them first")
+    module_idx = np.array([modules.index(p.target_module) for p in pairs], dtype=np.int64)
+    return rows, module_idx, np.array([split[p.split_key] == "train" for p in pairs])
+
+
+def refresh_data(job: dict, start: Checkpoint, config: Config) -> RefreshData:
+    """The new pairs (train split and held out) and as many of the checkpoint's training pairs (at least
+    MIN_REPLAY), sampled with the config's seed, and its val split: their embeddings gathered into one table."""
+    modules = start.model.module_names
+    replay, state = Cache(job["replay"], start.fingerprint), Cache(job["cache"], start.fingerprint)
+    orig_train, orig_val = original_pairs(replay, modules, config)
+    rows, module_idx, is_train = new_pairs(state, job["files"], modules, config)
+    n_replay = min(len(orig_train), max(int(is_train.sum()), MIN_REPLAY))
+    chosen = np.sort(np.random.default_rng(config.train.seed).choice(len(orig_train), n_replay, replace=False))
+    old_table, old_places = gather(replay, torch.cat([orig_train.rows[chosen], orig_val.rows]).numpy())
+    new_table, new_places = gather(state, rows)
+    new_places += len(old_table)
+    return RefreshData(
+        Table(torch.cat([old_table, new_table])),
+        pair_set(old_places[:n_replay], orig_train.module_idx[chosen]),
+        pair_set(old_places[n_replay:], orig_val.module_idx),
+        pair_set(new_places[is_train], module_idx[is_train]),
+        pair_set(new_places[~is_train], module_idx[~is_train]) if (~is_train).any() else None,
+    )
+
+
+def optimization(model: RewardHeads, n_train: int, tc) -> Optimization:
+    """Stage 0's optimizer and schedule over the refresh's epochs."""
+    steps = math.ceil(math.ceil(n_train / tc.batch_size) / tc.grad_accum) * tc.epochs
+    groups = param_groups([(model.parameters(), tc.lr)], tc.weight_decay)
+    cpu = torch.device("cpu")
+    return Optimization(groups, steps, cpu, tc.dtype, tc.betas, tc.warmup_ratio, tc.max_grad_norm, fused=True)
+
+
+def compared(model: RewardHeads, served: RewardHeads, pairs: PairSet | None, table: Table, cfg) -> dict | None:
+    """Accuracy and loss of the new heads and of the served ones on `pairs`."""
+    if pairs is None:
+        return None
+    after, before = (validate(heads, pairs, table.__getitem__, table.__getitem__, cfg) for heads in (model, served))
+    return {
+        "n_pairs": len(pairs),
+        "accuracy": after["accuracy"],
+        "served_accuracy": before["accuracy"],
+        "loss": after["loss"],
+        "served_loss": before["loss"],
+    }
+
+
 def train_version(job: dict) -> None:
-    """The child's work: heads from the served ones, trained on the new pairs' train split with as many replayed
-    pairs, early-stopped on both val sets, measured against the served heads; written as a checkpoint to job["out"]."""
+    """The child's work: heads from the served ones, trained on the new pairs' train split and the replayed pairs
+    (batches small enough for STEPS_PER_EPOCH steps where they are few), early-stopped on both val sets, measured
+    against the served heads; written as a checkpoint to job["out"]."""
     torch.set_num_threads(1)
     start = load_checkpoint(job["start"])
     config = dataclasses.replace(start.config)
-    config.train = dataclasses.replace(config.train, epochs=job["epochs"], report_to=[], device="cpu")
     if start.encoder_folder is not None:  # a stage-1 start: the version names its encoder folder
         config.encoder = dataclasses.replace(config.encoder, name=str(start.encoder_folder.resolve()))
-    modules = start.model.module_names
-
-    replay = Cache(job["replay"], start.fingerprint)
-    found, orig_train, orig_val = split_sets(
-        replay.read_pairs(["target_module", "group"]), modules, config.data, replay.folder
-    )
-    if orig_val is None:
-        raise ModrmError(f"{job['replay']}: its pairs have no val split to judge a new version by")
-    unknown = sorted(set(found) - set(modules))
-    if unknown:
-        raise ModrmError(
-            f"{job['replay']}: pairs of module(s) {', '.join(unknown)}, which {job['start']} has no head for"
-        )
-    head_of = torch.tensor([modules.index(m) for m in found])  # the cache's module order -> the heads'
-    orig_train.module_idx, orig_val.module_idx = head_of[orig_train.module_idx], head_of[orig_val.module_idx]
-    state = Cache(job["cache"], start.fingerprint)
-    pairs = load_pairs(job["files"], modules)
-    split = split_by_group([p.split_key for p in pairs], config.data)
-    keys = [
-        text_key(role, text) for p in pairs for role, text in zip(PAIR_ROLES, config.encoder.pair_texts(p), strict=True)
-    ]
-    new_rows = state.find(as_keys(b"".join(keys))).reshape(-1, 4)
-    new_idx = np.array([modules.index(p.target_module) for p in pairs], dtype=np.int64)
-    is_train = np.array([split[p.split_key] == "train" for p in pairs])
-
-    generator = np.random.default_rng(config.train.seed)
-    n_replay = min(len(orig_train), max(int(is_train.sum()), MIN_REPLAY))
-    chosen = np.sort(generator.choice(len(orig_train), n_replay, replace=False))
-    old_rows = torch.cat([orig_train.rows[chosen], orig_val.rows]).numpy()
-    old_table, old_places = gather(replay, old_rows)
-    new_table, new_places = gather(state, new_rows)
-    new_places = new_places + len(old_table)
-    table = Table(torch.cat([old_table, new_table]), torch.device("cpu"))
-
-    def pair_set(rows: np.ndarray, idx: np.ndarray) -> PairSet:
-        return PairSet(torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)), torch.from_numpy(idx))
-
-    replayed = pair_set(old_places[:n_replay], orig_train.module_idx[chosen].numpy())
-    original_val = pair_set(old_places[n_replay:], orig_val.module_idx.numpy())
-    new_train = pair_set(new_places[is_train], new_idx[is_train])
-    new_val = pair_set(new_places[~is_train], new_idx[~is_train]) if (~is_train).any() else None
-    train_set = joined(replayed, new_train)
-    val_set = original_val if new_val is None else joined(original_val, new_val)
-
+    data = refresh_data(job, start, config)
+    train_set = joined(data.replayed, data.new_train)
+    val_set = data.original_val if data.new_val is None else joined(data.original_val, data.new_val)
+    batch = max(MIN_BATCH, min(config.train.batch_size, len(train_set) // STEPS_PER_EPOCH))
+    config.train = dataclasses.replace(config.train, epochs=job["epochs"], batch_size=batch, report_to=[], device="cpu")
     served = start.model.float()
     model = load_checkpoint(job["start"]).model.float().train()
-    batch = max(MIN_BATCH, min(config.train.batch_size, len(train_set) // STEPS_PER_EPOCH))
-    config.train = tc = dataclasses.replace(config.train, batch_size=batch)
-    steps = math.ceil(math.ceil(len(train_set) / tc.batch_size) / tc.grad_accum) * tc.epochs
-    opt = Optimization(
-        param_groups([(model.parameters(), tc.lr)], tc.weight_decay),
-        steps,
-        torch.device("cpu"),
-        tc.dtype,
-        tc.betas,
-        tc.warmup_ratio,
-        tc.max_grad_norm,
-        fused=True,
-    )
-    run = Run(config, state, {}, modules, train_set, val_set, table, model, opt, torch.device("cpu"))
+    opt = optimization(model, len(train_set), config.train)
+    run = Run(config, None, {}, model.module_names, train_set, val_set, data.table, model, opt, torch.device("cpu"))
     with tempfile.TemporaryDirectory(prefix="modrm-learn-runs-") as runs:
-        log_, best = train(run, Path(runs), Path(job["out"]).name, progress=False)
-
-    def measured(pairs_: PairSet | None) -> dict | None:
-        if pairs_ is None:
-            return None
-        after = validate(model, pairs_, table.__getitem__, table.__getitem__, config.heads)
-        before = validate(served, pairs_, table.__getitem__, table.__getitem__, config.heads)
-        return {
-            "n_pairs": len(pairs_),
-            "accuracy": after["accuracy"],
-            "served_accuracy": before["accuracy"],
-            "loss": after["loss"],
-            "served_loss": before["loss"],
-        }
-
-    val = {"original": measured(original_val), "new": measured(new_val)}
+        epochs, best = train(run, Path(runs), Path(job["out"]).name, progress=False)
     summary = {
-        "val": val,
+        "val": {
+            "original": compared(model, served, data.original_val, data.table, config.heads),
+            "new": compared(model, served, data.new_val, data.table, config.heads),
+        },
         "best_epoch": best["epoch"],
-        "epochs_run": len(log_),
+        "epochs_run": len(epochs),
         "n_train": len(train_set),
-        "n_new_train": len(new_train),
-        "n_replayed": n_replay,
+        "n_new_train": len(data.new_train),
+        "n_replayed": len(data.replayed),
         "started_from": job["start"],
     }
     save_heads(job["out"], model, config, start.fingerprint, 0, str(Path(job["cache"]).resolve()), summary, [])
