@@ -1,0 +1,587 @@
+"""`make bench-rl`: does modrm's module reward help RL? A multi-module agent learned with the outcome alone, against
+the same agent credited per module by a reward model served by a real `modrm serve`.
+
+The environment is `rl_env.py` (an episode is a task; each module picks one of 3 candidate outputs per round; the
+outcome falls with every wrong pick). The policy is, per module, a softmax over the candidates whose logits are a
+linear function of the candidates' frozen MiniLM embeddings, so it has to learn what a good output looks like.
+Training is GRPO-style: groups of G episodes per task, advantages normalised within the group, one Adam step per
+few groups, the same optimiser, steps and episodes for every arm:
+
+- outcome: every module's advantage is the episode's outcome;
+- module: module m's advantage is that of outcome + w * r_m, r_m the reward model's reward for module m (raw);
+- module_norm: the same with r_m standardised per module by the run's running mean and std of r_m;
+- oracle: module_norm with r_m the ground truth (1 where module m picked good outputs), the upper bound;
+- control: module_norm with a reward model whose heads were trained on shuffled labels (sides swapped at random).
+
+The reward model (stage 0 on synth pairs of task groups the policy never meets, or `--checkpoint DIR`) is called
+over HTTP, one POST /score per group, as an RL loop would. Success is measured exactly (no sampling noise) on the
+test tasks: P(outcome = 1) under the policy, from each decision's probability of the good candidate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import http.client
+import json
+import math
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import rl_env as env
+import torch
+from common import ROOT, build_random_qwen3, machine, table, warn_if_busy
+
+from pipeline.atomic import atomic_write, write_json
+from pipeline.config import Config
+from pipeline.encoder import MINILM_ID, Encoder
+from pipeline.synth import write_pairs
+
+ARMS = ("outcome", "module", "module_norm", "oracle", "control")
+QUICK_ARMS = ("outcome", "oracle", "control")
+RM_OF_ARM = {"module": "rm", "module_norm": "rm", "control": "control"}
+TARGET = 0.8
+OUT = ROOT / "artifacts" / "bench-rl"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The experiment's knobs: every arm runs under the same ones."""
+
+    seeds: int = 10
+    episodes: int = 2048  # per run (arm x seed)
+    train_tasks: int = 32
+    test_tasks: int = 32
+    group: int = 8  # G: episodes per task and group
+    groups_per_step: int = 4
+    lr: float = 0.1
+    module_weight: float = 1.0  # w: module reward against the outcome's 1
+    eval_every: int = 64  # episodes
+    rm_pairs_per_module: int = 100
+    rm_encoder: str = MINILM_ID
+    rm_context_tokens: int = 64  # contexts keep the task and their end: every new trajectory costs the encoder this
+
+
+QUICK = Settings(seeds=3, episodes=768, train_tasks=8, test_tasks=8, rm_pairs_per_module=24, rm_encoder="tiny")
+
+
+# ---------------------------------------------------------------------------------------------- policy
+
+
+def candidate_features(tasks: Sequence[env.Task], out: Path) -> torch.Tensor:
+    """(tasks, decisions, K, 2 * dim): each candidate's frozen MiniLM embedding, and its product with the task's
+    (what relates the output to the task: a plausible text about another task is wrong here). Embeddings are kept
+    in `out` under a digest of the texts, so a rerun encodes nothing."""
+    texts = [c.text for t in tasks for options in t.candidates for choices in options for c in choices]
+    emb = embeddings([*texts, *(t.task for t in tasks)], out)
+    candidates, task = torch.from_numpy(emb[: len(texts)]), torch.from_numpy(emb[len(texts) :])
+    candidates = candidates.reshape(len(tasks), tasks[0].decisions, len(env.KINDS), -1)
+    return torch.cat([candidates, candidates * task[:, None, None, :]], dim=-1)
+
+
+def embeddings(texts: list[str], out: Path) -> np.ndarray:
+    digest = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+    path = out / f"features-{digest}.npy"
+    if path.exists():
+        return np.load(path)
+    config = Config().encoder
+    config.name, config.device = MINILM_ID, "cpu"
+    emb = Encoder.load(config).encode(texts, "module")
+    atomic_write(path, lambda tmp: save_array(tmp, emb))
+    return emb
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as handle:
+        np.save(handle, array)
+
+
+class Policy:
+    """Per module a linear map from a candidate's embedding to its logit (zero at start: uniform), Adam."""
+
+    def __init__(self, dim: int, lr: float):
+        self.weights = torch.zeros(len(env.MODULES), dim, requires_grad=True)
+        self.optimiser = torch.optim.Adam([self.weights], lr=lr)
+
+    def log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """(..., decisions, K) log-probabilities; decision d belongs to module d mod len(MODULES)."""
+        decisions = features.shape[-3]
+        module_of = torch.arange(decisions) % len(env.MODULES)
+        logits = torch.einsum("...dkh,dh->...dk", features, self.weights[module_of])
+        return torch.log_softmax(logits, dim=-1)
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.optimiser.zero_grad()
+        loss.backward()
+        self.optimiser.step()
+
+
+def success_on(policy: Policy, features: torch.Tensor, good: torch.Tensor) -> float:
+    """Mean over tasks of P(outcome = 1) under the policy, exactly."""
+    with torch.no_grad():
+        p_good = policy.log_probs(features).exp().gather(-1, good.unsqueeze(-1)).squeeze(-1).numpy()
+    return float(np.mean([env.expected_success(p) for p in p_good]))
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def group_advantages(rewards: np.ndarray) -> np.ndarray:
+    """(G, modules) rewards -> advantages normalised within the group, column by column (0 where all are equal)."""
+    std = rewards.std(axis=0)
+    return np.where(std > 1e-8, (rewards - rewards.mean(axis=0)) / np.maximum(std, 1e-8), 0.0)
+
+
+class RunningNorm:
+    """Per module, the running mean and std of every reward seen so far in a run (Welford), for standardising."""
+
+    def __init__(self, modules: int):
+        self.count, self.mean, self.m2 = 0, np.zeros(modules), np.zeros(modules)
+
+    def __call__(self, rewards: np.ndarray) -> np.ndarray:
+        for row in rewards:
+            self.count += 1
+            delta = row - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (row - self.mean)
+        std = np.sqrt(self.m2 / self.count)
+        return (rewards - self.mean) / np.maximum(std, 1e-6)
+
+
+class RewardClient:
+    """`modrm serve`'s POST /score over a keep-alive connection: rewards in MODULES order, and the time spent. The
+    server closes a connection left idle (its header timeout), so a closed one is opened again, once."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        self.seconds, self.requests, self.trajectories = 0.0, 0, 0
+
+    def score(self, items: list[dict[str, str]]) -> np.ndarray:
+        start = time.perf_counter()
+        body = json.dumps({"items": items})
+        try:
+            status, answer = self._post(body)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            self.connection.close()
+            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+            start = time.perf_counter()
+            status, answer = self._post(body)
+        if status != 200:
+            raise RuntimeError(f"modrm serve answered {status}: {answer}")
+        self.seconds += time.perf_counter() - start
+        self.requests += 1
+        self.trajectories += len(items)
+        return np.array([[row[m] for m in env.MODULES] for row in answer["rewards"]], dtype=np.float64)
+
+    def _post(self, body: str) -> tuple[int, dict]:
+        self.connection.request("POST", "/score", body, {"Content-Type": "application/json"})
+        response = self.connection.getresponse()
+        return response.status, json.loads(response.read())
+
+
+@contextmanager
+def serving(checkpoint: Path, log: Path, flags: Sequence[str] = ()) -> Iterator[int]:
+    """A `modrm serve` process (with `flags`) on a free port for the block; yields the port once /health answers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "pipeline", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
+    process = subprocess.Popen([*command, "--device", "cpu", *flags], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not _healthy(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"modrm serve did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+
+
+def _healthy(port: int) -> bool:
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class PairCounts:
+    """Pairs of a group's episodes whose ground truth differs for a module: how many the reward ordered right."""
+
+    right: float = 0.0
+    total: int = 0
+
+    def add(self, labels: np.ndarray, rewards: np.ndarray) -> None:
+        for m in range(labels.shape[1]):
+            better = labels[:, m, None] > labels[None, :, m]
+            diff = rewards[:, m, None] - rewards[None, :, m]
+            self.right += float((better & (diff > 0)).sum() + 0.5 * (better & (diff == 0)).sum())
+            self.total += int(better.sum())
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.right / self.total if self.total else None
+
+
+# ---------------------------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Run:
+    episodes: list[int] = field(default_factory=list)
+    success: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+    rm_s: float = 0.0
+    rm_trajectories: int = 0
+    rm_pairs: PairCounts = field(default_factory=PairCounts)
+
+    def episodes_to(self, target: float) -> int | None:
+        return next((e for e, s in zip(self.episodes, self.success, strict=True) if s >= target), None)
+
+
+@dataclass
+class World:
+    """What every run shares: the tasks, their candidates' features and good picks."""
+
+    train: list[env.Task]
+    test: list[env.Task]
+    train_features: torch.Tensor
+    test_features: torch.Tensor
+
+    @property
+    def train_good(self) -> torch.Tensor:
+        return torch.tensor([t.good_picks() for t in self.train])
+
+    @property
+    def test_good(self) -> torch.Tensor:
+        return torch.tensor([t.good_picks() for t in self.test])
+
+
+def module_labels(wrong: np.ndarray) -> np.ndarray:
+    """(G, decisions) wrong picks -> (G, modules): the share of each module's decisions that were right."""
+    return 1.0 - wrong.reshape(len(wrong), -1, len(env.MODULES)).mean(axis=1)
+
+
+def module_rewards(arm: str, task: env.Task, picks: np.ndarray, wrong: np.ndarray, client: RewardClient | None):
+    """(G, modules) module rewards of a group, or None for the outcome arm."""
+    if arm == "outcome":
+        return None
+    if arm == "oracle":
+        return module_labels(wrong)
+    items = [{"task": task.task, "trajectory": task.trajectory(row)} for row in picks]
+    return client.score(items)
+
+
+def train(arm: str, seed: int, world: World, s: Settings, client: RewardClient | None = None) -> Run:
+    """One policy trained under `arm` for s.episodes episodes; test success every s.eval_every episodes."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    policy = Policy(world.train_features.shape[-1], s.lr)
+    train_good, test_good = world.train_good.numpy(), world.test_good
+    norm = RunningNorm(len(env.MODULES))
+    run, start = Run(), time.perf_counter()
+    rm_start = (client.seconds, client.trajectories) if client else (0.0, 0)
+    order: list[int] = []
+    episodes = 0
+    while True:
+        if episodes % s.eval_every == 0:
+            run.episodes.append(episodes)
+            run.success.append(success_on(policy, world.test_features, test_good))
+        if episodes >= s.episodes:
+            break
+        loss = torch.zeros(())
+        for _ in range(s.groups_per_step):
+            if not order:
+                order = rng.permutation(len(world.train)).tolist()
+            t = order.pop()
+            log_probs = policy.log_probs(world.train_features[t])  # (decisions, K)
+            picks = torch.multinomial(log_probs.exp(), s.group, replacement=True, generator=generator).T
+            wrong = picks.numpy() != train_good[t]
+            outcome = (rng.random(s.group) < env.success_probability(wrong.sum(axis=1))).astype(np.float64)
+            rewards = np.repeat(outcome[:, None], len(env.MODULES), axis=1)
+            extra = module_rewards(arm, world.train[t], picks.numpy(), wrong, client)
+            if extra is not None:
+                if client is not None:
+                    run.rm_pairs.add(module_labels(wrong), extra)
+                rewards = rewards + s.module_weight * (extra if arm == "module" else norm(extra))
+            advantages = torch.from_numpy(group_advantages(rewards)).float()
+            chosen = log_probs.gather(1, picks.T).T  # (G, decisions)
+            per_decision = advantages[:, torch.arange(chosen.shape[1]) % len(env.MODULES)]
+            loss = loss - (per_decision * chosen).sum() / (s.group * s.groups_per_step)
+            episodes += s.group
+        policy.step(loss)
+    run.wall_s = time.perf_counter() - start
+    if client is not None:
+        run.rm_s, run.rm_trajectories = client.seconds - rm_start[0], client.trajectories - rm_start[1]
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- reward models
+
+
+def build_reward_models(out: Path, s: Settings) -> tuple[dict[str, Path], dict]:
+    """Stage-0 checkpoints `rm` (synth pairs of the reward model's task groups) and `control` (the same pairs, sides
+    swapped at random), kept in `out` under a digest of their settings so a rerun trains nothing; and their
+    training summaries."""
+    settings = {k: getattr(s, k) for k in ("rm_pairs_per_module", "rm_encoder", "rm_context_tokens")}
+    root = out / f"reward-models-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]}"
+    summary_path = root / "summary.json"
+    if summary_path.exists():
+        return {name: root / name for name in ("rm", "control")}, json.loads(summary_path.read_text())
+    from pipeline.embed import embed_files
+    from pipeline.train_heads import train_heads
+
+    config = Config()
+    encoder = str(build_random_qwen3(root / "tiny-qwen3")) if s.rm_encoder == "tiny" else s.rm_encoder
+    config.encoder.name, config.encoder.device, config.train.device = encoder, "cpu", "cpu"
+    config.encoder.max_context_tokens, config.encoder.max_module_tokens = s.rm_context_tokens, 128
+    pairs = env.reward_model_pairs(s.rm_pairs_per_module, seed=0)
+    summaries = {}
+    for name, data in (("rm", pairs), ("control", env.shuffled_labels(pairs, seed=0))):
+        path = write_pairs(root / f"{name}-pairs.jsonl", data)
+        embed_files([path], root / "cache", config, progress=False)  # the control's texts are the rm's: cached
+        trained = train_heads(root / "cache", root / name, config, progress=False)
+        summaries[name] = {"pairs": len(data), "val": trained["val"], "settings": settings}
+    write_json(summary_path, summaries)
+    return {name: root / name for name in ("rm", "control")}, summaries
+
+
+def pair_accuracy(client: RewardClient, tasks: Sequence[env.Task]) -> dict:
+    """The reward model on the policy's training tasks (groups it never saw): for every decision and wrong
+    candidate, the all-good trajectory against the one with that decision's pick made wrong. Accuracy: the share
+    where the module's reward is higher on the good side, by module and by kind of wrong output."""
+    right: dict[str, list[bool]] = {}
+    for task in tasks:
+        good = task.good_picks()
+        flat = [choices for options in task.candidates for choices in options]
+        variants = [(d, k) for d, choices in enumerate(flat) for k, c in enumerate(choices) if not c.good]
+        picks = [good] + [[k if i == d else g for i, g in enumerate(good)] for d, k in variants]
+        rewards = client.score([{"task": task.task, "trajectory": task.trajectory(p)} for p in picks])
+        for row, (d, k) in enumerate(variants, start=1):
+            m = d % len(env.MODULES)
+            ok = bool(rewards[0, m] > rewards[row, m])
+            for key in (env.MODULES[m], flat[d][k].kind, "all"):
+                right.setdefault(key, []).append(ok)
+    return {key: round(float(np.mean(oks)), 4) for key, oks in right.items()}
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def interval(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over seeds (axis 0) and its 95% t-interval."""
+    from scipy import stats
+
+    mean = values.mean(axis=0)
+    if len(values) < 2:
+        return mean, mean, mean
+    half = stats.t.ppf(0.975, len(values) - 1) * values.std(axis=0, ddof=1) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def median_episodes(episodes: list[int | None]) -> float | None:
+    """The median of episodes to the target, a run that never reached it counted as later than any (None when
+    half the runs or more never did)."""
+    ranked = sorted(math.inf if e is None else e for e in episodes)
+    median = float(np.median(ranked))
+    return None if math.isinf(median) or math.isnan(median) else median
+
+
+def summarise_arm(runs: list[Run]) -> dict:
+    success = np.array([r.success for r in runs])
+    mean, low, high = interval(success)
+    to_target = [r.episodes_to(TARGET) for r in runs]
+    arm = {
+        f"episodes_to_{TARGET}": to_target,
+        f"median_episodes_to_{TARGET}": median_episodes(to_target),
+        "final_success": [round(r.success[-1], 4) for r in runs],
+        "curve": {
+            "episodes": runs[0].episodes,
+            "mean": mean.round(4).tolist(),
+            "ci95_low": low.round(4).tolist(),
+            "ci95_high": high.round(4).tolist(),
+        },
+        "wall_s": round(sum(r.wall_s for r in runs), 2),
+    }
+    rm_s, trajectories = sum(r.rm_s for r in runs), sum(r.rm_trajectories for r in runs)
+    if trajectories:
+        counts = PairCounts(sum(r.rm_pairs.right for r in runs), sum(r.rm_pairs.total for r in runs))
+        arm["reward_model_calls"] = {
+            "trajectories": trajectories,
+            "trajectories_per_s": round(trajectories / rm_s, 1),
+            "share_of_wall": round(rm_s / arm["wall_s"], 3),
+            "accuracy_on_rollouts": None if counts.accuracy is None else round(counts.accuracy, 4),
+        }
+    return arm
+
+
+def plot(arms: dict[str, dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for name, arm in arms.items():
+        curve = arm["curve"]
+        axes.plot(curve["episodes"], curve["mean"], label=name)
+        axes.fill_between(curve["episodes"], curve["ci95_low"], curve["ci95_high"], alpha=0.2)
+    axes.axhline(TARGET, color="grey", linestyle="--", linewidth=0.8)
+    axes.set(xlabel="training episodes", ylabel="test success (P(outcome = 1))", title=title, ylim=(0, 1))
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png"))
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, help=f"seeds per arm (default {Settings.seeds}; quick {QUICK.seeds})")
+    parser.add_argument("--episodes", type=int, help=f"episodes per run (default {Settings.episodes})")
+    parser.add_argument("--checkpoint", type=Path, help="the reward model of arms module and module_norm (a stage-0 "
+                        "or stage-1 checkpoint); default: one trained here on synth pairs of other tasks")  # fmt: skip
+    parser.add_argument("--arms", default=None, help=f"comma-separated, of {', '.join(ARMS)} (default: all; quick: "
+                        f"{', '.join(QUICK_ARMS)})")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="a few seeds, a small budget, a tiny reward-model "
+                        "encoder: a smoke test of what is robust at that size")  # fmt: skip
+    parser.add_argument("--module-weight", type=float, help=f"w, the module reward's weight against the outcome's 1 "
+                        f"(default {Settings.module_weight})")  # fmt: skip
+    parser.add_argument("--lr", type=float, help=f"Adam's learning rate, every arm's (default {Settings.lr})")
+    parser.add_argument("--out", type=Path, default=OUT, help="results.json, the plot and the cached models")
+    args = parser.parse_args(argv)
+    args.arms = args.arms.split(",") if args.arms else list(QUICK_ARMS if args.quick else ARMS)
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        parser.error(f"--arms: unknown {', '.join(unknown)} (arms: {', '.join(ARMS)})")
+    return args
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    s = QUICK if args.quick else Settings()
+    weight = s.module_weight if args.module_weight is None else args.module_weight
+    return replace(
+        s, seeds=args.seeds or s.seeds, episodes=args.episodes or s.episodes, module_weight=weight, lr=args.lr or s.lr
+    )
+
+
+def run_arms(args: argparse.Namespace, s: Settings, world: World) -> tuple[dict, dict]:
+    """Every arm over every seed; the reward models built or loaded, served, and measured first."""
+    served = sorted({RM_OF_ARM[a] for a in args.arms if a in RM_OF_ARM})
+    checkpoints: dict[str, Path] = {}
+    reward_model: dict = {}
+    if served and not (args.checkpoint and served == ["rm"]):
+        checkpoints, reward_model["training"] = build_reward_models(args.out, s)
+    if args.checkpoint:
+        checkpoints["rm"] = args.checkpoint
+        reward_model["checkpoint"] = str(args.checkpoint)
+    arms: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        clients = {}
+        for name in served:
+            port = stack.enter_context(serving(checkpoints[name], args.out / f"serve-{name}.log"))
+            clients[name] = RewardClient(port)
+            accuracy = pair_accuracy(clients[name], world.train)
+            reward_model["accuracy" if name == "rm" else "control_accuracy"] = accuracy["all"]
+            reward_model[f"{name}_accuracy_by"] = accuracy
+            clients[name].seconds = clients[name].trajectories = 0
+        for arm in args.arms:
+            client = clients.get(RM_OF_ARM.get(arm, ""))
+            runs = [train(arm, seed, world, s, client) for seed in range(s.seeds)]
+            arms[arm] = summarise_arm(runs)
+            print(
+                f"{arm}: episodes to {TARGET} {arms[arm][f'episodes_to_{TARGET}']}, final {arms[arm]['final_success']}"
+            )
+    return arms, reward_model
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """The bench on one torch thread: the policy's tensors are tiny, and a second thread would only spin against
+    the reward model's server for the same cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return bench(parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def bench(args: argparse.Namespace) -> dict:
+    s = settings_of(args)
+    busy = warn_if_busy()
+    start, args.out = time.perf_counter(), args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    train_tasks, test_tasks = env.draw_tasks(s.train_tasks, "policy", 0), env.draw_tasks(s.test_tasks, "test", 0)
+    world = World(
+        train_tasks, test_tasks, candidate_features(train_tasks, args.out), candidate_features(test_tasks, args.out)
+    )
+    arms, reward_model = run_arms(args, s, world)
+    wall = time.perf_counter() - start
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    results = {
+        "benchmark": "bench-rl",
+        "settings": asdict(s) | {"arms": args.arms, "rounds": 1, "candidates": len(env.KINDS), "target": TARGET},
+        "arms": arms,
+        "reward_model": reward_model,
+        "goal": goal(arms),
+        "machine": machine() | {"cpu_busy_before_start": round(busy, 3)},
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "wall_s": round(wall, 1),
+        "cpu_s": round(own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime, 1),
+    }
+    write_json(args.out / "results.json", results)
+    plot(arms, args.out / "success.png", f"{s.seeds} seeds, mean and 95% interval")
+    print(report(results))
+    return results
+
+
+def goal(arms: dict[str, dict]) -> dict | None:
+    """Arm module's median episodes to the target against outcome's: the goal is at most half."""
+    if "module" not in arms or "outcome" not in arms:
+        return None
+    key = f"median_episodes_to_{TARGET}"
+    module, outcome = arms["module"][key], arms["outcome"][key]
+    ratio = None if module is None or outcome is None else round(module / outcome, 3)
+    met = module is not None and (outcome is None or module <= outcome / 2)
+    return {"module_over_outcome": ratio, "met": met}
+
+
+def report(results: dict) -> str:
+    key = f"median_episodes_to_{TARGET}"
+    rows = []
+    for name, arm in results["arms"].items():
+        calls = arm.get("reward_model_calls", {})
+        finals = np.array(arm["final_success"])
+        reached = sum(e is not None for e in arm[f"episodes_to_{TARGET}"])
+        rows.append([name, arm[key] if arm[key] is not None else "-", f"{reached}/{len(finals)}", float(finals.mean()),
+                     calls.get("trajectories_per_s", "-"), calls.get("share_of_wall", "-"),
+                     calls.get("accuracy_on_rollouts", "-")])  # fmt: skip
+    headers = ["arm", f"median eps to {TARGET}", "reached", "final", "RM traj/s", "RM share", "RM acc (rollouts)"]
+    lines = [table(headers, rows), f"reward model: {json.dumps(results['reward_model'].get('accuracy'))} pairwise "
+             f"accuracy on the policy's tasks; goal: {results['goal']}",
+             f"{results['wall_s']:.0f} s wall, {results['cpu_s']:.0f} s CPU"]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its servers
+    main()

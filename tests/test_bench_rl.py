@@ -1,0 +1,150 @@
+"""`bench/bench_rl.py` and its environment `bench/rl_env.py`: the environment's success is what it says, the
+reward model's data and the control's are what they claim, the HTTP path scores as the in-process model does, and
+a quick run shows what is robust at its size."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_rl
+import rl_env
+
+from pipeline.reward import RewardModel
+
+
+@pytest.fixture(scope="module")
+def tasks() -> list[rl_env.Task]:
+    return rl_env.draw_tasks(6, "policy", seed=0)
+
+
+def sampled_success(tasks: list[rl_env.Task], pick, episodes: int, seed: int = 0) -> float:
+    """The share of sampled episodes whose outcome was 1, `pick(rng, task)` choosing each episode's picks."""
+    rng = np.random.default_rng(seed)
+    wins = 0
+    for i in range(episodes):
+        task = tasks[i % len(tasks)]
+        wrong = task.wrong(pick(rng, task)).sum()
+        wins += rng.random() < rl_env.success_probability(wrong)
+    return wins / episodes
+
+
+def test_an_oracle_policy_reaches_the_target_and_a_random_one_does_not(tasks):
+    oracle = sampled_success(tasks, lambda rng, task: task.good_picks(), 4000)
+    random = sampled_success(tasks, lambda rng, task: rng.integers(len(rl_env.KINDS), size=task.decisions), 4000)
+    assert oracle == pytest.approx(rl_env.expected_success(np.ones(4)), abs=0.02)
+    assert oracle > bench_rl.TARGET
+    assert random == pytest.approx(rl_env.expected_success(np.full(4, 1 / 3)), abs=0.02)
+    assert random < 0.15
+
+
+def test_expected_success_is_the_sampled_rate_of_a_mixed_policy(tasks):
+    p_good = np.array([0.9, 0.5, 0.7, 0.2])
+
+    def pick(rng, task):
+        good = task.good_picks()
+        right = rng.random(task.decisions) < p_good
+        return [g if ok else (g + 1) % len(rl_env.KINDS) for g, ok in zip(good, right, strict=True)]
+
+    assert sampled_success(tasks, pick, 20000) == pytest.approx(rl_env.expected_success(p_good), abs=0.01)
+
+
+def test_each_decision_has_one_good_one_subtle_and_one_blatant_candidate(tasks):
+    for task in tasks:
+        for options in task.candidates:
+            for module, choices in zip(rl_env.MODULES, options, strict=True):
+                assert sorted(c.kind for c in choices) == sorted(rl_env.KINDS), (task.task, module)
+                assert len({c.text for c in choices}) == len(choices)
+        assert not task.wrong(task.good_picks()).any()
+
+
+def test_reward_model_policy_and_test_never_share_a_group_or_a_text():
+    policy, test = rl_env.draw_tasks(16, "policy", seed=0), rl_env.draw_tasks(16, "test", seed=0)
+    pairs = rl_env.reward_model_pairs(20, seed=0)
+    groups = [{t.group for t in policy}, {t.group for t in test}, {p.group for p in pairs}]
+    assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1 :])
+    seen = {c.text for t in policy for options in t.candidates for choices in options for c in choices}
+    seen_by_rm = " ".join(p.positive.context + p.negative.context for p in pairs)
+    for task in test:
+        for options in task.candidates:
+            for choices in options:
+                good = next(c for c in choices if c.good)
+                assert good.text not in seen
+                assert all(text not in seen_by_rm for text in good.texts.values())
+    # test tasks are written in synth's held-out variant of each phrasing, which training never draws
+    assert not opening_words(test) & opening_words(policy)
+
+
+def opening_words(tasks: list[rl_env.Task]) -> set[tuple[str, str]]:
+    """(module, first two words) of every good candidate, the round label left out: the phrasing it was written in."""
+    return {
+        (module, " ".join(next(c for c in choices if c.good).text.removeprefix("Round 1: ").split()[:2]))
+        for task in tasks
+        for options in task.candidates
+        for module, choices in zip(rl_env.MODULES, options, strict=True)
+    }
+
+
+def test_the_control_sees_each_pair_swapped_or_not_at_random():
+    pairs = rl_env.reward_model_pairs(50, seed=0)
+    control = rl_env.shuffled_labels(pairs, seed=0)
+    swapped = [c.positive == p.negative and c.negative == p.positive for p, c in zip(pairs, control, strict=True)]
+    kept = [c == p for p, c in zip(pairs, control, strict=True)]
+    assert all(s or k for s, k in zip(swapped, kept, strict=True))
+    assert 0.35 < np.mean(swapped) < 0.65
+
+
+def test_advantages_are_normalised_per_module_within_the_group():
+    rewards = np.array([[1.0, 0.0, 2.0], [0.0, 0.0, 4.0], [1.0, 0.0, 6.0]])
+    advantages = bench_rl.group_advantages(rewards)
+    assert advantages[:, 1].tolist() == [0.0, 0.0, 0.0]  # all equal: no signal
+    assert np.allclose(advantages.mean(axis=0), 0.0)
+    assert np.allclose(advantages[:, [0, 2]].std(axis=0), 1.0)
+    assert advantages[2, 2] > advantages[1, 2] > advantages[0, 2]
+
+
+def test_module_credit_follows_each_module_s_own_reward():
+    wrong = np.array([[True, False, False, False], [False, False, False, True]])
+    labels = bench_rl.module_labels(wrong)
+    assert labels.tolist() == [[0.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]]
+    advantages = bench_rl.group_advantages(labels)
+    assert advantages[0, 0] < advantages[1, 0] and advantages[0, 3] > advantages[1, 3]
+
+
+@pytest.mark.slow
+def test_http_rewards_are_the_in_process_reward_model_s(stage0: Path, tasks, tmp_path: Path):
+    rng = np.random.default_rng(0)
+    items = [
+        {"task": task.task, "trajectory": task.trajectory(rng.integers(len(rl_env.KINDS), size=task.decisions))}
+        for task in tasks
+    ]
+    in_process = RewardModel.load(stage0, device="cpu").score(items)
+    expected = np.array([[row[m] for m in rl_env.MODULES] for row in in_process])
+    with bench_rl.serving(stage0, tmp_path / "serve.log", ["--header-timeout", "0.5"]) as port:
+        client = bench_rl.RewardClient(port)
+        served = client.score(items)
+        time.sleep(1.5)  # the server closes the idle keep-alive connection; the client opens a new one
+        again = client.score(items[:2])
+    np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(again, expected[:2], rtol=1e-5, atol=1e-6)
+    assert len({tuple(row) for row in served}) > 1  # the trajectories differ, and so do their rewards
+    assert client.requests == 2 and client.trajectories == len(items) + 2
+
+
+@pytest.mark.slow
+def test_quick_run_oracle_beats_outcome_and_the_control_does_not(tmp_path: Path):
+    results = bench_rl.main(["--quick", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "success.png").stat().st_size > 0
+    area = {arm: np.mean(saved["arms"][arm]["curve"]["mean"]) for arm in bench_rl.QUICK_ARMS}
+    assert area["oracle"] > area["outcome"] + 0.02
+    assert area["control"] < area["outcome"] + 0.02
+    for arm in bench_rl.QUICK_ARMS:
+        assert len(saved["arms"][arm]["final_success"]) == results["settings"]["seeds"]
+        assert len(saved["arms"][arm][f"episodes_to_{bench_rl.TARGET}"]) == results["settings"]["seeds"]
