@@ -28,6 +28,7 @@ import json
 import math
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -192,13 +193,12 @@ class RewardClient:
 @contextmanager
 def serving(checkpoint: Path, log: Path, flags: Sequence[str] = ()) -> Iterator[int]:
     """A `modrm serve` process (with `flags`) on a free port for the block; yields the port once /health answers."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [sys.executable, "-m", "pipeline", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
-    process = subprocess.Popen([*command, "--device", "cpu", *flags], stdout=log.open("w"), stderr=subprocess.STDOUT)
+    with log.open("w") as output:
+        process = subprocess.Popen([*command, "--device", "cpu", *flags], stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 300
         while not _healthy(port):
@@ -244,6 +244,8 @@ class PairCounts:
 
 @dataclass
 class Run:
+    """One arm's run for one seed: the test success curve and what its reward-model calls cost."""
+
     episodes: list[int] = field(default_factory=list)
     success: list[float] = field(default_factory=list)
     wall_s: float = 0.0
@@ -264,13 +266,8 @@ class World:
     train_features: torch.Tensor
     test_features: torch.Tensor
 
-    @property
-    def train_good(self) -> torch.Tensor:
-        return torch.tensor([t.good_picks() for t in self.train])
-
-    @property
-    def test_good(self) -> torch.Tensor:
-        return torch.tensor([t.good_picks() for t in self.test])
+    def good_picks(self, t: int) -> np.ndarray:
+        return np.array(self.train[t].good_picks())
 
 
 def module_labels(wrong: np.ndarray) -> np.ndarray:
@@ -288,13 +285,44 @@ def module_rewards(arm: str, task: env.Task, picks: np.ndarray, wrong: np.ndarra
     return client.score(items)
 
 
+def group_loss(
+    arm: str,
+    policy: Policy,
+    world: World,
+    t: int,
+    s: Settings,
+    rng: np.random.Generator,
+    generator: torch.Generator,
+    norm: RunningNorm,
+    client: RewardClient | None,
+    run: Run,
+) -> torch.Tensor:
+    """One GRPO group on training task t: G episodes sampled from the policy, their outcomes drawn, each module's
+    reward under `arm`, advantages normalised in the group; minus the advantage-weighted log-probability of every
+    pick, as a share of a step's episodes."""
+    log_probs = policy.log_probs(world.train_features[t])  # (decisions, K)
+    picks = torch.multinomial(log_probs.exp(), s.group, replacement=True, generator=generator).T  # (G, decisions)
+    wrong = picks.numpy() != world.good_picks(t)
+    outcome = (rng.random(s.group) < env.success_probability(wrong.sum(axis=1))).astype(np.float64)
+    rewards = np.repeat(outcome[:, None], len(env.MODULES), axis=1)
+    extra = module_rewards(arm, world.train[t], picks.numpy(), wrong, client)
+    if extra is not None:
+        if client is not None:
+            run.rm_pairs.add(module_labels(wrong), extra)
+        rewards = rewards + s.module_weight * (extra if arm == "module" else norm(extra))
+    advantages = torch.from_numpy(group_advantages(rewards)).float()
+    per_decision = advantages[:, torch.arange(picks.shape[1]) % len(env.MODULES)]
+    chosen = log_probs.gather(1, picks.T).T
+    return -(per_decision * chosen).sum() / (s.group * s.groups_per_step)
+
+
 def train(arm: str, seed: int, world: World, s: Settings, client: RewardClient | None = None) -> Run:
     """One policy trained under `arm` for s.episodes episodes; test success every s.eval_every episodes."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     policy = Policy(world.train_features.shape[-1], s.lr)
-    train_good, test_good = world.train_good.numpy(), world.test_good
+    test_good = torch.tensor([t.good_picks() for t in world.test])
     norm = RunningNorm(len(env.MODULES))
     run, start = Run(), time.perf_counter()
     rm_start = (client.seconds, client.trajectories) if client else (0.0, 0)
@@ -310,21 +338,7 @@ def train(arm: str, seed: int, world: World, s: Settings, client: RewardClient |
         for _ in range(s.groups_per_step):
             if not order:
                 order = rng.permutation(len(world.train)).tolist()
-            t = order.pop()
-            log_probs = policy.log_probs(world.train_features[t])  # (decisions, K)
-            picks = torch.multinomial(log_probs.exp(), s.group, replacement=True, generator=generator).T
-            wrong = picks.numpy() != train_good[t]
-            outcome = (rng.random(s.group) < env.success_probability(wrong.sum(axis=1))).astype(np.float64)
-            rewards = np.repeat(outcome[:, None], len(env.MODULES), axis=1)
-            extra = module_rewards(arm, world.train[t], picks.numpy(), wrong, client)
-            if extra is not None:
-                if client is not None:
-                    run.rm_pairs.add(module_labels(wrong), extra)
-                rewards = rewards + s.module_weight * (extra if arm == "module" else norm(extra))
-            advantages = torch.from_numpy(group_advantages(rewards)).float()
-            chosen = log_probs.gather(1, picks.T).T  # (G, decisions)
-            per_decision = advantages[:, torch.arange(chosen.shape[1]) % len(env.MODULES)]
-            loss = loss - (per_decision * chosen).sum() / (s.group * s.groups_per_step)
+            loss = loss + group_loss(arm, policy, world, order.pop(), s, rng, generator, norm, client, run)
             episodes += s.group
         policy.step(loss)
     run.wall_s = time.perf_counter() - start
@@ -473,6 +487,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown:
         parser.error(f"--arms: unknown {', '.join(unknown)} (arms: {', '.join(ARMS)})")
+    if args.checkpoint and not (args.checkpoint / "config.json").is_file():
+        parser.error(f"--checkpoint {args.checkpoint}: not a checkpoint folder (no config.json)")
     return args
 
 

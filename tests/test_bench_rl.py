@@ -117,6 +117,17 @@ def test_module_credit_follows_each_module_s_own_reward():
     assert advantages[0, 0] < advantages[1, 0] and advantages[0, 3] > advantages[1, 3]
 
 
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [(["--arms", "outcome,modul"], "--arms: unknown modul"), (["--checkpoint", "{tmp}"], "not a checkpoint folder")],
+)
+def test_bad_flags_are_one_line_naming_the_flag(flags, says, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench_rl.parse_args([f.format(tmp=tmp_path) for f in flags])
+    assert exit.value.code == 2
+    assert says in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_http_rewards_are_the_in_process_reward_model_s(stage0: Path, tasks, tmp_path: Path):
     rng = np.random.default_rng(0)
