@@ -27,6 +27,7 @@ import http.client
 import json
 import math
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -354,7 +355,7 @@ def build_reward_models(out: Path, s: Settings) -> tuple[dict[str, Path], dict]:
     """Stage-0 checkpoints `rm` (synth pairs of the reward model's task groups) and `control` (the same pairs, sides
     swapped at random), kept in `out` under a digest of their settings so a rerun trains nothing; and their
     training summaries."""
-    settings = {k: getattr(s, k) for k in ("rm_pairs_per_module", "rm_encoder", "rm_context_tokens")}
+    settings = {k: getattr(s, k) for k in ("rm_pairs_per_module", "rm_encoder", "rm_context_tokens")} | {"layout": 2}
     root = out / f"reward-models-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]}"
     summary_path = root / "summary.json"
     if summary_path.exists():
@@ -369,9 +370,11 @@ def build_reward_models(out: Path, s: Settings) -> tuple[dict[str, Path], dict]:
     pairs = env.reward_model_pairs(s.rm_pairs_per_module, seed=0)
     summaries = {}
     for name, data in (("rm", pairs), ("control", env.shuffled_labels(pairs, seed=0))):
-        path = write_pairs(root / f"{name}-pairs.jsonl", data)
-        embed_files([path], root / "cache", config, progress=False)  # the control's texts are the rm's: cached
-        trained = train_heads(root / "cache", root / name, config, progress=False)
+        cache = root / f"cache-{name}"  # each checkpoint's own: `serve --learn` replays the pairs its cache holds
+        if name == "control":
+            shutil.copytree(root / "cache-rm", cache)  # the same texts: nothing to encode again
+        embed_files([write_pairs(root / f"{name}-pairs.jsonl", data)], cache, config, progress=False)
+        trained = train_heads(cache, root / name, config, progress=False)
         summaries[name] = {"pairs": len(data), "val": trained["val"], "settings": settings}
     write_json(summary_path, summaries)
     return {name: root / name for name in ("rm", "control")}, summaries

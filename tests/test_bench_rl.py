@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_rl
 import rl_env
 
+from pipeline.cache import Cache
 from pipeline.reward import RewardModel
 
 
@@ -98,6 +99,22 @@ def test_the_control_sees_each_pair_swapped_or_not_at_random():
     kept = [c == p for p, c in zip(pairs, control, strict=True)]
     assert all(s or k for s, k in zip(swapped, kept, strict=True))
     assert 0.35 < np.mean(swapped) < 0.65
+
+
+@pytest.mark.slow
+def test_each_reward_model_s_cache_holds_the_pairs_it_was_trained_on(tmp_path: Path):
+    """`serve --learn` replays a checkpoint's training pairs from the cache it records: the control's must be its
+    shuffled pairs and the reward model's its own."""
+    checkpoints, summaries = bench_rl.build_reward_models(tmp_path, bench_rl.QUICK)
+    caches = {name: json.loads((path / "config.json").read_text())["cache"] for name, path in checkpoints.items()}
+    assert caches["rm"] != caches["control"]
+    indexes = {name: Cache.open(cache).read_pairs(["pair_id"]).to_pydict() for name, cache in caches.items()}
+    rm, control = indexes["rm"], indexes["control"]
+    assert rm["pair_id"] == control["pair_id"]
+    swapped = np.array(control["pos_ctx_row"]) == np.array(rm["neg_ctx_row"])
+    kept = np.array(control["pos_ctx_row"]) == np.array(rm["pos_ctx_row"])
+    assert (swapped | kept).all() and 0.3 < swapped.mean() < 0.7
+    assert summaries["rm"]["pairs"] == summaries["control"]["pairs"] == len(rm["pair_id"])
 
 
 def test_advantages_are_normalised_per_module_within_the_group():
