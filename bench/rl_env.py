@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data import Pair
+from pipeline.data import Pair, assign_split
 from pipeline.synth import (
     _BAD,
     _BLATANT,
@@ -133,8 +133,6 @@ class Task:
 
 def role(group: str) -> str:
     """Which part of the experiment a task group belongs to: reward_model, policy or test."""
-    from pipeline.data import assign_split
-
     return ROLE_OF_SPLIT[assign_split(group, SPLIT.train_fraction, SPLIT.val_fraction, SPLIT.split_seed)]
 
 
