@@ -52,9 +52,9 @@ from typing import TextIO
 import numpy as np
 import torch
 
-from pipeline.atomic import atomic_write, write_json
+from pipeline.atomic import atomic_write, commit, write_json
 from pipeline.cache import Cache, Shard, as_keys, text_key
-from pipeline.checkpoint import METRICS_FILE, Checkpoint, load_checkpoint, save_heads
+from pipeline.checkpoint import HEADS_FILES, METRICS_FILE, Checkpoint, load_checkpoint, write_heads
 from pipeline.config import Config
 from pipeline.data import DataError, Pair, Problem, load_pairs, pair_to_record
 from pipeline.errors import ModrmError
@@ -62,7 +62,7 @@ from pipeline.heads import RewardHeads
 from pipeline.mine import MineOptions, mine_rollouts
 from pipeline.pairwise import PairSet, split_by_group, validate
 from pipeline.rollouts import RolloutFormat
-from pipeline.train_heads import Run, split_sets, train
+from pipeline.train_heads import EPOCH_LOG, Run, split_sets, train
 from pipeline.training import Optimization, param_groups
 
 log = logging.getLogger("modrm.learn")
@@ -660,7 +660,13 @@ def train_version(job: dict) -> None:
         "n_replayed": len(data.replayed),
         "started_from": job["start"],
     }
-    save_heads(job["out"], model, config, start.fingerprint, 0, str(Path(job["cache"]).resolve()), summary, [])
+    cache = str(Path(job["cache"]).resolve())  # what `modrm eval` of the version embeds into
+
+    def write(staging: Path) -> None:
+        write_heads(staging, model, config, start.fingerprint, 0, cache, summary, [])
+        (staging / EPOCH_LOG).write_text("".join(json.dumps(record) + "\n" for record in epochs))
+
+    commit(job["out"], [*HEADS_FILES, EPOCH_LOG], write)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -24,17 +24,17 @@ from test_serve import running
 from test_serve_fuzz import serving
 
 from pipeline import RewardModel
-from pipeline.checkpoint import heads_version, load_checkpoint, save_heads
+from pipeline.checkpoint import HEADS_FILES, heads_version, load_checkpoint, save_heads
 from pipeline.config import Config, HeadConfig
 from pipeline.data import Pair, Side, pair_to_record
 from pipeline.embed import embed_files
 from pipeline.encoder import MINILM_ID
 from pipeline.errors import ModrmError
-from pipeline.learner import LearnConfig
+from pipeline.learner import VERSION_FILE, LearnConfig
 from pipeline.reward import Stats
 from pipeline.serve import MicroBatcher, ServeConfig, create_app
 from pipeline.synth import generate_pairs, generate_rollouts, write_pairs
-from pipeline.train_heads import train_heads
+from pipeline.train_heads import EPOCH_LOG, train_heads
 from pipeline.trajectory import module_view
 
 pytestmark = pytest.mark.slow  # training runs, subprocesses or many examples: `make test-fast` skips them
@@ -312,16 +312,19 @@ def test_kill_after_202_loses_no_pairs_a_restart_serves_the_latest_version_and_s
         wait_for(lambda: server.request("GET", "/versions")[1]["served"] == "v0001", "v0001 served after restart")
         assert server.request("GET", "/versions")[1]["versions"][-1]["pairs_seen"] == 20
         server.process.kill()
+    version = tmp_path / "state" / "versions" / "v0001"  # an ordinary checkpoint, of its own files only
+    assert sorted(p.name for p in version.iterdir()) == sorted([*HEADS_FILES, EPOCH_LOG, VERSION_FILE])
+    item = {"task": "t", "trajectory": "<plan>p</plan>"}
     with running(served, *flags) as server:
         assert server.request("GET", "/versions")[1]["served"] == "v0001"
-        assert server.post("/score", {"items": [{"task": "t", "trajectory": "<plan>p</plan>"}]})[1]["head_version"] == (
-            "v0001"
-        )
+        answer = server.post("/score", {"items": [item]})[1]
+        assert answer["head_version"] == "v0001"
+        [alone] = RewardModel.load(version, device="cpu").score([item])  # what `modrm score` of the version gives
+        assert answer["rewards"][0]["planner"] == pytest.approx(alone["planner"], abs=1e-5)
         retrained = load_checkpoint(served)
         with torch.no_grad():
             retrained.model.norm.bias += 0.5  # another run wrote new heads into --checkpoint
         save_heads(served, retrained.model, retrained.config, retrained.fingerprint, 0, retrained.cache, {}, [])
         server.process.send_signal(signal.SIGHUP)
         wait_for(lambda: server.request("GET", "/versions")[1]["served"] == heads_version(served), "SIGHUP reload")
-        item = {"task": "t", "trajectory": "<plan>p</plan>"}
         assert server.post("/score", {"items": [item]})[1]["head_version"] == heads_version(served)
