@@ -27,7 +27,7 @@ DEMO_DATA := data/generated/demo.jsonl
 STAGE1 ?= artifacts/stage1
 DEMO_DIR := artifacts/demo
 
-.PHONY: install synth embed train-heads finetune eval serve demo test test-fast bench bench-gpu lint clean
+.PHONY: install synth embed train-heads finetune eval serve demo test test-fast bench bench-rl bench-gpu lint clean
 
 install: $(VENV)/.installed
 
@@ -79,6 +79,12 @@ bench: install
 	$(BIN)/python bench/bench_serve.py
 	$(BIN)/python bench/bench_pairs.py
 	$(BIN)/python bench/bench_learn.py
+
+# Does the module reward help RL? Five arms of a toy multi-module agent over 10 seeds, the reward model through
+# `modrm serve` (results, plot and cached models in artifacts/bench-rl; RL_FLAGS="--checkpoint DIR" for your own).
+RL_FLAGS ?=
+bench-rl: install
+	$(BIN)/python bench/bench_rl.py $(RL_FLAGS)
 
 # The GPU check: the cuda tests and bench/bench_gpu.py, on a Python that has torch with CUDA and modrm
 # importable (a GPU machine's own: `pip install --no-deps --no-build-isolation -e .`; or GPU_PYTHON=.venv/bin/python).
