@@ -21,6 +21,13 @@ from pipeline.reward import RewardModel
 
 
 @pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """`bench_rl.py --quick` once for the module: its output folder and results."""
+    out = tmp_path_factory.mktemp("bench-rl")
+    return out, bench_rl.main(["--quick", "--out", str(out)])
+
+
+@pytest.fixture(scope="module")
 def tasks() -> list[rl_env.Task]:
     return rl_env.draw_tasks(6, "policy", seed=0)
 
@@ -102,10 +109,10 @@ def test_the_control_sees_each_pair_swapped_or_not_at_random():
 
 
 @pytest.mark.slow
-def test_each_reward_model_s_cache_holds_the_pairs_it_was_trained_on(tmp_path: Path):
+def test_each_reward_model_s_cache_holds_the_pairs_it_was_trained_on(quick_run):
     """`serve --learn` replays a checkpoint's training pairs from the cache it records: the control's must be its
     shuffled pairs and the reward model's its own."""
-    checkpoints, summaries = bench_rl.build_reward_models(tmp_path, bench_rl.QUICK)
+    checkpoints, summaries = bench_rl.build_reward_models(quick_run[0], bench_rl.QUICK)  # the quick run's models
     caches = {name: json.loads((path / "config.json").read_text())["cache"] for name, path in checkpoints.items()}
     assert caches["rm"] != caches["control"]
     indexes = {name: Cache.open(cache).read_pairs(["pair_id"]).to_pydict() for name, cache in caches.items()}
@@ -166,10 +173,10 @@ def test_http_rewards_are_the_in_process_reward_model_s(stage0: Path, tasks, tmp
 
 
 @pytest.mark.slow
-def test_quick_run_oracle_beats_outcome_and_the_control_does_not(tmp_path: Path):
-    results = bench_rl.main(["--quick", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "results.json").read_text())
-    assert (tmp_path / "success.png").stat().st_size > 0
+def test_quick_run_oracle_beats_outcome_and_the_control_does_not(quick_run):
+    out, results = quick_run
+    saved = json.loads((out / "results.json").read_text())
+    assert (out / "success.png").stat().st_size > 0
     area = {arm: np.mean(saved["arms"][arm]["curve"]["mean"]) for arm in bench_rl.QUICK_ARMS}
     assert area["oracle"] > area["outcome"] + 0.02
     assert area["control"] < area["outcome"] + 0.02
