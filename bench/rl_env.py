@@ -19,7 +19,7 @@ training episodes use synth's training variants of every phrasing list; test epi
 last one), which neither ever saw. (Synth's held-out word swaps are not applied: a linear policy over frozen
 MiniLM embeddings does not carry across them, oracle included.)
 
-The candidates are built with synth's own phrase bank and helpers (private to pipeline.synth), so the texts are
+The candidates are built by synth (`pipeline.synth.candidate_task`, from its own phrase bank), so the texts are
 exactly the ones the reward model's pairs are made of.
 """
 
@@ -33,41 +33,17 @@ import numpy as np
 
 from pipeline.config import DataConfig
 from pipeline.data import Pair, assign_split
-from pipeline.synth import (
-    _BAD,
-    _BLATANT,
-    _ROUND,
-    _STYLES,
-    _draw_task,
-    _fill,
-    _good,
-    _phase,
-    _round_slots,
-    _variant,
-    generate_pairs,
-)
+from pipeline.synth import CandidateTask, candidate_task, generate_pairs
 
 MODULES = ("reflection", "planner", "executor", "memory")
 KINDS = ("good", "subtle", "blatant")  # the K = 3 candidates of every decision
+_KIND = {"good": "good", "blatant": "blatant"}  # synth's other kinds are subtle
 # Groups by a hash (pipeline.data.assign_split): "train" -> the reward model's pairs, "val" -> the policy's training
 # episodes, "test" -> the test episodes.
 SPLIT = DataConfig(train_fraction=0.5, val_fraction=0.25, split_seed=25)
 ROLE_OF_SPLIT = {"train": "reward_model", "val": "policy", "test": "test"}
 # P(outcome = 1 | b wrong picks) = FLOOR + SCALE * DECAY ** b: 0.95 with none, 0.28 with one, 0.09 with two...
 FLOOR, SCALE, DECAY = 0.02, 0.93, 0.28
-
-
-# Other tasks' content: a text with these is wrong only given which cause or component belongs to which task.
-_FOREIGN = ("{wrong_cause}", "{wrong_fix}", "{other_c}")
-
-
-def _shows_itself(variants: list[dict[str, str]]) -> bool:
-    return not any(slot in text for variant in variants for text in variant.values() for slot in _FOREIGN)
-
-
-# Per module, synth's subtle kinds whose fault shows in the output itself (a skipped check, a wrong tool, a memory
-# lookup that finds nothing, a vague or overclaiming reflection...).
-SUBTLE_KINDS = {m: [k for k, variants in _BAD[m].items() if k != _BLATANT and _shows_itself(variants)] for m in MODULES}
 
 
 def success_probability(wrong: int | np.ndarray) -> float | np.ndarray:
@@ -101,11 +77,22 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Task:
-    """A task and its candidates: candidates[round][module] is that decision's K candidates, in shuffled order."""
+    """A task and its candidates: candidates[round][module] is that decision's K candidates, in shuffled order;
+    `drawn` is synth's, which writes the trajectories."""
 
     task: str
     group: str
     candidates: tuple[tuple[tuple[Candidate, ...], ...], ...]
+    drawn: CandidateTask
+
+    @classmethod
+    def of(cls, drawn: CandidateTask) -> Task:
+        """Synth's candidates, each kind one of KINDS."""
+        candidates = tuple(
+            tuple(tuple(Candidate(texts, _KIND.get(kind, "subtle")) for kind, texts in choices) for choices in options)
+            for options in drawn.candidates
+        )
+        return cls(drawn.task, drawn.group, candidates, drawn)
 
     @property
     def decisions(self) -> int:
@@ -114,13 +101,7 @@ class Task:
     def trajectory(self, picks: Sequence[int]) -> str:
         """The tagged trajectory (synth's format) of one pick per decision, decisions round by round, modules in
         MODULES order."""
-        rounds = []
-        for r, options in enumerate(self.candidates):
-            texts: dict[str, str] = {}
-            for m, choices in enumerate(options):
-                texts |= choices[picks[r * len(MODULES) + m]].texts
-            rounds.append(_ROUND.format(n=r + 1, **texts))
-        return "\n".join(rounds)
+        return self.drawn.trajectory(picks)
 
     def good_picks(self) -> list[int]:
         return [[c.good for c in choices].index(True) for options in self.candidates for choices in options]
@@ -136,28 +117,6 @@ def role(group: str) -> str:
     return ROLE_OF_SPLIT[assign_split(group, SPLIT.train_fraction, SPLIT.val_fraction, SPLIT.split_seed)]
 
 
-def _candidate(module: str, kind: str, rng: random.Random, phase: str, slots: dict, wording: str) -> Candidate:
-    style = rng.randrange(_STYLES)
-    if kind == "good":
-        return Candidate(_good(module, phase, style, slots, wording), kind)
-    bad = _BLATANT if kind == "blatant" else rng.choice(SUBTLE_KINDS[module])
-    return Candidate(_fill(_variant(_BAD[module][bad], style, wording), slots), kind)
-
-
-def _task(rng: random.Random, task: str, slots: dict, rounds: int, wording: str) -> Task:
-    candidates = []
-    for r in range(1, rounds + 1):
-        phase = _phase(r, rounds)
-        round_slots = _round_slots(slots, phase, r, rng.randint(1, 4))
-        options = []
-        for module in MODULES:
-            choices = [_candidate(module, kind, rng, phase, round_slots, wording) for kind in KINDS]
-            rng.shuffle(choices)
-            options.append(tuple(choices))
-        candidates.append(tuple(options))
-    return Task(task, f"{slots['goal']} in {slots['c']}", tuple(candidates))
-
-
 def draw_tasks(count: int, task_role: str, seed: int, rounds: int = 1) -> list[Task]:
     """`count` distinct tasks of groups in `task_role` ("policy" or "test"), the same for the same arguments; test
     tasks in synth's held-out variants ("heldout"), the others in its training ones ("train")."""
@@ -165,9 +124,9 @@ def draw_tasks(count: int, task_role: str, seed: int, rounds: int = 1) -> list[T
     wording = "heldout" if task_role == "test" else "train"
     tasks: dict[str, Task] = {}
     for _ in range(1000 * count):
-        task, slots, _ = _draw_task(rng)
-        if task not in tasks and role(f"{slots['goal']} in {slots['c']}") == task_role:
-            tasks[task] = _task(rng, task, slots, rounds, wording)
+        drawn = candidate_task(rng, rounds, wording, lambda task, group: task not in tasks and role(group) == task_role)
+        if drawn is not None:
+            tasks[drawn.task] = Task.of(drawn)
             if len(tasks) == count:
                 return list(tasks.values())
     raise ValueError(f"only {len(tasks)} distinct {task_role} tasks exist; asked for {count}")

@@ -519,6 +519,77 @@ def generate_pairs(
     return pairs
 
 
+# ---------------------------------------------------------------------------------------------- candidates
+
+_FOREIGN_SLOTS = ("{wrong_cause}", "{wrong_fix}", "{other_c}")  # another task's content in a text
+
+
+def _self_evident(variants: list[dict[str, str]]) -> bool:
+    """Whether a bad kind's fault shows in the output and its own task (it names no other task's content)."""
+    return not any(slot in text for variant in variants for text in variant.values() for slot in _FOREIGN_SLOTS)
+
+
+_CANDIDATE_KINDS = ("good", "subtle", _BLATANT)  # a candidate task's three outputs per round and module
+# Per module, the subtle kinds a candidate task draws from.
+_SELF_EVIDENT = {m: [k for k, v in kinds.items() if k != _BLATANT and _self_evident(v)] for m, kinds in _BAD.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateTask:
+    """A task and its candidate outputs: candidates[round][module][k] is (kind, texts under the round keys of
+    MODULE_KEYS[module]), modules in MODULE_KEYS order, kinds in shuffled order."""
+
+    task: str
+    group: str
+    candidates: tuple[tuple[tuple[tuple[str, dict[str, str]], ...], ...], ...]
+
+    def trajectory(self, picks: Sequence[int]) -> str:
+        """The tagged trajectory (as synth's pairs write one) of one pick per decision, round by round, modules in
+        MODULE_KEYS order."""
+        rounds, modules = [], len(MODULE_KEYS)
+        for r, options in enumerate(self.candidates):
+            texts: dict[str, str] = {}
+            for m, choices in enumerate(options):
+                texts |= choices[picks[r * modules + m]][1]
+            rounds.append(_ROUND.format(n=r + 1, **texts))
+        return "\n".join(rounds)
+
+
+def candidate_task(
+    rng: random.Random, rounds: int, wording: str, keep: Callable[[str, str], bool]
+) -> CandidateTask | None:
+    """A task of the bank with, per round and module, three candidate outputs in shuffled order (for an RL
+    environment whose modules choose among them): the good one, a subtle one and the blatant one, each in a surface
+    style drawn at random, in `wording` ("train": the training variants of each phrasing list, "heldout": the last
+    variant, "any"). The subtle kind is one whose fault shows in the output and its own task (a skipped check, a wrong
+    tool or file, a vague reflection...), never one naming another task's cause or component. None, having drawn
+    the task alone, when `keep(task, group)` is false."""
+    task, slots, _ = _draw_task(rng)
+    group = f"{slots['goal']} in {slots['c']}"
+    if not keep(task, group):
+        return None
+    candidates = []
+    for r in range(1, rounds + 1):
+        phase = _phase(r, rounds)
+        round_slots = _round_slots(slots, phase, r, rng.randint(1, 4))
+        options = []
+        for module in MODULE_KEYS:
+            choices = [_candidate(rng, module, kind, phase, round_slots, wording) for kind in _CANDIDATE_KINDS]
+            rng.shuffle(choices)
+            options.append(tuple(choices))
+        candidates.append(tuple(options))
+    return CandidateTask(task, group, tuple(candidates))
+
+
+def _candidate(rng: random.Random, module: str, kind: str, phase: str, slots: dict, wording: str) -> tuple[str, dict]:
+    """(kind, texts) of a good, subtle (a kind drawn from _SELF_EVIDENT) or blatant output, in a style drawn."""
+    style = rng.randrange(_STYLES)
+    if kind == "good":
+        return kind, _good(module, phase, style, slots, wording)
+    bad = _BLATANT if kind == _BLATANT else rng.choice(_SELF_EVIDENT[module])
+    return bad, _fill(_variant(_BAD[module][bad], style, wording), slots)
+
+
 # ---------------------------------------------------------------------------------------------- rollouts
 
 # The order modules speak in a round of a synthetic rollout; the executor's tool results follow as a tool message.
