@@ -278,10 +278,10 @@ class Learner:
     ):
         self.config, self.base = config, base
         self.serving, self.encode, self.install, self.counted = serving, encode, install, counted
+        self.replay = self._replay_cache()
         self.lock = lock_state(config.state_dir)
         self.inbox = Inbox(config.state_dir / "pairs")
         self.versions = Versions(config.state_dir)
-        self.replay = self._replay_cache()
         self.wake = threading.Condition()
         self.pending_since: float | None = time.monotonic() if self.pending() else None
         self.stopping = False

@@ -30,7 +30,7 @@ from pipeline.data import Pair, Side, pair_to_record
 from pipeline.embed import embed_files
 from pipeline.encoder import MINILM_ID
 from pipeline.errors import ModrmError
-from pipeline.learner import VERSION_FILE, LearnConfig
+from pipeline.learner import VERSION_FILE, LearnConfig, Learner
 from pipeline.reward import Stats
 from pipeline.serve import MicroBatcher, ServeConfig, create_app
 from pipeline.synth import generate_pairs, generate_rollouts, write_pairs
@@ -279,6 +279,16 @@ def test_a_second_server_cannot_learn_into_the_same_state_dir(rm, intake):
     _, state = intake
     with pytest.raises(ModrmError, match="another modrm serve learns into it"):
         create_app(rm, ServeConfig(), LearnConfig(state))
+
+
+def test_learning_needs_the_checkpoints_training_cache_or_replay(checkpoint, tmp_path):
+    moved = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, moved)
+    meta = json.loads((moved / "config.json").read_text())
+    (moved / "config.json").write_text(json.dumps(meta | {"cache": str(tmp_path / "gone")}))
+    with pytest.raises(ModrmError, match=r"records no training cache that exists here .* pass --replay CACHE"):
+        Learner(LearnConfig(tmp_path / "state"), moved, serving=None, encode=None, install=None)
+    Learner(LearnConfig(tmp_path / "state", replay=Path(meta["cache"])), moved, serving=None, encode=None, install=None)
 
 
 def test_without_learn_the_learning_endpoints_say_how_to_enable_them(rm, checkpoint):
