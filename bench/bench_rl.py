@@ -11,7 +11,13 @@ few groups, the same optimiser, steps and episodes for every arm:
 - module: module m's advantage is that of outcome + w * r_m, r_m the reward model's reward for module m (raw);
 - module_norm: the same with r_m standardised per module by the run's running mean and std of r_m;
 - oracle: module_norm with r_m the ground truth (1 where module m picked good outputs), the upper bound;
-- control: module_norm with a reward model whose heads were trained on shuffled labels (sides swapped at random).
+- control: module_norm with a reward model whose heads were trained on shuffled labels (sides swapped at random);
+- module_weak: module with a weak reward model (stage 0 on pairs whose negatives are all blatant: it never saw the
+  subtle failures the policy meets);
+- online: module_weak with the reward model refreshed during the run (`modrm serve --learn`): every
+  `refresh_every` episodes (`refreshes` times at most) the policy's rollouts since the last refresh go to
+  POST /rollouts (mined server-side by `modrm pairs`' contrast), and the policy waits (polling GET /versions) until
+  the learner has judged the new version, served or refused; that wait is counted apart from the run's time.
 
 The reward model (stage 0 on synth pairs of task groups the policy never meets, or `--checkpoint DIR`) is called
 over HTTP, one POST /score per group, as an RL loop would. Success is measured exactly (no sampling noise) on the
@@ -33,7 +39,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,9 +54,9 @@ from pipeline.config import Config
 from pipeline.encoder import MINILM_ID, Encoder
 from pipeline.synth import write_pairs
 
-ARMS = ("outcome", "module", "module_norm", "oracle", "control")
+ARMS = ("outcome", "module", "module_norm", "oracle", "control", "module_weak", "online")
 QUICK_ARMS = ("outcome", "oracle", "control")
-RM_OF_ARM = {"module": "rm", "module_norm": "rm", "control": "control"}
+RM_OF_ARM = {"module": "rm", "module_norm": "rm", "control": "control", "module_weak": "weak", "online": "weak"}
 TARGET = 0.8
 OUT = ROOT / "artifacts" / "bench-rl"
 
@@ -71,9 +77,20 @@ class Settings:
     rm_pairs_per_module: int = 100
     rm_encoder: str = MINILM_ID
     rm_context_tokens: int = 64  # contexts keep the task and their end: every new trajectory costs the encoder this
+    weak_pairs_per_module: int = 100  # the weak reward model (of module_weak and online): blatant negatives only
+    refresh_every: int = 256  # online: episodes between two posts of the policy's rollouts
+    refreshes: int = 1  # online: at most this many (each costs the learner tens of seconds on a busy CPU)
 
 
-QUICK = Settings(seeds=3, episodes=768, train_tasks=8, test_tasks=8, rm_pairs_per_module=24, rm_encoder="tiny")
+QUICK = Settings(
+    seeds=3,
+    episodes=768,
+    train_tasks=8,
+    test_tasks=8,
+    rm_pairs_per_module=24,
+    rm_encoder="tiny",
+    weak_pairs_per_module=24,
+)
 
 
 # ---------------------------------------------------------------------------------------------- policy
@@ -160,8 +177,9 @@ class RunningNorm:
 
 
 class RewardClient:
-    """`modrm serve`'s POST /score over a keep-alive connection: rewards in MODULES order, and the time spent. The
-    server closes a connection left idle (its header timeout), so a closed one is opened again, once."""
+    """`modrm serve` over a keep-alive connection: POST /score's rewards in MODULES order and the time spent, and
+    the online learning endpoints. The server closes a connection left idle (its header timeout), so a closed one
+    is opened again, once."""
 
     def __init__(self, port: int):
         self.port = port
@@ -170,36 +188,43 @@ class RewardClient:
 
     def score(self, items: list[dict[str, str]]) -> np.ndarray:
         start = time.perf_counter()
-        body = json.dumps({"items": items})
-        try:
-            status, answer = self._post(body)
-        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-            self.connection.close()
-            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
-            start = time.perf_counter()
-            status, answer = self._post(body)
-        if status != 200:
-            raise RuntimeError(f"modrm serve answered {status}: {answer}")
+        answer = self.call("POST", "/score", json.dumps({"items": items}))
         self.seconds += time.perf_counter() - start
         self.requests += 1
         self.trajectories += len(items)
         return np.array([[row[m] for m in env.MODULES] for row in answer["rewards"]], dtype=np.float64)
 
-    def _post(self, body: str) -> tuple[int, dict]:
-        self.connection.request("POST", "/score", body, {"Content-Type": "application/json"})
+    def call(self, method: str, path: str, body: str | None = None, content_type: str = "application/json") -> dict:
+        """One request's JSON answer; anything but a 2xx is an error."""
+        try:
+            status, answer = self._request(method, path, body, content_type)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            self.connection.close()
+            self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+            status, answer = self._request(method, path, body, content_type)
+        if not 200 <= status < 300:
+            raise RuntimeError(f"modrm serve answered {method} {path} with {status}: {answer}")
+        return answer
+
+    def _request(self, method: str, path: str, body: str | None, content_type: str) -> tuple[int, dict]:
+        headers = {"Content-Type": content_type} if body is not None else {}
+        self.connection.request(method, path, body, headers)
         response = self.connection.getresponse()
         return response.status, json.loads(response.read())
 
 
 @contextmanager
 def serving(checkpoint: Path, log: Path, flags: Sequence[str] = ()) -> Iterator[int]:
-    """A `modrm serve` process (with `flags`) on a free port for the block; yields the port once /health answers."""
+    """A `modrm serve` process (with `flags`) on a free port for the block; yields the port once /health answers.
+    It gathers no micro-batch: the bench sends one request at a time, so waiting for company would only add."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "pipeline", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
     with log.open("w") as output:
-        process = subprocess.Popen([*command, "--device", "cpu", *flags], stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*command, "--device", "cpu", "--batch-wait-ms", "0", *flags], stdout=output, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 300
         while not _healthy(port):
@@ -240,6 +265,61 @@ class PairCounts:
         return self.right / self.total if self.total else None
 
 
+# ---------------------------------------------------------------------------------------------- online learning
+
+
+@dataclass
+class Refreshes:
+    """An online run's refreshes: the learner's verdicts, the posts that mined no pair, and the time spent waiting
+    for the verdicts (apart from the run's own time)."""
+
+    accepted: int = 0
+    refused: int = 0
+    no_pairs: int = 0
+    wait_s: float = 0.0
+
+
+def rollout_records(task: env.Task, picks: np.ndarray, outcome: np.ndarray, task_id: str) -> list[dict]:
+    """A group's episodes in `modrm pairs`' rollout format (tagged trajectories), one task_id per group."""
+    return [
+        {"task_id": task_id, "task": task.task, "rollout_id": g, "outcome": float(o), "trajectory": task.trajectory(p)}
+        for g, (p, o) in enumerate(zip(picks, outcome, strict=True))
+    ]
+
+
+def serve_base(client: RewardClient) -> None:
+    """Serve the checkpoint's own heads again (POST /rollback): every run of a weak-model arm starts from them."""
+    listing = client.call("GET", "/versions")
+    base = next(v["version"] for v in listing["versions"] if v["status"] == "base")
+    if listing["served"] != base:
+        client.call("POST", "/rollback", json.dumps({"version": base}))
+
+
+def refresh(client: RewardClient, rollouts: list[dict], refreshes: Refreshes, timeout_s: float = 1800) -> None:
+    """POST the rollouts (mined by the server), then poll GET /versions until the learner has judged the version
+    they start: refused, or accepted and served. No pair mined (every episode of each group alike): no version."""
+    before = len(client.call("GET", "/versions")["versions"])
+    start = time.perf_counter()
+    body = "".join(json.dumps(r) + "\n" for r in rollouts)
+    if not client.call("POST", "/rollouts", body, "application/x-ndjson")["accepted"]:
+        refreshes.no_pairs += 1
+        return
+    while True:
+        listing = client.call("GET", "/versions")
+        if len(listing["versions"]) > before:
+            newest = listing["versions"][-1]
+            if newest["status"] == "refused" or listing["served"] == newest["version"]:
+                break
+        if time.perf_counter() - start > timeout_s:
+            raise RuntimeError(f"modrm serve --learn judged no new version within {timeout_s:.0f} s")
+        time.sleep(0.05)
+    refreshes.wait_s += time.perf_counter() - start
+    if newest["status"] == "refused":
+        refreshes.refused += 1
+    else:
+        refreshes.accepted += 1
+
+
 # ---------------------------------------------------------------------------------------------- one run
 
 
@@ -253,6 +333,11 @@ class Run:
     rm_s: float = 0.0
     rm_trajectories: int = 0
     rm_pairs: PairCounts = field(default_factory=PairCounts)
+    rm_windows: list[PairCounts] = field(default_factory=list)  # the same, every refresh_every episodes apart
+    rollouts: list[dict] = field(default_factory=list)  # online: the episodes not yet posted
+    groups: int = 0
+    refreshes: Refreshes = field(default_factory=Refreshes)
+    pair_accuracy_after: float | None = None  # online: the served model's pair accuracy at the run's end
 
     def episodes_to(self, target: float) -> int | None:
         return next((e for e, s in zip(self.episodes, self.success, strict=True) if s >= target), None)
@@ -309,8 +394,12 @@ def group_loss(
     extra = module_rewards(arm, world.train[t], picks.numpy(), wrong, client)
     if extra is not None:
         if client is not None:
-            run.rm_pairs.add(module_labels(wrong), extra)
+            for counts in (run.rm_pairs, run.rm_windows[-1]):
+                counts.add(module_labels(wrong), extra)
         rewards = rewards + s.module_weight * (extra if arm == "module" else norm(extra))
+    if arm == "online":
+        run.rollouts += rollout_records(world.train[t], picks.numpy(), outcome, f"group-{run.groups}")
+    run.groups += 1
     advantages = torch.from_numpy(group_advantages(rewards)).float()
     per_decision = advantages[:, torch.arange(picks.shape[1]) % len(env.MODULES)]
     chosen = log_probs.gather(1, picks.T).T
@@ -326,6 +415,8 @@ def train(arm: str, seed: int, world: World, s: Settings, client: RewardClient |
     test_good = torch.tensor([t.good_picks() for t in world.test])
     norm = RunningNorm(len(env.MODULES))
     run, start = Run(), time.perf_counter()
+    if client is not None and RM_OF_ARM[arm] == "weak":
+        serve_base(client)
     rm_start = (client.seconds, client.trajectories) if client else (0.0, 0)
     order: list[int] = []
     episodes = 0
@@ -335,6 +426,11 @@ def train(arm: str, seed: int, world: World, s: Settings, client: RewardClient |
             run.success.append(success_on(policy, world.test_features, test_good))
         if episodes >= s.episodes:
             break
+        if episodes % s.refresh_every == 0:
+            if arm == "online" and 0 < episodes <= s.refreshes * s.refresh_every:
+                refresh(client, run.rollouts, run.refreshes)
+                run.rollouts = []
+            run.rm_windows.append(PairCounts())
         loss = torch.zeros(())
         for _ in range(s.groups_per_step):
             if not order:
@@ -342,7 +438,7 @@ def train(arm: str, seed: int, world: World, s: Settings, client: RewardClient |
             loss = loss + group_loss(arm, policy, world, order.pop(), s, rng, generator, norm, client, run)
             episodes += s.group
         policy.step(loss)
-    run.wall_s = time.perf_counter() - start
+    run.wall_s = time.perf_counter() - start - run.refreshes.wait_s
     if client is not None:
         run.rm_s, run.rm_trajectories = client.seconds - rm_start[0], client.trajectories - rm_start[1]
     return run
@@ -351,33 +447,52 @@ def train(arm: str, seed: int, world: World, s: Settings, client: RewardClient |
 # ---------------------------------------------------------------------------------------------- reward models
 
 
-def build_reward_models(out: Path, s: Settings) -> tuple[dict[str, Path], dict]:
-    """Stage-0 checkpoints `rm` (synth pairs of the reward model's task groups) and `control` (the same pairs, sides
-    swapped at random), kept in `out` under a digest of their settings so a rerun trains nothing; and their
-    training summaries."""
-    settings = {k: getattr(s, k) for k in ("rm_pairs_per_module", "rm_encoder", "rm_context_tokens")} | {"layout": 2}
-    root = out / f"reward-models-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]}"
+def build_reward_models(out: Path, s: Settings, names: Sequence[str] = ("rm", "control")) -> tuple[dict, dict]:
+    """The stage-0 checkpoints of `names`, and their training summaries: `rm` (synth pairs of the reward model's task
+    groups), `control` (the same pairs, sides swapped at random), `weak` (pairs of the same groups whose negatives
+    are all blatant: it never saw the subtle failures the policy meets). Each kept in `out` under a digest of its
+    settings, so a rerun trains nothing."""
+    pairs = env.reward_model_pairs(s.rm_pairs_per_module, seed=0) if {"rm", "control"} & set(names) else []
+    data = {
+        "rm": lambda: pairs,
+        "control": lambda: env.shuffled_labels(pairs, seed=0),
+        "weak": lambda: env.blatant_pairs(s.weak_pairs_per_module, seed=0),
+    }
+    checkpoints, summaries = {}, {}
+    for name in sorted(names, key=["rm", "control", "weak"].index):  # the control's cache starts as a copy of rm's
+        texts_of = checkpoints["rm"].parent / "cache" if name == "control" and "rm" in names else None
+        checkpoints[name], summaries[name] = trained_checkpoint(out, s, name, data[name], texts_of)
+    return checkpoints, summaries
+
+
+def trained_checkpoint(
+    out: Path, s: Settings, name: str, pairs: Callable[[], list], texts_of: Path | None = None
+) -> tuple[Path, dict]:
+    """Checkpoint `name` trained from `pairs()` with the settings' encoder, or the one a run built before; its own
+    cache records its training pairs (`serve --learn` replays them), copied from `texts_of` first where that cache
+    holds the same texts (nothing to encode again)."""
+    per_module = s.weak_pairs_per_module if name == "weak" else s.rm_pairs_per_module
+    settings = {"pairs_per_module": per_module, "rm_encoder": s.rm_encoder, "rm_context_tokens": s.rm_context_tokens}
+    settings |= {"layout": 3}
+    root = out / f"{name}-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]}"
     summary_path = root / "summary.json"
     if summary_path.exists():
-        return {name: root / name for name in ("rm", "control")}, json.loads(summary_path.read_text())
+        return root / "checkpoint", json.loads(summary_path.read_text())
     from pipeline.embed import embed_files
     from pipeline.train_heads import train_heads
 
     config = Config()
-    encoder = str(build_random_qwen3(root / "tiny-qwen3")) if s.rm_encoder == "tiny" else s.rm_encoder
+    encoder = str(build_random_qwen3(out / "tiny-qwen3")) if s.rm_encoder == "tiny" else s.rm_encoder
     config.encoder.name, config.encoder.device, config.train.device = encoder, "cpu", "cpu"
     config.encoder.max_context_tokens, config.encoder.max_module_tokens = s.rm_context_tokens, 128
-    pairs = env.reward_model_pairs(s.rm_pairs_per_module, seed=0)
-    summaries = {}
-    for name, data in (("rm", pairs), ("control", env.shuffled_labels(pairs, seed=0))):
-        cache = root / f"cache-{name}"  # each checkpoint's own: `serve --learn` replays the pairs its cache holds
-        if name == "control":
-            shutil.copytree(root / "cache-rm", cache)  # the same texts: nothing to encode again
-        embed_files([write_pairs(root / f"{name}-pairs.jsonl", data)], cache, config, progress=False)
-        trained = train_heads(cache, root / name, config, progress=False)
-        summaries[name] = {"pairs": len(data), "val": trained["val"], "settings": settings}
-    write_json(summary_path, summaries)
-    return {name: root / name for name in ("rm", "control")}, summaries
+    data = pairs()
+    if texts_of is not None:
+        shutil.copytree(texts_of, root / "cache")
+    embed_files([write_pairs(root / "pairs.jsonl", data)], root / "cache", config, progress=False)
+    trained = train_heads(root / "cache", root / "checkpoint", config, progress=False)
+    summary = {"pairs": len(data), "val": trained["val"], "settings": settings}
+    write_json(summary_path, summary)
+    return root / "checkpoint", summary
 
 
 def pair_accuracy(client: RewardClient, tasks: Sequence[env.Task]) -> dict:
@@ -421,7 +536,7 @@ def median_episodes(episodes: list[int | None]) -> float | None:
     return None if math.isinf(median) or math.isnan(median) else median
 
 
-def summarise_arm(runs: list[Run]) -> dict:
+def summarise_arm(runs: list[Run], refresh_every: int) -> dict:
     success = np.array([r.success for r in runs])
     mean, low, high = interval(success)
     to_target = [r.episodes_to(TARGET) for r in runs]
@@ -444,9 +559,39 @@ def summarise_arm(runs: list[Run]) -> dict:
             "trajectories": trajectories,
             "trajectories_per_s": round(trajectories / rm_s, 1),
             "share_of_wall": round(rm_s / arm["wall_s"], 3),
-            "accuracy_on_rollouts": None if counts.accuracy is None else round(counts.accuracy, 4),
+            "accuracy_on_rollouts": rounded(counts.accuracy),
+            "accuracy_on_rollouts_by_window": window_accuracies(runs, refresh_every),
         }
+    if any(r.pair_accuracy_after is not None for r in runs):
+        arm["refreshes"] = refresh_summary(runs)
     return arm
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def window_accuracies(runs: list[Run], every: int) -> dict:
+    """The reward model's accuracy on the rollouts of each refresh_every episodes (pooled over seeds): before the
+    first refresh, between the first and the second..."""
+    windows = max(len(r.rm_windows) for r in runs)
+    pooled = [
+        PairCounts(sum(r.rm_windows[w].right for r in runs), sum(r.rm_windows[w].total for r in runs))
+        for w in range(windows)
+    ]
+    return {"from_episode": [w * every for w in range(windows)], "accuracy": [rounded(p.accuracy) for p in pooled]}
+
+
+def refresh_summary(runs: list[Run]) -> dict:
+    """The online arm's refreshes over its runs, and each run's pair accuracy at its end."""
+    return {
+        "accepted": sum(r.refreshes.accepted for r in runs),
+        "refused": sum(r.refreshes.refused for r in runs),
+        "no_pairs_mined": sum(r.refreshes.no_pairs for r in runs),
+        "per_run": [r.refreshes.accepted + r.refreshes.refused for r in runs],
+        "wait_s": round(sum(r.refreshes.wait_s for r in runs), 2),
+        "pair_accuracy_after": [r.pair_accuracy_after for r in runs],
+    }
 
 
 def plot(arms: dict[str, dict], path: Path, title: str) -> None:
@@ -483,6 +628,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "encoder: a smoke test of what is robust at that size")  # fmt: skip
     parser.add_argument("--module-weight", type=float, help=f"w, the module reward's weight against the outcome's 1 "
                         f"(default {Settings.module_weight})")  # fmt: skip
+    parser.add_argument("--refresh-every", type=int, help=f"online: episodes between two refreshes (default "
+                        f"{Settings.refresh_every}; a multiple of a step's episodes)")  # fmt: skip
+    parser.add_argument("--refreshes", type=int, help=f"online: refreshes per run at most (default "
+                        f"{Settings.refreshes})")  # fmt: skip
     parser.add_argument("--lr", type=float, help=f"Adam's learning rate, every arm's (default {Settings.lr})")
     parser.add_argument("--out", type=Path, default=OUT, help="results.json, the plot and the cached models")
     args = parser.parse_args(argv)
@@ -490,6 +639,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown:
         parser.error(f"--arms: unknown {', '.join(unknown)} (arms: {', '.join(ARMS)})")
+    step = Settings.group * Settings.groups_per_step
+    if args.refresh_every is not None and (args.refresh_every < step or args.refresh_every % step):
+        parser.error(f"--refresh-every {args.refresh_every}: must be a multiple of {step} (a step's episodes)")
     if args.checkpoint and not (args.checkpoint / "config.json").is_file():
         parser.error(f"--checkpoint {args.checkpoint}: not a checkpoint folder (no config.json)")
     return args
@@ -498,18 +650,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def settings_of(args: argparse.Namespace) -> Settings:
     s = QUICK if args.quick else Settings()
     weight = s.module_weight if args.module_weight is None else args.module_weight
-    return replace(
+    s = replace(
         s, seeds=args.seeds or s.seeds, episodes=args.episodes or s.episodes, module_weight=weight, lr=args.lr or s.lr
     )
+    refreshes = s.refreshes if args.refreshes is None else args.refreshes
+    return replace(s, refresh_every=args.refresh_every or s.refresh_every, refreshes=refreshes)
 
 
 def run_arms(args: argparse.Namespace, s: Settings, world: World) -> tuple[dict, dict]:
     """Every arm over every seed; the reward models built or loaded, served, and measured first."""
     served = sorted({RM_OF_ARM[a] for a in args.arms if a in RM_OF_ARM})
-    checkpoints: dict[str, Path] = {}
     reward_model: dict = {}
-    if served and not (args.checkpoint and served == ["rm"]):
-        checkpoints, reward_model["training"] = build_reward_models(args.out, s)
+    built = [name for name in served if not (args.checkpoint and name == "rm")]
+    checkpoints, reward_model["training"] = build_reward_models(args.out, s, built) if built else ({}, {})
     if args.checkpoint:
         checkpoints["rm"] = args.checkpoint
         reward_model["checkpoint"] = str(args.checkpoint)
@@ -517,20 +670,32 @@ def run_arms(args: argparse.Namespace, s: Settings, world: World) -> tuple[dict,
     with contextlib.ExitStack() as stack:
         clients = {}
         for name in served:
-            port = stack.enter_context(serving(checkpoints[name], args.out / f"serve-{name}.log"))
+            flags = learning_flags(args.out / "learn") if name == "weak" else []
+            port = stack.enter_context(serving(checkpoints[name], args.out / f"serve-{name}.log", flags))
             clients[name] = RewardClient(port)
             accuracy = pair_accuracy(clients[name], world.train)
-            reward_model["accuracy" if name == "rm" else "control_accuracy"] = accuracy["all"]
+            reward_model["accuracy" if name == "rm" else f"{name}_accuracy"] = accuracy["all"]
             reward_model[f"{name}_accuracy_by"] = accuracy
             clients[name].seconds = clients[name].trajectories = 0
         for arm in args.arms:
             client = clients.get(RM_OF_ARM.get(arm, ""))
-            runs = [train(arm, seed, world, s, client) for seed in range(s.seeds)]
-            arms[arm] = summarise_arm(runs)
+            runs = []
+            for seed in range(s.seeds):
+                runs.append(train(arm, seed, world, s, client))
+                if arm == "online":
+                    runs[-1].pair_accuracy_after = pair_accuracy(client, world.train)["all"]
+            arms[arm] = summarise_arm(runs, s.refresh_every)
             print(
                 f"{arm}: episodes to {TARGET} {arms[arm][f'episodes_to_{TARGET}']}, final {arms[arm]['final_success']}"
             )
     return arms, reward_model
+
+
+def learning_flags(state_dir: Path) -> list[str]:
+    """`modrm serve --learn` in a fresh STATE_DIR that refreshes on every post (one pair starts a refresh) and never
+    on a timer: the run decides when, so its result does not depend on the machine's speed."""
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return ["--learn", str(state_dir), "--refresh-pairs", "1", "--refresh-seconds", "86400"]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -598,6 +763,12 @@ def report(results: dict) -> str:
     lines = [table(headers, rows), f"reward model: {json.dumps(results['reward_model'].get('accuracy'))} pairwise "
              f"accuracy on the policy's tasks; goal: {results['goal']}",
              f"{results['wall_s']:.0f} s wall, {results['cpu_s']:.0f} s CPU"]  # fmt: skip
+    for name, arm in results["arms"].items():
+        if "refreshes" in arm:
+            windows = arm["reward_model_calls"]["accuracy_on_rollouts_by_window"]
+            lines.append(f"{name}: refreshes {json.dumps(arm['refreshes'])}; RM accuracy on rollouts {windows}")
+    if "weak_accuracy" in results["reward_model"]:
+        lines.append(f"weak reward model: {results['reward_model']['weak_accuracy']} pairwise accuracy at the start")
     return "\n".join(lines)
 
 

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.data import Pair, assign_split
+from pipeline.data import Pair, Side, assign_split
 from pipeline.synth import CandidateTask, candidate_task, generate_pairs
+from pipeline.trajectory import module_view
 
 MODULES = ("reflection", "planner", "executor", "memory")
 KINDS = ("good", "subtle", "blatant")  # the K = 3 candidates of every decision
@@ -118,7 +119,7 @@ def role(group: str) -> str:
 
 
 def draw_tasks(count: int, task_role: str, seed: int, rounds: int = 1) -> list[Task]:
-    """`count` distinct tasks of groups in `task_role` ("policy" or "test"), the same for the same arguments; test
+    """`count` distinct tasks of groups in `task_role` (a ROLE_OF_SPLIT value), the same for the same arguments; test
     tasks in synth's held-out variants ("heldout"), the others in its training ones ("train")."""
     rng = random.Random(f"bench-rl/{seed}/{task_role}")
     wording = "heldout" if task_role == "test" else "train"
@@ -141,6 +142,23 @@ def reward_model_pairs(per_module: int, seed: int, rounds: int = 1) -> list[Pair
         if role(pair.group) == "reward_model" and len(kept[pair.target_module]) < per_module:
             kept[pair.target_module].append(pair)
     return [pair for module in MODULES for pair in kept[module]]
+
+
+def blatant_pairs(per_module: int, seed: int) -> list[Pair]:
+    """Pairs of the reward model's groups, in the training phrasing, whose negative is always the blatant output: a
+    task's all-good trajectory against the same with one module's pick blatant, `per_module` tasks, one pair per
+    module each. A reward model trained on them never saw a subtle failure, the kind a learning policy meets."""
+    pairs = []
+    for number, task in enumerate(draw_tasks(per_module, "reward_model", seed)):
+        good = task.good_picks()
+        good_text = task.trajectory(good)
+        for d, choices in enumerate(choices for options in task.candidates for choices in options):
+            module = MODULES[d % len(MODULES)]
+            bad_text = task.trajectory([*good[:d], [c.kind for c in choices].index("blatant"), *good[d + 1 :]])
+            positive = Side(good_text, module_view(good_text, module), 1.0)
+            negative = Side(bad_text, module_view(bad_text, module), 0.0)
+            pairs.append(Pair(f"{module}_{number}", module, task.task, positive, negative, task.group))
+    return sorted(pairs, key=lambda p: MODULES.index(p.target_module))
 
 
 def shuffled_labels(pairs: Sequence[Pair], seed: int) -> list[Pair]:

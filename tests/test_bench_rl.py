@@ -5,6 +5,7 @@ a quick run shows what is robust at its size."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -108,6 +109,22 @@ def test_the_control_sees_each_pair_swapped_or_not_at_random():
     assert 0.35 < np.mean(swapped) < 0.65
 
 
+def test_the_weak_reward_model_s_pairs_have_blatant_negatives_only():
+    pairs = rl_env.blatant_pairs(6, seed=0)
+    assert [p.target_module for p in pairs] == [m for m in rl_env.MODULES for _ in range(6)]
+    assert all(rl_env.role(p.group) == "reward_model" for p in pairs)
+    outputs = {kind: {} for kind in rl_env.KINDS}  # kind -> module -> texts of every candidate of some tasks
+    for task in rl_env.draw_tasks(12, "policy", seed=0):
+        for module, choices in zip(rl_env.MODULES, task.candidates[0], strict=True):
+            for c in choices:
+                outputs[c.kind].setdefault(module, []).append(c.texts.values())
+    for pair in pairs:
+        m = pair.target_module
+        assert pair.positive.module_text != pair.negative.module_text
+        assert any(all(t in pair.negative.context for t in texts) for texts in outputs["blatant"][m])
+        assert not any(all(t in pair.negative.context for t in texts) for texts in outputs["subtle"][m])
+
+
 @pytest.mark.slow
 def test_each_reward_model_s_cache_holds_the_pairs_it_was_trained_on(quick_run):
     """`serve --learn` replays a checkpoint's training pairs from the cache it records: the control's must be its
@@ -183,3 +200,66 @@ def test_quick_run_oracle_beats_outcome_and_the_control_does_not(quick_run):
     for arm in bench_rl.QUICK_ARMS:
         assert len(saved["arms"][arm]["final_success"]) == results["settings"]["seeds"]
         assert len(saved["arms"][arm][f"episodes_to_{bench_rl.TARGET}"]) == results["settings"]["seeds"]
+
+
+class FakeLearningServer:
+    """GET /versions and POST /rollouts of a `modrm serve --learn` that lists the new version `judged_after` polls
+    after the post, and serves it (if accepted) one poll later still, as the swap between batches may lag."""
+
+    def __init__(self, mined: int, status: str, judged_after: int = 3):
+        self.mined, self.status, self.judged_after = mined, status, judged_after
+        self.posted: list[dict] = []
+        self.polls_after_post = 0
+
+    def call(self, method: str, path: str, body: str | None = None, content_type: str = "") -> dict:
+        if path == "/rollouts":
+            self.posted = [json.loads(line) for line in body.splitlines()]
+            return {"accepted": self.mined}
+        versions, served = [{"version": "base-0", "status": "base"}], "base-0"
+        if self.posted:
+            self.polls_after_post += 1
+            if self.polls_after_post > self.judged_after:
+                versions.append({"version": "v0001", "status": self.status})
+                if self.status == "accepted" and self.polls_after_post > self.judged_after + 1:
+                    served = "v0001"
+        return {"served": served, "versions": versions}
+
+
+@pytest.mark.parametrize(("status", "polls"), [("accepted", 5), ("refused", 4)])
+def test_a_refresh_posts_the_rollouts_and_waits_until_the_new_version_is_judged(tasks, status, polls):
+    picks = np.zeros((3, tasks[0].decisions), dtype=int)
+    rollouts = bench_rl.rollout_records(tasks[0], picks, np.array([1.0, 0.0, 1.0]), "group-7")
+    server, refreshes = FakeLearningServer(mined=4, status=status), bench_rl.Refreshes()
+    bench_rl.refresh(server, rollouts, refreshes)
+    assert [r["outcome"] for r in server.posted] == [1.0, 0.0, 1.0]
+    assert {r["task_id"] for r in server.posted} == {"group-7"} and server.posted[0]["task"] == tasks[0].task
+    assert server.polls_after_post == polls  # served (accepted) or listed (refused), not before
+    assert (refreshes.accepted, refreshes.refused, refreshes.no_pairs) == (status == "accepted", status == "refused", 0)
+
+
+def test_rollouts_that_mine_no_pair_start_no_refresh_and_no_wait(tasks):
+    picks = np.zeros((2, tasks[0].decisions), dtype=int)
+    server, refreshes = FakeLearningServer(mined=0, status="accepted"), bench_rl.Refreshes()
+    bench_rl.refresh(server, bench_rl.rollout_records(tasks[0], picks, np.ones(2), "group-0"), refreshes)
+    assert server.polls_after_post == 0
+    assert (refreshes.accepted, refreshes.refused, refreshes.no_pairs) == (0, 0, 1)
+
+
+@pytest.mark.slow
+def test_the_online_arm_refreshes_its_reward_model_from_the_policy_s_rollouts(quick_run, tmp_path: Path):
+    """One online run through a real `modrm serve --learn`: at 256 episodes its rollouts go to POST /rollouts and
+    the run goes on once the learner has judged the version trained on the pairs mined from them."""
+    for features in quick_run[0].glob("features-*.npy"):  # the quick run's policy features: nothing to encode
+        shutil.copy(features, tmp_path)
+    flags = ["--quick", "--arms", "online", "--seeds", "1", "--episodes", "512", "--refresh-every", "256"]
+    results = bench_rl.main([*flags, "--out", str(tmp_path)])
+    refreshes = results["arms"]["online"]["refreshes"]
+    assert refreshes["per_run"] == [1] and refreshes["accepted"] + refreshes["refused"] == 1
+    (version,) = (tmp_path / "learn" / "versions").iterdir()
+    record = json.loads((version / "version.json").read_text())
+    assert record["pairs_seen"] > 0 and record["status"] == ("accepted" if refreshes["accepted"] else "refused")
+    (posted,) = (tmp_path / "learn" / "pairs").glob("*.jsonl")
+    assert all("/group-" in json.loads(line)["pair_id"] for line in posted.read_text().splitlines())
+    windows = results["arms"]["online"]["reward_model_calls"]["accuracy_on_rollouts_by_window"]
+    assert windows["from_episode"] == [0, 256] and results["reward_model"]["weak_accuracy"] is not None
+    assert refreshes["pair_accuracy_after"][0] is not None
