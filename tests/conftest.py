@@ -27,7 +27,14 @@ if "PYTEST_XDIST_WORKER" in os.environ:  # `make test` runs one worker per core:
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # The files that take longest, longest first: `make test` deals whole files to one worker per core in collection
 # order, so the longest runs beside the others instead of after them.
-LONGEST_FIRST = ("test_stage1_learns.py", "test_integration.py", "test_distributed_finetune.py", "test_pairs.py")
+LONGEST_FIRST = (
+    "test_stage1_learns.py",
+    "test_learn.py",
+    "test_integration.py",
+    "test_bench_rl.py",
+    "test_distributed_finetune.py",
+    "test_pairs.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
