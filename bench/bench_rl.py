@@ -459,10 +459,11 @@ def build_reward_models(out: Path, s: Settings, names: Sequence[str] = ("rm", "c
         "weak": lambda: env.blatant_pairs(s.weak_pairs_per_module, seed=0),
     }
     checkpoints, summaries = {}, {}
-    for name in sorted(names, key=["rm", "control", "weak"].index):  # the control's cache starts as a copy of rm's
-        texts_of = checkpoints["rm"].parent / "cache" if name == "control" and "rm" in names else None
+    built = {*names, "rm"} if "control" in names else set(names)  # the control's cache is a copy of rm's, same rows
+    for name in sorted(built, key=["rm", "control", "weak"].index):
+        texts_of = checkpoints["rm"].parent / "cache" if name == "control" else None
         checkpoints[name], summaries[name] = trained_checkpoint(out, s, name, data[name], texts_of)
-    return checkpoints, summaries
+    return {n: checkpoints[n] for n in names}, {n: summaries[n] for n in names}
 
 
 def trained_checkpoint(
