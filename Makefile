@@ -80,7 +80,7 @@ bench: install
 	$(BIN)/python bench/bench_pairs.py
 	$(BIN)/python bench/bench_learn.py
 
-# Does the module reward help RL? Five arms of a toy multi-module agent over 10 seeds, the reward model through
+# Does the module reward help RL? Seven arms of a toy multi-module agent over 10 seeds, the reward model through
 # `modrm serve` (results, plot and cached models in artifacts/bench-rl; RL_FLAGS="--checkpoint DIR" for your own).
 RL_FLAGS ?=
 bench-rl: install
