@@ -23,33 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_serve import start_server, trajectories
+from bench_serve import start_server, train_checkpoint, trajectories
 from common import table, use_all_cores, warn_if_busy, write_results
 
-from pipeline.config import Config
 from pipeline.data import pair_to_record
 from pipeline.encoder import MINILM_ID
-from pipeline.synth import generate_pairs, write_pairs
+from pipeline.synth import generate_pairs
 
 SIZES = (100, 1000, 10000)
 IDLE_REQUESTS = 100
 HEADERS = ["new pairs", "POST->202 s", "POST->served s", "embed s", "status", "idle p99 ms", "refresh p99 ms"]
-
-
-def train_checkpoint(workdir: Path, encoder: str, device: str, pairs_per_module: int) -> Path:
-    """A stage-0 checkpoint with the default heads in workdir/stage0; its cache is the one replayed."""
-    from pipeline.embed import embed_files
-    from pipeline.train_heads import train_heads
-
-    if (workdir / "stage0" / "config.json").exists():
-        return workdir / "stage0"
-    data = write_pairs(workdir / "pairs.jsonl", generate_pairs(pairs_per_module, seed=0, max_rounds=1))
-    config = Config()
-    config.encoder.name, config.encoder.device, config.train.device = encoder, device, device
-    config.train.epochs = 5
-    embed_files([data], workdir / "cache", config, progress=False)
-    train_heads(workdir / "cache", workdir / "stage0", config, progress=False)
-    return workdir / "stage0"
 
 
 class Client:
@@ -134,7 +117,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="modrm-bench-learn-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        checkpoint = train_checkpoint(workdir, args.encoder, args.device, args.pairs_per_module)
+        checkpoint = train_checkpoint(workdir, args.encoder, args.device, args.pairs_per_module, epochs=5, max_rounds=1)
         rows = []
         for size in args.sizes:  # each size's numbers written as soon as they are measured
             rows.append(refresh_time(checkpoint, args.device, size, workdir))

@@ -31,7 +31,7 @@ from common import table, use_all_cores, warn_if_busy, write_results
 
 from pipeline.config import Config
 from pipeline.encoder import MINILM_ID
-from pipeline.synth import generate_pairs, write_pairs
+from pipeline.synth import MAX_ROUNDS, generate_pairs, write_pairs
 
 CLIENTS = (1, 8, 32)
 Plan = list[tuple[str, list[str], tuple[int, ...]]]  # (mode, `modrm serve` flags, client counts)
@@ -41,17 +41,20 @@ PLAN: Plan = [
 ]
 
 
-def train_checkpoint(workdir: Path, encoder: str, device: str, pairs_per_module: int) -> Path:
-    """A stage-0 checkpoint in workdir/stage0 (the one already there, if a run before made it)."""
+def train_checkpoint(
+    workdir: Path, encoder: str, device: str, pairs_per_module: int, epochs: int = 3, max_rounds: int = MAX_ROUNDS
+) -> Path:
+    """A stage-0 checkpoint in workdir/stage0 (the one already there, if a run before made it); its cache is the
+    one `serve --learn` replays."""
     from pipeline.embed import embed_files
     from pipeline.train_heads import train_heads
 
     if (workdir / "stage0" / "config.json").exists():
         return workdir / "stage0"
-    data = write_pairs(workdir / "pairs.jsonl", generate_pairs(pairs_per_module, seed=0))
+    data = write_pairs(workdir / "pairs.jsonl", generate_pairs(pairs_per_module, seed=0, max_rounds=max_rounds))
     config = Config()
     config.encoder.name, config.encoder.device, config.train.device = encoder, device, device
-    config.train.epochs = 3
+    config.train.epochs = epochs
     embed_files([data], workdir / "cache", config, progress=False)
     train_heads(workdir / "cache", workdir / "stage0", config, progress=False)
     return workdir / "stage0"
