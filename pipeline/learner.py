@@ -69,7 +69,8 @@ log = logging.getLogger("modrm.learn")
 
 VERSION_FILE, SERVED_FILE = "version.json", "served.json"
 VERSION_NAME = re.compile(r"v(\d{4,})")
-EMBED_CHUNK = 8  # texts per model-thread call while a refresh embeds: a scoring batch waits at most one chunk
+EMBED_CHUNK = 2  # texts per model-thread call while a refresh embeds: a scoring batch waits at most one chunk
+SHARD_TEXTS = 512  # texts per cache shard written while a refresh embeds (a kill loses at most these)
 MIN_REPLAY = 256  # replayed pairs at least, however few the new ones
 STEPS_PER_EPOCH = 8  # at least, by smaller batches where the pairs are few: a refresh of a few pairs still moves
 MIN_BATCH = 16
@@ -468,10 +469,13 @@ def embed_pairs(pairs: Sequence[Pair], cache_dir: Path, rm, encode: Callable) ->
             missing = [
                 k for k, row in zip(keys, cache.find(as_keys(b"".join(keys))) if keys else [], strict=True) if row < 0
             ]
-            for lo in range(0, len(missing), EMBED_CHUNK):
-                chunk = missing[lo : lo + EMBED_CHUNK]
-                shard = encode(encode_texts, rm.encoder, role, [texts[k] for k in chunk])
-                cache.add_shard(Shard(as_keys(b"".join(chunk)), *shard))
+            for lo in range(0, len(missing), SHARD_TEXTS):  # one shard file per SHARD_TEXTS, not per chunk
+                part = missing[lo : lo + SHARD_TEXTS]
+                chunks = [
+                    encode(encode_texts, rm.encoder, role, [texts[k] for k in part[c : c + EMBED_CHUNK]])
+                    for c in range(0, len(part), EMBED_CHUNK)
+                ]
+                cache.add_shard(Shard(as_keys(b"".join(part)), *map(np.concatenate, zip(*chunks, strict=True))))
             order += missing
         if order:
             cache.commit(as_keys(b"".join(order)))
