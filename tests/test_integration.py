@@ -31,7 +31,7 @@ max_module_tokens = 32
 
 [finetune]
 token_budget = 4096
-epochs = 2
+epochs = 1
 """
 
 
@@ -118,7 +118,7 @@ def test_stage1_starts_where_stage0_ended_and_keeps_its_best_epoch(synth_run):
     stage1 = read_json(root / "stage1" / "metrics.json")
     epochs = read_json(root / "stage1" / "finetune_history.json")["epochs"]
     assert epochs[0]["val_loss"] == pytest.approx(stage0["val"]["val_loss"], rel=1e-3)
-    assert len(epochs) == 3 and stage1["best"] == min(epochs, key=lambda e: e["val_loss"])
+    assert len(epochs) == 2 and stage1["best"] == min(epochs, key=lambda e: e["val_loss"])
     test = {s: read_json(root / "eval" / s / "metrics.json") for s in ("stage0", "stage1")}
     assert test["stage0"]["split"] == test["stage1"]["split"] == "test"
 

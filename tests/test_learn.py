@@ -153,6 +153,7 @@ def test_a_new_failure_style_is_learned_while_a_client_keeps_scoring(learning, c
         while not stop.is_set():
             response = httpx.post(url + "/get_reward", json=query, timeout=120)
             answers.append((response.status_code, response.json().get("head_version")))
+            time.sleep(0.05)  # a policy between batches, not a spin that starves the learner of the core
 
     loop = threading.Thread(target=client)
     loop.start()
@@ -181,8 +182,8 @@ def test_a_new_failure_style_is_learned_while_a_client_keeps_scoring(learning, c
 
 def test_flipped_labels_are_refused_and_the_served_version_stays(learning):
     url = learning
-    status, answer = post(url + "/pairs", jsonl(flipped_pairs(15, seed=3)))
-    assert status == 202 and answer["accepted"] == 60
+    status, answer = post(url + "/pairs", jsonl(flipped_pairs(10, seed=3)))
+    assert status == 202 and answer["accepted"] == 40
     wait_for(lambda: any(v["version"] == "v0002" for v in versions(url)["versions"]), "version v0002 judged")
     listed = versions(url)
     [refused] = [v for v in listed["versions"] if v["version"] == "v0002"]

@@ -204,7 +204,7 @@ def test_heads_trained_on_mined_pairs_score_80_percent_on_hand_labelled_pairs_of
     unseen = [p for p in generate_pairs(20, seed=1, max_rounds=1) if p.group not in seen]
     write_pairs(tmp_path / "test.jsonl", unseen)
     config = Config()
-    encoder = {"name": MINILM, "device": "cpu", "max_context_tokens": 128, "max_module_tokens": 64}
+    encoder = {"name": MINILM, "device": "cpu", "max_context_tokens": 64, "max_module_tokens": 32}
     apply(config, "encoder", encoder)
     config.train.epochs, config.heads = 10, HeadConfig(hidden=256, hidden2=128)
     embed_files([tmp_path / "pairs.jsonl"], tmp_path / "cache", config, progress=False)
