@@ -59,11 +59,15 @@ HOST ?= 127.0.0.1
 serve: install
 	$(MODRM) serve --checkpoint $(CHECKPOINT) --host $(HOST) --port $(PORT) --device $(DEVICE)
 
-# The whole chain on the offline MiniLM, CPU: synth (its test split in a wording training never sees) -> embed ->
-# train-heads -> finetune (the default stage-1 settings) -> eval of both on that test split.
+# The whole chain on the offline MiniLM, CPU, from scratch each time: one-round trajectories, three negatives in
+# four swapped (the module names the task's component and another in each other's roles, in the same words) ->
+# embed (short texts: configs/demo.toml) -> train-heads -> finetune (the default stage-1 settings) -> eval of both
+# on the test split (task groups training never sees).
+DEMO_CONFIG := configs/demo.toml
 demo: install
-	$(MODRM) synth --out $(DEMO_DATA) --pairs-per-module 100 --seed 0 --holdout-phrasings --off-task-test
-	$(MODRM) embed --data $(DEMO_DATA) --cache cache/demo --encoder $(DEMO_ENCODER) --device cpu
+	rm -rf cache/demo $(DEMO_DIR)
+	$(MODRM) synth --out $(DEMO_DATA) --pairs-per-module 150 --seed 0 --max-rounds 1 --swapped-share 0.75
+	$(MODRM) embed --data $(DEMO_DATA) --cache cache/demo --encoder $(DEMO_ENCODER) --device cpu --config $(DEMO_CONFIG)
 	$(MODRM) train-heads --cache cache/demo --out $(DEMO_DIR)/stage0 --device cpu
 	$(MODRM) finetune --checkpoint $(DEMO_DIR)/stage0 --data $(DEMO_DATA) --out $(DEMO_DIR)/stage1 --device cpu
 	$(MODRM) eval --checkpoint $(DEMO_DIR)/stage0 --checkpoint $(DEMO_DIR)/stage1 --data $(DEMO_DATA) \

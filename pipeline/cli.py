@@ -64,6 +64,10 @@ def synth(
     max_rounds: Annotated[
         int | None, typer.Option("--max-rounds", help="rounds per trajectory: 1 to this (at most 6; rollouts: 2)")
     ] = None,
+    swapped_share: Annotated[
+        float,
+        typer.Option("--swapped-share", min=0.0, max=1.0, help="share of negatives that swap two components' roles"),
+    ] = 0.0,
     rollouts: Annotated[
         bool, typer.Option("--rollouts", help="write RL rollouts (chat form, with ground truth) instead of pairs")
     ] = False,
@@ -85,7 +89,7 @@ def synth(
     max_rounds = MAX_ROUNDS if max_rounds is None else max_rounds
     cfg = _config(config)
     split = cfg.data if holdout_phrasings else None
-    pairs = generate_pairs(pairs_per_module, seed, cfg.data.modules, split, off_task_test, max_rounds)
+    pairs = generate_pairs(pairs_per_module, seed, cfg.data.modules, split, off_task_test, max_rounds, swapped_share)
     write_pairs(out, pairs)
     typer.echo(f"wrote {len(pairs)} pairs to {out}")
 

@@ -319,10 +319,40 @@ _BAD: dict[str, dict[str, list[dict[str, str]]]] = {
 }  # fmt: skip
 _BLATANT = "blatant"
 _OFF_TASK = "off_task"  # the good text of another task: fluent, plausible, and wrong here
+_SWAPPED = "swapped"  # the task's component and another one in each other's roles (see _SWAPPED_TEXTS)
 _BLATANT_SHARE = 0.25
 MAX_ROUNDS = 6  # rounds per trajectory: 1 to this
 
 _GOOD_PLANS = {phase: _plan_styles(steps) for phase, steps in _GOOD_STEPS.items()}
+# Swapped pairs: the positive puts the fault in the task's component {a} and clears another one {b}; the negative
+# says the same words with the two exchanged. Both sides hold the same words, so only the task tells which is
+# right: a mistake that frozen mean-pooled embeddings barely see and a fine-tuned encoder learns.
+_SWAPPED_TEXTS: dict[str, list[dict[str, str]]] = {
+    "reflection": [
+        {"reflection": "Round {r}: The fault is in {a}, not in {b}, so the next change goes there."},
+        {"reflection": "Round {r}: Checking my reasoning against the last output: {b} works as designed and "
+                       "{a} is where it fails, so I will patch that one."},
+        {"reflection": "Round {r}: The previous step narrowed it down: {a} is at fault and {b} is fine."},
+    ],
+    "planner": [{"plan": plan} for plan in _plan_styles(("Apply the fix to {a}", "Leave {b} as it is",
+                                                         "Run the existing suite"))],
+    "executor": [
+        {"action": "Round {r}: Using tool: code_editor with params: {{\"patch\": \"{a}\", \"skip\": \"{b}\"}}",
+         "results": "Patched {a}; {b} left unchanged"},
+        {"action": "Round {r}: Calling code_editor with {{\"patch\": \"{a}\", \"skip\": \"{b}\"}}",
+         "results": "Exit code 0. {b} left unchanged; patched {a}"},
+        {"action": "Round {r}: Running code_editor on {a} while keeping {b} read-only",
+         "results": "Done: {a} was patched and {b} was not touched"},
+    ],
+    "memory": [
+        {"query": "Looking up earlier notes on the fault in {a}", "recall": "Found {k} relevant entries: "
+         "all of them rule out {b}", "store": "Storing: the fault is in {a}, not in {b}"},
+        {"query": "Searching memory for past work on {a}", "recall": "Found {k} relevant entries; the closest "
+         "says {b} was checked and is clean", "store": "Saved note: fix {a}, leave {b}"},
+        {"query": "Looking for prior incidents in {a}", "recall": "Found {k} entries; one clears {b}",
+         "store": "Saved: {a} holds the fault; {b} is clean"},
+    ],
+}  # fmt: skip
 _STYLES = len(_GOOD_PLANS["fix"])  # surface styles drawn per round and module; variant lists wrap around
 _SUBTLE = {module: [kind for kind in kinds if kind != _BLATANT] + [_OFF_TASK] for module, kinds in _BAD.items()}
 
@@ -408,7 +438,13 @@ def _bad_rounds(rng: random.Random, n: int, kind: str) -> set[int]:
 
 
 def _pair(
-    module: str, index: int, rng: random.Random, heldout_split: DataConfig | None, off_task_test: bool, max_rounds: int
+    module: str,
+    index: int,
+    rng: random.Random,
+    heldout_split: DataConfig | None,
+    off_task_test: bool,
+    max_rounds: int,
+    swapped_share: float,
 ) -> Pair:
     task, slots, other = _draw_task(rng)
     group = f"{slots['goal']} in {slots['c']}"  # variants differing in the stack only stay in one split
@@ -419,6 +455,8 @@ def _pair(
         wording = "heldout" if in_test else "train"
     n = rng.randint(1, max_rounds)
     kind = _draw_kind(rng, module)
+    if swapped_share and rng.random() < swapped_share:  # no draw without it: the other pairs stay as they were
+        kind = _SWAPPED
     bad_rounds = _bad_rounds(rng, n, kind)
     if off_task_test and in_test:  # drawn as usual first, so every other pair stays what it would have been
         kind = _OFF_TASK
@@ -430,13 +468,18 @@ def _pair(
         texts: dict[str, str] = {}
         for m in MODULE_KEYS:
             texts |= _good(m, phase, styles[m], round_slots, wording)
-        positive.append(_ROUND.format(n=r, **texts))
+        bad = dict(texts)
         if r in bad_rounds:
-            if kind == _OFF_TASK:
-                texts |= _good(module, phase, styles[module], _round_slots(other, phase, r, k), wording)
+            if kind == _SWAPPED:
+                swapped = _variant(_SWAPPED_TEXTS[module], styles[module], wording)
+                texts |= _fill(swapped, round_slots | {"a": slots["c"], "b": slots["other_c"]})
+                bad |= _fill(swapped, round_slots | {"a": slots["other_c"], "b": slots["c"]})
+            elif kind == _OFF_TASK:
+                bad |= _good(module, phase, styles[module], _round_slots(other, phase, r, k), wording)
             else:
-                texts |= _fill(_variant(_BAD[module][kind], styles[module], wording), round_slots)
-        negative.append(_ROUND.format(n=r, **texts))
+                bad |= _fill(_variant(_BAD[module][kind], styles[module], wording), round_slots)
+        positive.append(_ROUND.format(n=r, **texts))
+        negative.append(_ROUND.format(n=r, **bad))
     pair = Pair(
         f"{module}_{index}",
         module,
@@ -489,6 +532,7 @@ def generate_pairs(
     heldout_split: DataConfig | None = None,
     off_task_test: bool = False,
     max_rounds: int = MAX_ROUNDS,
+    swapped_share: float = 0.0,
 ) -> list[Pair]:
     """`pairs_per_module` pairs per module, the same for the same seed.
 
@@ -500,6 +544,8 @@ def generate_pairs(
     written for another task, the case a reward model can judge only by relating the module's text to the task
     (train and val pairs unchanged). `max_rounds` caps the rounds of a trajectory: shorter texts, so a pair costs
     fewer encoder tokens (one round: about a third of the tokens of up to six), for quick runs such as the demo.
+    `swapped_share`: the share of pairs whose negative is swapped, the task's component and another one in each
+    other's roles with the same words (the positive: the task's component at fault), in every split.
     """
     if off_task_test and heldout_split is None:
         raise ModrmError("synth: off-task test pairs need the held-out split (--holdout-phrasings)")
@@ -512,10 +558,15 @@ def generate_pairs(
         raise ModrmError(f"synth: pairs_per_module must be >= 0, got {pairs_per_module}")
     if not 1 <= max_rounds <= MAX_ROUNDS:
         raise ModrmError(f"synth: max_rounds must be between 1 and {MAX_ROUNDS}, got {max_rounds}")
+    if not 0.0 <= swapped_share <= 1.0:
+        raise ModrmError(f"synth: swapped_share must be between 0 and 1, got {swapped_share}")
     pairs = []
     for module in modules:
         rng = random.Random(f"{seed}/{module}")
-        pairs += [_pair(module, i, rng, heldout_split, off_task_test, max_rounds) for i in range(pairs_per_module)]
+        pairs += [
+            _pair(module, i, rng, heldout_split, off_task_test, max_rounds, swapped_share)
+            for i in range(pairs_per_module)
+        ]
     return pairs
 
 

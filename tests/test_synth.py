@@ -180,3 +180,28 @@ def test_synth_command_takes_max_rounds(tmp_path: Path):
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: synth: max_rounds must be between 1 and 6, got 7"
     ]
+
+
+def test_swapped_negatives_hold_the_positives_words_with_two_components_exchanged():
+    """`--swapped-share`: that share of pairs puts the task's component at fault on the better side and exchanges it
+    with another component on the worse one, in the same words; at 0 no draw changes."""
+    from pipeline.synth import _COMPONENTS
+
+    assert generate_pairs(20, 3, swapped_share=0.0) == generate_pairs(20, 3)
+    pairs = generate_pairs(40, 3, max_rounds=1, swapped_share=0.5)
+    words = re.compile(r"\w+")
+    swapped = [
+        p
+        for p in pairs
+        if sorted(words.findall(p.positive.module_text)) == sorted(words.findall(p.negative.module_text))
+    ]
+    assert 50 < len(swapped) < 110  # about half of 160
+    for pair in swapped:
+        [component] = [c for c, _ in _COMPONENTS if c in pair.task]
+        assert pair.positive.module_text != pair.negative.module_text
+        assert pair.positive.module_text.count(component) == pair.negative.module_text.count(component) >= 1
+        first = {side: side.module_text.index(component) for side in (pair.positive, pair.negative)}
+        assert first[pair.positive] != first[pair.negative]  # the same words, the component in another role
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ModrmError, match="swapped_share must be between 0 and 1"):
+            generate_pairs(1, 0, swapped_share=bad)
