@@ -30,9 +30,13 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LONGEST_FIRST = (
     "test_stage1_learns.py",
     "test_learn.py",
+    "test_cache.py",
     "test_integration.py",
     "test_bench_rl.py",
     "test_distributed_finetune.py",
+    "test_serve.py",
+    "test_finetune.py",
+    "test_cli.py",
     "test_pairs.py",
 )
 
