@@ -66,7 +66,7 @@ def synth(
     ] = None,
     swapped_share: Annotated[
         float,
-        typer.Option("--swapped-share", min=0.0, max=1.0, help="share of negatives that swap two components' roles"),
+        typer.Option("--swapped-share", help="share of negatives that swap two components' roles (0 to 1)"),
     ] = 0.0,
     rollouts: Annotated[
         bool, typer.Option("--rollouts", help="write RL rollouts (chat form, with ground truth) instead of pairs")

@@ -164,8 +164,9 @@ def test_max_rounds_caps_the_rounds_and_leaves_the_default_draws_alone():
             generate_pairs(1, 0, max_rounds=bad)
 
 
-def test_synth_command_takes_max_rounds(tmp_path: Path):
-    """`modrm synth --max-rounds N`: every trajectory has 1 to N rounds; a cap outside 1-6 is a one-line error."""
+def test_synth_command_takes_max_rounds_and_swapped_share(tmp_path: Path):
+    """`modrm synth --max-rounds N`: every trajectory has 1 to N rounds; a cap outside 1-6, or a swapped share
+    outside 0-1, is a one-line error."""
     import subprocess
     import sys
 
@@ -179,6 +180,10 @@ def test_synth_command_takes_max_rounds(tmp_path: Path):
     done = synth("--out", str(tmp_path / "other.jsonl"), "--max-rounds", "7")
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         "error: synth: max_rounds must be between 1 and 6, got 7"
+    ]
+    done = synth("--out", str(tmp_path / "other.jsonl"), "--swapped-share", "1.5")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "error: synth: swapped_share must be between 0 and 1, got 1.5"
     ]
 
 
