@@ -31,13 +31,13 @@ LONGEST_FIRST = (
     "test_stage1_learns.py",
     "test_learn.py",
     "test_cache.py",
-    "test_integration.py",
     "test_bench_rl.py",
+    "test_finetune.py",
     "test_distributed_finetune.py",
     "test_serve.py",
-    "test_finetune.py",
-    "test_cli.py",
+    "test_integration.py",
     "test_pairs.py",
+    "test_hardening.py",
 )
 
 
@@ -112,7 +112,7 @@ def stage0(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("stage0")
     config = Config()
     config.encoder.name = str(build_random_qwen3(root / "qwen"))
-    config.encoder.max_context_tokens = 256
+    config.encoder.max_context_tokens = 128
     config.heads = HeadConfig(hidden=32, hidden2=16, dropout=0.0)
     config.train.epochs = 2
     embed_files([FIXTURES / "seed_training_pairs.json"], root / "cache", config, progress=False)

@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import bench_rl
 import rl_env
+from test_serve_fuzz import serving
 
 from pipeline.cache import Cache
 from pipeline.reward import RewardModel
@@ -176,10 +177,10 @@ def test_http_rewards_are_the_in_process_reward_model_s(stage0: Path, tasks, tmp
         {"task": task.task, "trajectory": task.trajectory(rng.integers(len(rl_env.KINDS), size=task.decisions))}
         for task in tasks
     ]
-    in_process = RewardModel.load(stage0, device="cpu").score(items)
-    expected = np.array([[row[m] for m in rl_env.MODULES] for row in in_process])
-    with bench_rl.serving(stage0, tmp_path / "serve.log", ["--header-timeout", "0.5"]) as port:
-        client = bench_rl.RewardClient(port)
+    rm = RewardModel.load(stage0, device="cpu")
+    expected = np.array([[row[m] for m in rl_env.MODULES] for row in rm.score(items)])
+    with serving(rm, header_timeout_s=0.5) as (url, _):  # `modrm serve`'s app (bench_rl.serving: the online arm's test)
+        client = bench_rl.RewardClient(int(url.rsplit(":", 1)[1]))
         served = client.score(items)
         time.sleep(1.5)  # the server closes the idle keep-alive connection; the client opens a new one
         again = client.score(items[:2])

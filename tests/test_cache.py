@@ -863,19 +863,6 @@ def _torchrun(nproc: int, *args: str, script: str | None = None) -> subprocess.P
     return subprocess.Popen([*launcher, *program, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-@pytest.mark.slow
-def test_sharded_embed_on_two_processes_equals_one_process(
-    seed_cache, seed_pairs_path: Path, tiny_config_file: Path, tmp_path: Path
-) -> None:
-    folder = tmp_path / "sharded"
-    run = _torchrun(2, *_embed_args(seed_pairs_path, folder, tiny_config_file))
-    out, err = run.communicate(timeout=300)
-    assert run.returncode == 0, err.decode()[-3000:]
-    assert out.decode().count("cache ") == 1  # rank 0 alone reports
-    assert f"encoded {SEED_UNIQUE_TEXTS} texts" in out.decode()  # summed over ranks: each text encoded once
-    _assert_same_cache(folder, seed_cache[0])
-
-
 RANK_SCRIPT = """\
 import os, sys, time
 import pipeline.embed as e, pipeline.cache as c
@@ -893,7 +880,7 @@ main()
 
 
 @pytest.mark.slow
-def test_a_rank_killed_mid_run_then_a_rerun_equals_the_uninterrupted_run(
+def test_a_rank_killed_mid_run_then_a_rerun_on_two_processes_equals_one_process(
     seed_cache, seed_pairs_path: Path, tiny_config_file: Path, tmp_path: Path
 ) -> None:
     folder = tmp_path / "killed"
@@ -914,8 +901,11 @@ def test_a_rank_killed_mid_run_then_a_rerun_equals_the_uninterrupted_run(
     with h5py.File(done[0], "r"):
         pass
     kept = sum(len(h5py.File(p, "r")["keys"]) for p in done)
+    # the rerun on two processes: rank 0 alone reports, the counts summed over ranks, each text encoded once, and
+    # the cache the one-process run wrote
     rerun = _torchrun(2, *_embed_args(seed_pairs_path, folder, tiny_config_file))
-    out, err = rerun.communicate(timeout=300)
-    assert rerun.returncode == 0, err.decode()[-3000:]
-    assert f"already cached: {kept}" in out.decode() and f"encoded {SEED_UNIQUE_TEXTS - kept} texts" in out.decode()
+    out, err = (stream.decode() for stream in rerun.communicate(timeout=300))
+    assert rerun.returncode == 0, err[-3000:]
+    assert out.count("cache ") == 1
+    assert f"already cached: {kept}" in out and f"encoded {SEED_UNIQUE_TEXTS - kept} texts" in out
     _assert_same_cache(folder, seed_cache[0])

@@ -9,13 +9,12 @@ import math
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from in_process import modrm
 from safetensors.torch import load_file, save_file
 
 import pipeline.finetune as ft
@@ -413,8 +412,6 @@ def test_a_damaged_snapshot_on_the_command_line_is_one_line(stage0, snapshot_run
     shutil.copytree(snapshot_run.out, out)
     _truncate("state.json")(out / ft.SNAPSHOT_DIR)
     args = ["finetune", "--checkpoint", stage0, "--data", SEED_PAIRS, "--out", out, "--resume", "--max-steps", "2"]
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", *map(str, args)], capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 2, done.stderr
-    assert done.stderr.count("\n") == 1 and "resume/state.json: a damaged snapshot" in done.stderr
+    code, _, stderr = modrm(*args)
+    assert code == 2, stderr
+    assert stderr.count("\n") == 1 and "resume/state.json: a damaged snapshot" in stderr

@@ -1,6 +1,6 @@
 """End to end through the CLI, like a user: the offline MiniLM, every command through `cli.main`, real exit codes.
 
-Kept small enough for the default run: the seed's 32 pairs, and 80 synthetic pairs with short token limits.
+Kept small enough for the default run: the seed's 32 pairs, and 48 synthetic pairs with short token limits.
 """
 
 from __future__ import annotations
@@ -53,8 +53,22 @@ def read_json(path: Path) -> dict:
 def seed_run(tmp_path_factory):
     """embed -> train-heads -> eval on the seed's 32 pairs; returns the root folder and eval's table."""
     root = tmp_path_factory.mktemp("seed")
-    cache, stage0 = root / "cache", root / "stage0"
-    modrm("embed", "--data", SEED_PAIRS, "--cache", cache, "--encoder", MINILM, "--device", "cpu", "--quiet")
+    cache, stage0, config = root / "cache", root / "stage0", root / "fast.toml"
+    config.write_text(FAST_CONFIG)
+    modrm(
+        "embed",
+        "--data",
+        SEED_PAIRS,
+        "--cache",
+        cache,
+        "--encoder",
+        MINILM,
+        "--device",
+        "cpu",
+        "--config",
+        config,
+        "--quiet",
+    )
     modrm("train-heads", "--cache", cache, "--out", stage0, "--epochs", 5, "--device", "cpu", "--quiet")
     table = modrm("eval", "--checkpoint", stage0, "--data", SEED_PAIRS, "--out", root / "eval", "--split", "all")
     return root, table
@@ -89,7 +103,7 @@ def synth_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     data, config = root / "synth.jsonl", root / "fast.toml"
     config.write_text(FAST_CONFIG)
-    modrm("synth", "--out", data, "--pairs-per-module", 20, "--seed", SYNTH_SEED, "--holdout-phrasings")
+    modrm("synth", "--out", data, "--pairs-per-module", 12, "--seed", SYNTH_SEED, "--holdout-phrasings")
     modrm(
         "embed",
         *("--data", data, "--cache", root / "cache", "--encoder", MINILM),
@@ -112,7 +126,7 @@ def synth_run(tmp_path_factory):
 def test_stage1_starts_where_stage0_ended_and_keeps_its_best_epoch(synth_run):
     """Stage 1's epoch 0 is the stage-0 checkpoint validated end to end (the same val loss), and the checkpoint
     it writes is the epoch with the lowest val loss. That stage 1 beats stage 0 on held-out wording is asserted by
-    test_stage1_learns.py (at this test's size, about 10 val and 5 test pairs, it could not be)."""
+    test_stage1_learns.py (at this test's size, 7 val and 4 test pairs, it could not be)."""
     root, _ = synth_run
     stage0 = read_json(root / "stage0" / "metrics.json")
     stage1 = read_json(root / "stage1" / "metrics.json")

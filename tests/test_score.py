@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from in_process import modrm
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.encoder import Encoder, describe
@@ -22,7 +21,6 @@ from pipeline.trajectory import module_view
 
 SEED_PAIRS = Path(__file__).parent / "fixtures" / "seed_training_pairs.json"
 MODULES = ["reflection", "planner", "executor", "memory"]
-CLI = [sys.executable, "-c", "from pipeline.cli import main; main()"]
 
 
 def strip_memory(trajectory: str) -> str:
@@ -152,26 +150,17 @@ def test_bad_input_names_file_record_and_field_and_writes_nothing(stage0, tmp_pa
 @pytest.mark.slow
 def test_cli_scores_and_reports_bad_input_in_one_line(stage0, inputs, scored, tmp_path):
     out = tmp_path / "rewards.jsonl"
-    ok = subprocess.run(
-        [*CLI, "score", "--checkpoint", str(stage0), "--input", str(inputs), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-    )
-    assert ok.returncode == 0, ok.stderr
-    assert f"scored {len(trajectories())} trajectories" in ok.stdout
+    code, stdout, stderr = modrm("score", "--checkpoint", stage0, "--input", inputs, "--out", out, "--quiet")
+    assert code == 0, stderr
+    assert f"scored {len(trajectories())} trajectories" in stdout
     assert_rewards_close([line["rewards"] for line in read_jsonl(out)], [line["rewards"] for line in scored[1]])
 
     before = out.read_text()
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "task": "t"}])
-    failed = subprocess.run(
-        [*CLI, "score", "--checkpoint", str(stage0), "--input", str(bad), "--out", str(out), "--quiet"],
-        capture_output=True,
-        text=True,
-    )
-    assert failed.returncode == 2
-    assert "Traceback" not in failed.stderr + failed.stdout
-    assert len(failed.stderr.strip().splitlines()) == 1
-    assert str(bad) in failed.stderr and "record 0" in failed.stderr and "trajectory" in failed.stderr
+    code, stdout, stderr = modrm("score", "--checkpoint", stage0, "--input", bad, "--out", out, "--quiet")
+    assert code == 2
+    assert len(stderr.strip().splitlines()) == 1
+    assert str(bad) in stderr and "record 0" in stderr and "trajectory" in stderr
     assert out.read_text() == before
 
 

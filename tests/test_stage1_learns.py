@@ -2,9 +2,10 @@
 
 The executor was asked to move one thing to A and another to B; the better side did that, the worse side put each
 in the other's place. Both module texts hold the same words, so frozen mean-pooled embeddings (stage 0) see little
-of the difference (0.66 to 0.72 accuracy over three data seeds). Fine-tuning the encoder (stage 1, the default
-settings: 4 epochs) binds each thing to its place (0.85 to 0.90 on the same seeds). Scored on pairs written in
-templates no training pair uses, so the gain is not memorised phrasing.
+of the difference (0.70 to 0.725 accuracy over three data seeds). Fine-tuning the encoder (stage 1, the default
+settings but 3 epochs instead of 4, to keep the suite short) binds each thing to its place (0.85 to 0.86 on the same
+seeds; 0.87 to 0.90 at the default 4). Scored on pairs written in templates no training pair uses, so the gain is not
+memorised phrasing.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ HELD_OUT_WORDINGS = [
     "Finished: destination of {x} is {a}, destination of {y} is {b}.",
 ]
 # fmt: on
-TRAIN_PAIRS = 200  # at the default 4 epochs; 150 pairs gained as much on one seed
+TRAIN_PAIRS = 200  # 150 learned on one data seed of three
 
 
 def binding_pairs(n: int, seed: int, wordings: list[str], prefix: str) -> list[Pair]:
@@ -75,7 +76,9 @@ def test_stage1_learns_which_thing_went_where_which_frozen_embeddings_barely_see
 
     embed_files([data], tmp_path / "cache", config, progress=False)
     train_heads(tmp_path / "cache", tmp_path / "stage0", config, progress=False)
-    finetune(tmp_path / "stage0", [data], tmp_path / "stage1", {"finetune": {"device": "cpu"}}, progress=False)
+    finetune(
+        tmp_path / "stage0", [data], tmp_path / "stage1", {"finetune": {"device": "cpu", "epochs": 3}}, progress=False
+    )
     results = evaluate([tmp_path / "stage0", tmp_path / "stage1"], held_out, tmp_path / "eval", progress=False)
 
     stage0, stage1 = (results[label]["overall"] for label in ("stage0", "stage1"))
