@@ -110,6 +110,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     config = Config()
     config.encoder.name, config.encoder.device, config.train.device = MINILM_ID, "cpu", "cpu"
     config.heads = HeadConfig(hidden=64, hidden2=32, dropout=0.0)
+    config.encoder.max_context_tokens = 128  # the task and the end of each trajectory: half the encoding
     config.train.epochs = 20
     embed_files([root / "synth.jsonl"], root / "cache", config, progress=False)
     train_heads(root / "cache", root / "stage0", config, progress=False)
@@ -182,8 +183,8 @@ def test_a_new_failure_style_is_learned_while_a_client_keeps_scoring(learning, c
 
 def test_flipped_labels_are_refused_and_the_served_version_stays(learning):
     url = learning
-    status, answer = post(url + "/pairs", jsonl(flipped_pairs(10, seed=3)))
-    assert status == 202 and answer["accepted"] == 40
+    status, answer = post(url + "/pairs", jsonl(flipped_pairs(20, seed=3)))  # more than the 60 replayed pairs
+    assert status == 202 and answer["accepted"] == 80
     wait_for(lambda: any(v["version"] == "v0002" for v in versions(url)["versions"]), "version v0002 judged")
     listed = versions(url)
     [refused] = [v for v in listed["versions"] if v["version"] == "v0002"]
