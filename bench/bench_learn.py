@@ -112,6 +112,7 @@ def refresh_time(checkpoint: Path, device: str, size: int, workdir: Path, pause_
         "post_to_new_version_s": served,
         "embed_s": record["seconds"]["embed"],
         "texts_encoded": record["texts_encoded"],
+        "texts_from_lru": record["texts_from_lru"],
         "status": record["status"],
         "idle": percentiles(idle),
         "during_refresh": percentiles(during) if len(during) > 1 else None,

@@ -57,10 +57,12 @@ from pipeline.cache import Cache, Shard, as_keys, text_key
 from pipeline.checkpoint import HEADS_FILES, METRICS_FILE, Checkpoint, load_checkpoint, write_heads
 from pipeline.config import Config
 from pipeline.data import DataError, Pair, Problem, load_pairs, pair_to_record
+from pipeline.encoder import Tokenized
 from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads
 from pipeline.mine import MineOptions, mine_rollouts
 from pipeline.pairwise import PairSet, split_by_group, validate
+from pipeline.reward import EmbeddingLRU
 from pipeline.rollouts import RolloutFormat
 from pipeline.train_heads import EPOCH_LOG, Run, split_sets, train
 from pipeline.training import Optimization, param_groups
@@ -69,7 +71,8 @@ log = logging.getLogger("modrm.learn")
 
 VERSION_FILE, SERVED_FILE = "version.json", "served.json"
 VERSION_NAME = re.compile(r"v(\d{4,})")
-EMBED_CHUNK = 2  # texts per model-thread call while a refresh embeds: a scoring batch waits at most one chunk
+EMBED_CHUNK = 2  # texts encoded per model-thread call while a refresh embeds: a scoring batch waits at most one
+LRU_CHUNK = 64  # texts taken from the server's LRU per model-thread call
 SHARD_TEXTS = 512  # texts per cache shard written while a refresh embeds (a kill loses at most these)
 MIN_REPLAY = 256  # replayed pairs at least, however few the new ones
 STEPS_PER_EPOCH = 8  # at least, by smaller batches where the pairs are few: a refresh of a few pairs still moves
@@ -389,7 +392,7 @@ class Learner:
         started = time.perf_counter()
         pairs = self.inbox.pairs(files)
         cache = self.config.state_dir / "cache" / served.rm.checkpoint.fingerprint.weights_sha256[:12]  # by encoder
-        encoded = embed_pairs(pairs, cache, served.rm, self.encode)
+        encoded, from_lru = embed_pairs(pairs, cache, served.rm, self.encode)
         embedded = time.perf_counter()
         folder = self.versions.new_folder()
         job = {
@@ -408,6 +411,7 @@ class Learner:
             "pairs_seen": len(pairs),
             "pair_files": files,
             "texts_encoded": encoded,
+            "texts_from_lru": from_lru,
             "seconds": {"embed": round(embedded - started, 2), "total": round(time.perf_counter() - started, 2)},
             "val": json.loads((folder / METRICS_FILE).read_text())["val"],
         }
@@ -453,15 +457,17 @@ class Learner:
 PAIR_ROLES = ("context", "module", "context", "module")
 
 
-def embed_pairs(pairs: Sequence[Pair], cache_dir: Path, rm, encode: Callable) -> int:
-    """The texts of `pairs` the cache lacks, encoded by `rm`'s encoder a chunk at a time through `encode` (the model
-    thread, at the learner's priority) and committed to the cache; returns how many were encoded."""
+def embed_pairs(pairs: Sequence[Pair], cache_dir: Path, rm, encode: Callable) -> tuple[int, int]:
+    """The texts of `pairs` the cache lacks, committed to the cache: those the server's LRU holds (rollouts the policy
+    had scored) taken from it, the rest encoded by `rm`'s encoder; a few at a time through `encode` (the model
+    thread, at the learner's priority). Returns how many were encoded and how many came from the LRU."""
     config = rm.checkpoint.config.encoder
     wanted: dict[str, dict[bytes, tuple[str, str]]] = {"context": {}, "module": {}}  # role: key -> (text, head)
     for pair in pairs:
         head = config.context_head(pair.task)
         for role, text in zip(PAIR_ROLES, config.pair_texts(pair), strict=True):
             wanted[role].setdefault(text_key(role, text), (text, head if role == "context" else ""))
+    encoded = from_lru = 0
     with Cache.open(cache_dir, rm.checkpoint.fingerprint) as cache:
         order = []
         for role, texts in wanted.items():
@@ -469,26 +475,56 @@ def embed_pairs(pairs: Sequence[Pair], cache_dir: Path, rm, encode: Callable) ->
             missing = [
                 k for k, row in zip(keys, cache.find(as_keys(b"".join(keys))) if keys else [], strict=True) if row < 0
             ]
-            for lo in range(0, len(missing), SHARD_TEXTS):  # one shard file per SHARD_TEXTS, not per chunk
+            for lo in range(0, len(missing), SHARD_TEXTS):  # one shard file per SHARD_TEXTS, not per call
                 part = missing[lo : lo + SHARD_TEXTS]
-                chunks = [
-                    encode(encode_texts, rm.encoder, role, [texts[k] for k in part[c : c + EMBED_CHUNK]])
-                    for c in range(0, len(part), EMBED_CHUNK)
+                calls = [
+                    encode(encode_texts, rm, role, [(k, *texts[k]) for k in call])
+                    for call in model_calls(part, rm.cache)
                 ]
-                cache.add_shard(Shard(as_keys(b"".join(part)), *map(np.concatenate, zip(*chunks, strict=True))))
+                lengths, truncated, embeddings, held = zip(*calls, strict=True)
+                cache.add_shard(Shard(as_keys(b"".join(part)), *map(np.concatenate, (lengths, truncated, embeddings))))
+                from_lru += sum(held)
+                encoded += len(part) - sum(held)
             order += missing
         if order:
             cache.commit(as_keys(b"".join(order)))
-    return len(order)
+    return encoded, from_lru
 
 
-def encode_texts(encoder, role: str, texts: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(token counts, truncated, float16 embeddings) of `texts` ((text, context head) each): one model-thread call."""
-    tokens = encoder.tokenize([t for t, _ in texts], role, [h for _, h in texts] if role == "context" else None)
+def model_calls(keys: list[bytes], lru: EmbeddingLRU) -> list[list[bytes]]:
+    """`keys` in order, cut into model-thread calls of at most EMBED_CHUNK texts to encode (a scoring batch waits for
+    one call at most) and LRU_CHUNK texts the LRU holds (those cost a lookup and their tokenization)."""
+    calls: list[list[bytes]] = []
+    fresh = held = 0
+    for key in keys:
+        in_lru = key in lru
+        if not calls or fresh + (not in_lru) > EMBED_CHUNK or held + in_lru > LRU_CHUNK:
+            calls.append([])
+            fresh = held = 0
+        calls[-1].append(key)
+        fresh, held = fresh + (not in_lru), held + in_lru
+    return calls
+
+
+def encode_texts(rm, role: str, texts: list[tuple[bytes, str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(token counts, truncated, float16 embeddings, how many came from the LRU) of `texts` ((key, text, context
+    head) each): one model-thread call. The LRU is read here, on the thread that scores, so none is evicted between
+    the look and the use."""
+    encoder = rm.encoder
+    tokens = encoder.tokenize([t for _, t, _ in texts], role, [h for _, _, h in texts] if role == "context" else None)
     out = np.empty((len(texts), encoder.dim), dtype=np.float16)
-    for index, emb in encoder.encode_tokenized(tokens, desc=f"learn {role}s", progress=False):
-        out[index] = emb
-    return tokens.lengths, tokens.truncated, out
+    todo = []
+    for i, (key, _, _) in enumerate(texts):
+        held = rm.cache.get(key)
+        if held is None:
+            todo.append(i)
+        else:
+            out[i] = held
+    if todo:
+        subset = Tokenized([tokens.ids[i] for i in todo], tokens.lengths[todo], tokens.truncated[todo])
+        for index, emb in encoder.encode_tokenized(subset, desc=f"learn {role}s", progress=False):
+            out[np.asarray(todo)[index]] = emb
+    return tokens.lengths, tokens.truncated, out, len(texts) - len(todo)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -70,6 +70,9 @@ class EmbeddingLRU:
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._entries
+
     def __len__(self) -> int:
         return len(self._entries)
 

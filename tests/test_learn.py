@@ -24,13 +24,14 @@ from test_serve import running
 from test_serve_fuzz import serving
 
 from pipeline import RewardModel
+from pipeline.cache import Cache, as_keys, text_key
 from pipeline.checkpoint import HEADS_FILES, heads_version, load_checkpoint, save_heads
 from pipeline.config import Config, HeadConfig
 from pipeline.data import Pair, Side, pair_to_record
 from pipeline.embed import embed_files
 from pipeline.encoder import MINILM_ID
 from pipeline.errors import ModrmError
-from pipeline.learner import VERSION_FILE, LearnConfig, Learner
+from pipeline.learner import PAIR_ROLES, VERSION_FILE, LearnConfig, Learner, embed_pairs
 from pipeline.reward import Stats
 from pipeline.serve import MicroBatcher, ServeConfig, create_app
 from pipeline.synth import generate_pairs, generate_rollouts, write_pairs
@@ -241,6 +242,29 @@ def test_a_swap_takes_effect_between_batches_and_a_batch_is_scored_by_one_versio
     answers = asyncio.run(scenario())
     assert answers[0] == ("v1", [{"by": "old"}])  # the batch running when the swap came: the old heads, whole
     assert answers[1:] == [("v2", [{"by": "new"}] * 2)] * 3  # the next batch: the new heads, each item
+
+
+def test_a_refresh_takes_what_the_server_just_scored_from_its_lru_and_encodes_the_rest(rm, tmp_path):
+    """Rollouts come to POST /rollouts after the policy had them scored: their texts are in the server's LRU, and
+    the refresh copies them to its cache instead of encoding them again."""
+    pairs = sandbox_pairs(4, seed=5, prefix="lru")
+    rm.score([{"task": p.task, "trajectory": side.context} for p in pairs[:2] for side in (p.positive, p.negative)])
+    enc, texts = rm.checkpoint.config.encoder, {}  # key -> (role, text, context head)
+    for p in pairs:
+        for role, text in zip(PAIR_ROLES, enc.pair_texts(p), strict=True):
+            texts[text_key(role, text)] = (role, text, enc.context_head(p.task) if role == "context" else None)
+    held = {key for key in texts if key in rm.cache}
+    assert 0 < len(held) < len(texts)  # the scored pairs' texts, not the others'
+
+    encoded, from_lru = embed_pairs(pairs, tmp_path / "cache", rm, lambda fn, *args: fn(*args))
+    assert (encoded, from_lru) == (len(texts) - len(held), len(held))
+    cache = Cache(tmp_path / "cache", rm.checkpoint.fingerprint)
+    stored = cache.embeddings()[cache.find(as_keys(b"".join(texts)))]
+    for (key, (role, text, head)), row in zip(texts.items(), stored, strict=True):
+        fresh = rm.encoder.encode([text], role, heads=[head] if head else None)[0]
+        np.testing.assert_allclose(row.astype(np.float32), fresh, atol=2e-3)  # whichever way it came
+        if key in held:
+            assert np.array_equal(row, rm.cache.get(key).astype(np.float16))  # copied, not encoded again
 
 
 # ---------------------------------------------------------------------------------------------- intake
