@@ -38,6 +38,7 @@ class EncoderConfig:
     max_context_tokens: int = 2048  # contexts keep their head (prompt, task) and their most recent tokens
     max_module_tokens: int = 512  # module texts keep their first tokens
     token_budget: int | None = None  # padded tokens per encoder batch; None: 4096 on CPU (cache-sized), 32768 on CUDA
+    packing: str = "auto"  # a batch's texts end to end, no padding: auto (on a GPU) | on | off
     context_template: str = "Task: {task}\n\n{context}"  # what the encoder sees as the trajectory context
     prompt_name: str | None = None  # a prompt from the model's config_sentence_transformers.json
     trust_remote_code: bool = False
@@ -179,6 +180,7 @@ RANGES: dict[tuple[str, str], tuple] = {
 CHOICES = {
     "dtype": ("auto", "float32", "float16", "bfloat16"),
     "gradient_checkpointing": ("auto", "on", "off"),
+    "packing": ("auto", "on", "off"),
 }
 INTEGERS = {("encoder", "token_budget"), ("finetune", "max_steps"), ("finetune", "train_layers")}  # default None
 FLOATS = {("finetune", "encoder_dropout")}  # default None
@@ -245,7 +247,11 @@ FIXED_BY_CHECKPOINT = {**FIXED_BY_CACHE, "heads": ("hidden", "hidden2")}
 # of the run itself (a --config file, the caller's own Config) turn them on.
 CODE_SETTINGS = {"trust_remote_code": False, "use_safetensors": True}
 # Where a run happened is not part of what it made: never inherited from a saved config.
-RUN_SETTINGS = {"encoder": ("device", "dtype", "token_budget"), "train": ("device",), "finetune": ("device",)}
+RUN_SETTINGS = {
+    "encoder": ("device", "dtype", "token_budget", "packing"),
+    "train": ("device",),
+    "finetune": ("device",),
+}
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The shared text encoder: load any Hugging Face encoder, tokenize by role, batch by token budget, pool.
 
 Pooling, normalisation and prompts come from the model folder's sentence-transformers files, so one code
-path serves MiniLM (mean pooling, right padding) and Qwen3-Embedding (last-token pooling, left padding,
-end token appended). A text's embedding never depends on the batch it is padded into.
+path serves MiniLM (mean pooling) and Qwen3-Embedding (last-token pooling, end token appended). A batch's texts
+are packed end to end without padding (`pipeline.packing`) where the model's attention allows it, else padded;
+either way a text's embedding never depends on the batch it is in.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import EncoderConfig
 from pipeline.errors import ModrmError
+from pipeline.packing import ATTENTION, pack, pool_packed, supports_packing
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 LONG_CHARS_PER_TOKEN = 16  # a text longer than this many characters per token of room is tokenized from cuts
@@ -362,6 +364,12 @@ class Encoder(nn.Module):
             fingerprint,
             folder,
         )
+        # texts end to end, no padding, where the attention allows it; by default only on a GPU, whose FlashAttention
+        # varlen kernel makes it pay (on the CPU, attention text by text is 10% slower than one padded batch)
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        self.packed = supports_packing(model) and (config.packing == "on" or (config.packing == "auto" and on_gpu))
+        if self.packed:
+            model.set_attn_implementation(ATTENTION)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.left_padding = tokenizer.padding_side == "left"
         self.prefix, self.suffix = self._special_tokens()
@@ -490,8 +498,11 @@ class Encoder(nn.Module):
             yield order[start : start + size]
             start += size
 
-    def collate(self, ids: Sequence[list[int]]) -> dict[str, torch.Tensor]:
-        """Pad to the longest; the mask comes from the lengths, never from comparing ids with the pad id."""
+    def collate(self, ids: Sequence[list[int]]) -> dict[str, torch.Tensor | int]:
+        """The model's input for these texts: packed where it can be, else padded to the longest (the mask comes
+        from the lengths, never from comparing ids with the pad id)."""
+        if self.packed:
+            return pack(ids, self.device)
         width = max(len(x) for x in ids)
         input_ids = np.full((len(ids), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(ids), width), dtype=np.int64)
@@ -523,9 +534,12 @@ class Encoder(nn.Module):
         for texts in (["warm up"], ["warm up", "warm up, a longer text"], ["warm up", "warm up"]):
             self.encode(texts)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor | int]) -> torch.Tensor:
         hidden = self.model(**batch, use_cache=False).last_hidden_state  # a KV cache would only cost memory
-        pooled = pool(hidden, batch["attention_mask"], self.fingerprint.pooling)
+        if "cu_seq_lens_q" in batch:
+            pooled = pool_packed(hidden[0], batch["cu_seq_lens_q"], self.fingerprint.pooling)
+        else:
+            pooled = pool(hidden, batch["attention_mask"], self.fingerprint.pooling)
         return F.normalize(pooled.float(), dim=-1) if self.fingerprint.normalize else pooled.float()
 
     @torch.inference_mode()

@@ -1,4 +1,5 @@
-"""What only a GPU can show: fp16 embedding against an fp32 reference, the fp16 overflow fallback on CUDA,
+"""What only a GPU can show: fp16 embedding against an fp32 reference, packed batches through FlashAttention's
+varlen kernel against padded ones, the fp16 overflow fallback on CUDA,
 mixed-precision stage-0 and stage-1 steps (bf16 autocast, and fp16 through the grad scaler), a checkpoint
 trained on the GPU evaluated on the CPU, and `modrm serve` on the GPU (compiled by default).
 
@@ -87,6 +88,30 @@ def test_fp16_overflow_is_re_encoded_in_fp32_on_the_gpu(tiny_qwen3_overflow: Pat
     assert gpu.fallback_texts == triggered and 0 < gpu.fallback_batches < triggered
     assert _cosine(got, reference.encode(texts)).min() > 0.999
     assert next(gpu.model.parameters()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("model", ["minilm", "qwen3"])
+def test_packed_batches_through_flash_attention_equal_padded_ones(
+    model: str, tiny_qwen3: Path, minilm_id: str, make_config, seed_texts: list[str]
+) -> None:
+    """FlashAttention's varlen kernel (packing's default on a GPU) against padded sdpa: embeddings in fp16, and
+    stage 1's gradients (fp32 weights, bf16 autocast)."""
+    name = minilm_id if model == "minilm" else tiny_qwen3
+    limits = {"max_context_tokens": 256, "max_module_tokens": 128}
+    packed = Encoder.load(make_config(name, device="cuda", **limits).encoder)
+    padded = Encoder.load(make_config(name, device="cuda", packing="off", **limits).encoder)
+    assert packed.packed and not padded.packed  # packed by default on a GPU
+    for role in ("context", "module"):
+        assert _cosine(packed.encode(seed_texts, role), padded.encode(seed_texts, role)).min() > 0.9999, role
+
+    grads = []
+    for packing in ("auto", "off"):
+        encoder = Encoder.load(make_config(name, device="cuda", dtype="float32", packing=packing, **limits).encoder)
+        batch = encoder.collate(encoder.tokenize(seed_texts[:16], "context").ids)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            encoder(batch).sum().backward()
+        grads.append(torch.cat([p.grad.flatten().float() for p in encoder.parameters() if p.grad is not None]))
+    assert torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
 
 
 # ---------------------------------------------------------------------------------------------- stage 0
