@@ -46,6 +46,7 @@ from pipeline.encoder import MINILM_ID, Encoder, Tokenized
 from pipeline.finetune import EndToEnd, TokenizedPairs, enable_checkpointing, freeze_layers
 from pipeline.heads import RewardHeads, preference_loss
 from pipeline.synth import generate_pairs
+from pipeline.training import Optimization, param_groups
 
 MODULE_TOKENS = 64
 CPU_LENGTHS = (128, 256, 512)
@@ -85,7 +86,9 @@ def worker(args) -> dict:
     use_all_cores()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    encoder = Encoder.load(EncoderConfig(name=args.encoder, device=args.device, dtype="float32"))
+    encoder = Encoder.load(
+        EncoderConfig(name=args.encoder, device=args.device, dtype=args.weights_dtype, packing=args.packing)
+    )
     cfg = Config()
     model = EndToEnd(encoder, RewardHeads(DEFAULT_MODULES, encoder.dim, cfg.heads).to(device))
     if args.train_layers is not None:
@@ -94,26 +97,25 @@ def worker(args) -> dict:
         enable_checkpointing(encoder.model)
     data = fixed_pairs(encoder, args.pairs, args.length)
     rss_load = rss_mb()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01)
-    for p in params:  # the fixed part: gradient buffers and AdamW moments, allocated before any step
+    fc = cfg.finetune  # the optimizer `modrm finetune` builds (BF16AdamW for bf16 weights)
+    groups = param_groups([(encoder.parameters(), fc.encoder_lr), (model.heads.parameters(), fc.heads_lr)], 0.01)
+    dtype = "bfloat16" if args.autocast == "bf16" else "float32"
+    opt = Optimization(groups, args.steps + 2, device, dtype, fc.betas, 0.0, fc.max_grad_norm)
+    for p in opt.params:  # the fixed part: gradient buffers and AdamW moments, allocated before any step
         p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=False)
+    opt.optimizer.step()
+    opt.optimizer.zero_grad(set_to_none=False)
     rss_fixed, gpu_fixed = rss_mb(), torch.cuda.memory_allocated() if cuda else 0
-    autocast = torch.bfloat16 if args.autocast == "bf16" else None
     index = np.arange(args.pairs)
     model.train()
 
     def step() -> float:
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        with opt.autocast():
             r_pos, r_neg, module_idx = model(data, index)
             loss = preference_loss(r_pos, r_neg, module_idx, len(DEFAULT_MODULES), cfg.heads.alpha, cfg.heads.margin)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        opt.backward(loss)
+        opt.step()
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -148,10 +150,13 @@ def run_config(
     steps: int,
     autocast: str,
     train_layers: int | None = None,
+    weights_dtype: str = "float32",
+    packing: str = "auto",
 ):
     """`worker` in a fresh interpreter, so ru_maxrss is this configuration's peak alone."""
     command = [sys.executable, __file__, "--worker", "--encoder", encoder, "--device", device]
     command += ["--length", str(length), "--pairs", str(pairs), "--steps", str(steps), "--autocast", autocast]
+    command += ["--weights-dtype", weights_dtype, "--packing", packing]
     command += ["--checkpointing"] if checkpointing else []
     command += ["--train-layers", str(train_layers)] if train_layers is not None else []
     done = subprocess.run(command, capture_output=True, text=True)
@@ -159,6 +164,7 @@ def run_config(
     if done.returncode or not lines:
         raise SystemExit(f"worker failed ({' '.join(command[1:])}):\n{done.stderr[-3000:]}")
     config = {"length": length, "checkpointing": checkpointing, "pairs": pairs, "train_layers": train_layers}
+    config |= {"weights_dtype": weights_dtype, "packing": packing}
     return config | json.loads(lines[-1].removeprefix("RESULT "))
 
 
@@ -205,6 +211,8 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--autocast", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--train-layers", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--weights-dtype", default="float32", help=argparse.SUPPRESS)
+    parser.add_argument("--packing", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)))

@@ -36,6 +36,7 @@ All sections together take longer than one 10-minute call on a lent GPU: pick th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -60,10 +61,7 @@ from pipeline.synth import generate_pairs
 LENGTHS = (512, 2048)
 MAX_TEXTS = 20_000
 TRIGGER = "~"
-EMBED_HEADERS = (
-    *("texts", "n", "modrm tok/s", "ST tok/s", "modrm/ST", "modrm MFU", "ST MFU"),
-    *("modrm GiB", "ST GiB", "cos fp16/fp32 min"),
-)
+EMBED_HEADERS = ("texts (tokens)", "n", "way", "tok/s", "MFU", "vs ST", "peak GiB", "cosine to fp32 min")
 STAGE1_KEYS = ("seconds_per_step", "pairs_per_s", "max_memory_allocated_gib", "gpu_mb_per_pair")
 DEVICE = "cuda"  # --device cpu --size tiny: a dry run of every section on a machine without a GPU
 
@@ -109,25 +107,28 @@ def card() -> dict:
 # ---------------------------------------------------------------------------------------------- embedding
 
 
-def flops_per_token(config, length: int) -> float:
-    """Forward FLOPs per token: 2 x the linear weights, plus QK^T and AV over the whole length (counted in full,
-    as PaLM's MFU does)."""
+def model_flops(config, lengths: np.ndarray) -> float:
+    """Forward FLOPs of texts of these token lengths: 2 x the linear weights per token, plus QK^T and AV over each
+    text's whole length (counted in full, as PaLM's MFU does)."""
     h, d = config.hidden_size, config.head_dim
     q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
     linear = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
-    return config.num_hidden_layers * (2 * linear + 4 * length * q)
+    lengths = lengths.astype(np.float64)
+    return config.num_hidden_layers * float((2 * linear * lengths + 4 * lengths**2 * q).sum())
 
 
-def make_texts(encoder: Encoder, n: int, length: int, seed: int = 2) -> list[str]:
+def make_texts(encoder: Encoder, n: int, length: int, seed: int = 2, mixed: bool = False) -> list[str]:
     """`n` distinct texts of at least `length` tokens (cut to it by the encoder), not much longer, so
-    tokenization costs what real texts of that length cost."""
+    tokenization costs what real texts of that length cost; `mixed`: lengths drawn uniformly from 64 to `length`
+    tokens, as contexts of trajectories at different rounds are."""
     stream = "\n".join(p.positive.context for p in generate_pairs(200, seed=seed))
     sample = stream[:20_000]
     chars_per_token = len(sample) / len(encoder.tokenizer(sample, add_special_tokens=False)["input_ids"])
     width = int(length * chars_per_token * 1.2)
     stream = stream * (width // len(stream) + 2)
     step = max(1, (len(stream) - width) // max(1, n))
-    return [f"{i}: " + stream[(i * step) % (len(stream) - width) :][:width] for i in range(n)]
+    widths = np.random.default_rng(seed).integers(int(64 * chars_per_token), width + 1, n) if mixed else [width] * n
+    return [f"{i}: " + stream[(i * step) % (len(stream) - width) :][:w] for i, w in enumerate(widths)]
 
 
 def timed_cuda(fn: Callable[[], object]) -> tuple[object, float, float]:
@@ -152,55 +153,83 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
+EMBED_SETS = (("512", 512, False), ("2048", 2048, False), ("mixed 64-2048", 2048, True))
+# modrm's ways to embed: (encoder.packing, compiled); "packed" is `modrm embed`'s default on a GPU
+EMBED_MODES = {"padded": ("off", False), "packed": ("on", False), "packed, compiled": ("on", True)}
+
+
+def with_limit(encoder: Encoder, length: int) -> Encoder:
+    """The encoder cutting contexts at `length` tokens, as one loaded with that limit would (the model is the same),
+    so each way of embedding loads, and compiles, once for all the text sets."""
+    encoder.fingerprint = dataclasses.replace(encoder.fingerprint, max_context_tokens=length)
+    return encoder
+
+
 def embedding(folder: Path, seconds: float, peak_tflops: float) -> dict:
+    """Each text set through modrm's three ways and SentenceTransformer.encode(batch_size=32), end to end
+    (tokenization included), the same texts; each way's fp16 embeddings against an fp32 padded reference."""
     from sentence_transformers import SentenceTransformer
     from transformers import AutoConfig
 
-    results = {}
-    for length in LENGTHS:
-        encoder = Encoder.load(EncoderConfig(name=str(folder), device=DEVICE, max_context_tokens=length))
-        probe = make_texts(encoder, 256, length, seed=1)
+    def load(packing: str, dtype: str = "auto") -> Encoder:
+        config = EncoderConfig(name=str(folder), device=DEVICE, dtype=dtype, max_context_tokens=max(LENGTHS))
+        return Encoder.load(dataclasses.replace(config, packing=packing))
+
+    hf_config = AutoConfig.from_pretrained(folder)
+    encoder, reference, sets = load("on"), load("off", "float32"), {}
+    for label, length, mixed in EMBED_SETS:  # the texts: as many as `seconds` of packed embedding takes
+        probe = make_texts(with_limit(encoder, length), 256, length, seed=1, mixed=mixed)
         encoder.encode(probe[:32], "context")  # warm-up
         _, probe_s, _ = timed_cuda(lambda e=encoder, p=probe: e.encode(p, "context"))
-        n = int(min(MAX_TEXTS, len(probe) / probe_s * seconds))
-        texts = make_texts(encoder, n, length)
-        tokens = encoder.tokenize(texts, "context").lengths
-        _, modrm_s, modrm_gib = timed_cuda(lambda e=encoder, t=texts: e.encode(t, "context"))
-        reference = Encoder.load(
-            EncoderConfig(name=str(folder), device=DEVICE, dtype="float32", max_context_tokens=length)
-        )
+        texts = make_texts(encoder, int(min(MAX_TEXTS, len(probe) / probe_s * seconds)), length, mixed=mixed)
         subset = texts[:: max(1, len(texts) // (256 if length <= 512 else 64))]
-        agreement = cosine(encoder.encode(subset, "context"), reference.encode(subset, "context"))
-        del reference, encoder
-        free_memory()
-
-        st = SentenceTransformer(str(folder), device=DEVICE)
-        st = st.half() if DEVICE == "cuda" else st
-        st.max_seq_length = length
-        st.encode(probe[:32], batch_size=32)
-        _, st_s, st_gib = timed_cuda(lambda m=st, t=texts: m.encode(t, batch_size=32))
-        del st
-        free_memory()
-        config = AutoConfig.from_pretrained(folder)
-
-        flops = float(tokens.sum()) * flops_per_token(config, length)
-        results[length] = {
-            "texts": n,
-            "tokens": int(tokens.sum()),
-            "texts_at_length": float((tokens == length).mean()),
-            "modrm_seconds": modrm_s,
-            "modrm_tokens_per_s": tokens.sum() / modrm_s,
-            "modrm_peak_gib": modrm_gib,
-            "modrm_mfu": flops / modrm_s / (peak_tflops * 1e12),
-            "st_seconds": st_s,
-            "st_tokens_per_s": tokens.sum() / st_s,
-            "st_peak_gib": st_gib,
-            "st_mfu": flops / st_s / (peak_tflops * 1e12),
-            "modrm_vs_st": st_s / modrm_s,
-            "fp16_vs_fp32_cosine_min": float(agreement.min()),
-            "fp16_vs_fp32_cosine_mean": float(agreement.mean()),
-            "agreement_texts": len(subset),
+        tokens = encoder.tokenize(texts, "context").lengths
+        sets[label] = {
+            "texts": texts,
+            "length": length,
+            "subset": subset,
+            "reference": with_limit(reference, length).encode(subset, "context"),
+            "tokens": tokens,
+            "flops": model_flops(hf_config, tokens),
         }
+    del encoder, reference
+    free_memory()
+    results = {
+        label: {"texts": len(t["texts"]), "tokens": int(t["tokens"].sum()), "mean_tokens": float(t["tokens"].mean())}
+        for label, t in sets.items()
+    }
+    for mode, (packing, compiled) in EMBED_MODES.items():
+        encoder = load(packing)
+        if compiled:
+            _, compile_s, _ = timed_cuda(encoder.compile)
+        for label, t in sets.items():
+            with_limit(encoder, t["length"]).encode(t["texts"][:32], "context")
+            _, s, gib = timed_cuda(lambda e=encoder, x=t["texts"]: e.encode(x, "context"))
+            agreement = cosine(encoder.encode(t["subset"], "context"), t["reference"])
+            results[label][mode] = {
+                "seconds": s,
+                "tokens_per_s": t["tokens"].sum() / s,
+                "mfu": t["flops"] / s / (peak_tflops * 1e12),
+                "peak_gib": gib,
+                "packed": encoder.packed,
+                "cosine_to_fp32_min": float(agreement.min()),
+            } | ({"compile_seconds": compile_s} if compiled else {})
+        del encoder
+        free_memory()
+    st = SentenceTransformer(str(folder), device=DEVICE)
+    st = st.half() if DEVICE == "cuda" else st
+    for label, t in sets.items():
+        st.max_seq_length = t["length"]
+        st.encode(t["texts"][:32], batch_size=32)
+        _, st_s, st_gib = timed_cuda(lambda x=t["texts"]: st.encode(x, batch_size=32))
+        results[label]["sentence-transformers"] = {
+            "seconds": st_s,
+            "tokens_per_s": t["tokens"].sum() / st_s,
+            "mfu": t["flops"] / st_s / (peak_tflops * 1e12),
+            "peak_gib": st_gib,
+        }
+        for mode in EMBED_MODES:
+            results[label][mode]["vs_st"] = st_s / results[label][mode]["seconds"]
     return results
 
 
@@ -283,12 +312,19 @@ def stage0_scale(workdir: Path, pairs: int, batch: int = 4096) -> dict:
     }
 
 
-def stage1(folder: Path, length: int, top_layers: int) -> list[dict]:
+STAGE1_RUNS = [  # every layer trained, gradient checkpointing on: (weights_dtype, encoder.packing)
+    ("float32", "off"),  # the last release's stage 1: 0.60 s/step, 14.1 GiB on an H200
+    ("float32", "auto"),
+    ("bfloat16", "auto"),
+]
+
+
+def stage1(folder: Path, length: int) -> list[dict]:
     from bench_finetune import run_config
 
-    configs = [(False, None), (True, None), (True, top_layers)]
     return [
-        run_config(str(folder), DEVICE, length, ckpt, 4, 3, "bf16", train_layers=layers) for ckpt, layers in configs
+        run_config(str(folder), DEVICE, length, True, 4, 3, "bf16", weights_dtype=weights, packing=packing)
+        for weights, packing in STAGE1_RUNS
     ]
 
 
@@ -400,22 +436,22 @@ def report(r: dict) -> str:
     if isinstance(r.get("embedding"), dict) and "error" not in r["embedding"]:
         rows = [
             [
-                f"{length} tokens",
+                f"{label} ({e['mean_tokens']:.0f} mean)",
                 e["texts"],
-                e["modrm_tokens_per_s"],
-                e["st_tokens_per_s"],
-                f"{e['modrm_vs_st']:.2f}x",
-                f"{e['modrm_mfu']:.1%}",
-                f"{e['st_mfu']:.1%}",
-                e["modrm_peak_gib"],
-                e["st_peak_gib"],
-                f"{e['fp16_vs_fp32_cosine_min']:.5f}",
+                mode,
+                m["tokens_per_s"],
+                f"{m['mfu']:.1%}",
+                f"{m['vs_st']:.2f}x" if "vs_st" in m else "",
+                m["peak_gib"],
+                f"{m['cosine_to_fp32_min']:.5f}" if "cosine_to_fp32_min" in m else "",
             ]
-            for length, e in r["embedding"].items()
+            for label, e in r["embedding"].items()
+            for mode, m in e.items()
+            if isinstance(m, dict)
         ]
         lines += [
             "",
-            "Embedding, Qwen3-Embedding-0.6B architecture (random weights), fp16:",
+            "Embedding, Qwen3-Embedding-0.6B architecture (random weights), fp16, end to end:",
             table(EMBED_HEADERS, rows),
         ]
     if isinstance(r.get("fallback"), dict) and "error" not in r["fallback"]:
@@ -447,16 +483,16 @@ def report(r: dict) -> str:
     if isinstance(r.get("stage1"), list):
         rows = [
             [
-                f"{s['length']}, ckpt {'on' if s['checkpointing'] else 'off'}"
-                + (f", top {s['train_layers']} layers" if s.get("train_layers") else ""),
+                f"{s['weights_dtype']}, {'padded' if s['packing'] == 'off' else 'packed'}",
                 *(["out of memory"] if s.get("oom") else [s.get(k) for k in STAGE1_KEYS]),
             ]
             for s in r["stage1"]
         ]
         lines += [
             "",
-            "Stage 1, 0.6B encoder + heads, bf16 autocast, fp32 master weights, AdamW, 4 pairs/step:",
-            table(["context tokens", "s/step", "pairs/s", "peak GiB", "activation MB/pair"], rows),
+            "Stage 1, 0.6B encoder + heads, every layer trained, checkpointing on, bf16 autocast, 4 pairs/step, "
+            f"{r['stage1'][0]['length']}-token contexts:",
+            table(["encoder weights, batches", "s/step", "pairs/s", "peak GiB", "activation MB/pair"], rows),
         ]
     if isinstance(r.get("portability"), dict) and "error" not in r["portability"]:
         rows = [
@@ -526,7 +562,7 @@ def main() -> None:
         section("fallback", lambda: fallback(overflow))
         section("stage0", lambda: stage0(tmp / "stage0", args.stage0_pairs))
         real = args.size == "0.6b"
-        section("stage1", lambda: stage1(model, max(LENGTHS) if real else 256, 4 if real else 1))
+        section("stage1", lambda: stage1(model, max(LENGTHS) if real else 256))
         section("portability", lambda: portability(tmp / "portability"))
         section("serve_profile", lambda: serve_profile(model, tmp / "serve", args.out))
         section("stage0_scale", lambda: stage0_scale(tmp / "stage0-scale", args.scale_pairs))

@@ -3,11 +3,14 @@ against `modrm score`.
 
 OpenRLHF's pattern is one trajectory per POST, many POSTs at once. A stage-0 checkpoint is trained here on
 synthetic pairs (the offline MiniLM on the CPU by default), then `modrm serve` runs as a real process and
-1, 8 and 32 client threads (each on its own keep-alive connection) send the same distinct trajectories, one
-per request: trajectories/s and p50/p99 latency, with the default micro-batching (`--batch-wait-ms 5
---max-batch 256`) and with batches of one (`--max-batch 1`). The embedding LRU is off (`--cache-size 0`), so
-every request costs the model its texts. Then `RewardModel.score` on 1,000 trajectories in-process against
-`modrm score` on the same file (a new process: imports, model load, scoring, writing).
+1, 8 and 32 client threads (each on its own keep-alive connection) send distinct trajectories, one per request,
+each row trajectories no row before it sent: trajectories/s and p50/p99 latency, with the default micro-batching
+(`--batch-wait-ms 5 --max-batch 256`) and with batches of one (`--max-batch 1`). The embedding LRU is off
+(`--cache-size 0`) unless a mode's flags set it, so every request costs the model its texts; with it on, what it
+saves is only what repeats among fresh trajectories (the synthetic module outputs repeat often). Each row also
+sums the server's own batch log: texts and tokens encoded, texts taken from the LRU, so tokens/s is what the
+model actually encoded. Then `RewardModel.score` on 1,000 trajectories in-process against `modrm score` on the
+same file (a new process: imports, model load, scoring, writing).
 
 `bench_gpu.py` calls `run` with the 0.6B Qwen3 architecture on CUDA.
 """
@@ -18,6 +21,7 @@ import argparse
 import http.client
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -27,6 +31,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from common import table, use_all_cores, warn_if_busy, write_results
 
 from pipeline.config import Config
@@ -76,7 +81,7 @@ def free_port() -> int:
 def start_server(checkpoint: Path, device: str, flags: list[str], log: Path) -> tuple[subprocess.Popen, int]:
     port = free_port()
     command = [sys.executable, "-m", "pipeline", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
-    command += ["--device", device, "--cache-size", "0", *flags]
+    command += ["--device", device, *([] if "--cache-size" in flags else ["--cache-size", "0"]), *flags]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -136,21 +141,42 @@ def load(port: int, bodies: list[bytes], clients: int) -> dict:
     }
 
 
+BATCH_LINE = re.compile(
+    r"batch: \d+ requests, (\d+) trajectories, (\d+) texts encoded \((\d+) tokens\), (\d+) from cache"
+)
+
+
+def encoded(log: Path, offset: int) -> dict:
+    """The server's batch lines written after `offset`: trajectories, texts and tokens encoded, texts from the LRU."""
+    with log.open() as f:
+        f.seek(offset)
+        counts = np.array([list(map(int, m.groups())) for m in BATCH_LINE.finditer(f.read())]).reshape(-1, 4)
+    keys = ("logged_trajectories", "texts_encoded", "tokens_encoded", "texts_from_lru")
+    return dict(zip(keys, counts.sum(0).tolist(), strict=True))
+
+
 def serve_rates(checkpoint: Path, device: str, requests: int, workdir: Path, plan: Plan = PLAN) -> list[dict]:
-    """Each mode of `plan` as a server of its own, under each of its client counts."""
-    items = trajectories(requests + 8)
+    """Each mode of `plan` as a server of its own, under each of its client counts, each row on trajectories no row
+    before it sent (so an LRU holds nothing of them)."""
+    n_rows = sum(len(counts) for _, _, counts in plan)
+    items = trajectories(requests * n_rows + 8)
     bodies = [json.dumps({"query": [i["task"] + i["trajectory"]], "prompts": [i["task"]]}).encode() for i in items]
     rows = []
     for mode, flags, client_counts in plan:
         started = time.perf_counter()
-        process, port = start_server(checkpoint, device, flags, workdir / f"serve-{slug(mode)}.log")
+        log = workdir / f"serve-{slug(mode)}.log"
+        process, port = start_server(checkpoint, device, flags, log)
         ready = time.perf_counter() - started
         try:
             load(port, bodies[-8:], 8)  # warm-up, on trajectories the runs below do not send
             for clients in client_counts:
-                rows.append(
-                    {"mode": mode, "flags": flags, "start_seconds": ready, **load(port, bodies[:requests], clients)}
-                )
+                fresh = bodies[len(rows) * requests : (len(rows) + 1) * requests]
+                offset = log.stat().st_size
+                row = {"mode": mode, "flags": flags, "start_seconds": ready, **load(port, fresh, clients)}
+                time.sleep(0.2)  # the last batch's line
+                row |= encoded(log, offset)
+                row["tokens_encoded_per_s"] = row["tokens_encoded"] / row["seconds"]
+                rows.append(row)
         finally:
             process.terminate()
             process.wait()
@@ -362,12 +388,17 @@ def report(result: dict) -> str:
             r["p50_ms"],
             r["p99_ms"],
             f"{r['trajectories_per_s'] / one[family(r)]:.2f}x" if family(r) in one else "",
+            r.get("tokens_encoded_per_s", ""),
+            r["tokens_encoded"] / r["requests"] if "tokens_encoded" in r else "",
+            f"{r['texts_from_lru'] / (r['texts_from_lru'] + r['texts_encoded']):.0%}" if "texts_encoded" in r else "",
         ]
         for r in result["serve"]
     ]
+    headers = ["mode", "clients", "traj/s", "p50 ms", "p99 ms", "vs batch of one", "tok/s encoded", "tok/traj", "LRU"]
     lines = [
-        f"modrm serve, {result['encoder']} on {result['device']}, one trajectory per request:",
-        table(["mode", "clients", "traj/s", "p50 ms", "p99 ms", "vs batch of one"], rows),
+        f"modrm serve, {result['encoder']} on {result['device']}, one trajectory per request (tokens: what the model "
+        "encoded, from the server's batch log; LRU: texts taken from it):",
+        table(headers, rows),
     ]
     if "api_vs_cli" in result:
         a = result["api_vs_cli"]

@@ -120,7 +120,10 @@ class FinetuneConfig:
     save_every: int = 50  # optimizer steps between resumable snapshots
     seed: int = 0
     device: str = "auto"
-    dtype: str = "auto"  # autocast, as train.dtype; the weights stay fp32 (master weights)
+    dtype: str = "auto"  # autocast, as train.dtype
+    # the encoder's weights, gradients and AdamW moments: float32 (16 bytes a parameter) | bfloat16 (8 bytes, each
+    # update rounded stochastically: pipeline/bf16_adamw.py); the heads stay float32
+    weights_dtype: str = "float32"
     report_to: list[str] = field(default_factory=list)  # as train.report_to
 
 
@@ -181,6 +184,7 @@ CHOICES = {
     "dtype": ("auto", "float32", "float16", "bfloat16"),
     "gradient_checkpointing": ("auto", "on", "off"),
     "packing": ("auto", "on", "off"),
+    "weights_dtype": ("float32", "bfloat16"),
 }
 INTEGERS = {("encoder", "token_budget"), ("finetune", "max_steps"), ("finetune", "train_layers")}  # default None
 FLOATS = {("finetune", "encoder_dropout")}  # default None

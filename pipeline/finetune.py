@@ -356,7 +356,7 @@ def setup(checkpoint: Path, data: list[Path], out: Path, overrides: Mapping, res
     if resume:
         read_state(out / SNAPSHOT_DIR, identity)  # another run's snapshot is refused before any work
     device = pick_device(group.device(fc.device))
-    enc_cfg = dataclasses.replace(config.encoder, device=str(device), dtype="float32")  # fp32 master weights
+    enc_cfg = dataclasses.replace(config.encoder, device=str(device), dtype=fc.weights_dtype)
     encoder = Encoder.load(enc_cfg, ckpt.encoder_info(enc_cfg))  # the run may trust remote code; a saved config never
     modules = ckpt.model.module_names
     train = tokenize_pairs(encoder, splits["train"], modules)
@@ -378,7 +378,7 @@ def setup(checkpoint: Path, data: list[Path], out: Path, overrides: Mapping, res
         [(encoder.parameters(), fc.encoder_lr), (model.heads.parameters(), fc.heads_lr)], fc.weight_decay
     )
     total = sum(len(p) for p in plans)
-    opt = Optimization(groups, total, device, fc.dtype, fc.betas, fc.warmup_ratio, fc.max_grad_norm)
+    opt = Optimization(groups, total, device, fc.dtype, fc.betas, fc.warmup_ratio, fc.max_grad_norm, seed=fc.seed)
     if group.is_main and fc.grad_accum % group.world_size:
         print(
             f"note: finetune.grad_accum {fc.grad_accum} is not a multiple of the {group.world_size} processes: "

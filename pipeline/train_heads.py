@@ -13,7 +13,7 @@ import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +32,7 @@ from pipeline.errors import ModrmError
 from pipeline.heads import RewardHeads, preference_loss
 from pipeline.pairwise import PairSet, improves, side_rewards, split_by_group, val_record, validate, wins
 from pipeline.reporting import RUNS_DIR, Reporter
-from pipeline.training import Optimization, module_counts, param_groups, stale_entries, windows
+from pipeline.training import Optimization, param_groups, stale_entries, windows
 
 EPOCH_LOG = "metrics.jsonl"  # one record per epoch, beside the checkpoint
 
@@ -111,10 +111,25 @@ class Run:
     model: RewardHeads
     opt: Optimization
     device: torch.device
+    # the train pairs where the step uses them: rows beside the table (the device, or the host for a memmap), module
+    # indices on the device for the loss; the host's `train.module_idx` groups the rows by head without a sync
+    train_rows: torch.Tensor = field(init=False)
+    train_module_idx: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        in_memory = getattr(self.table, "tensor", None) is not None  # a memmap is gathered on the host
+        self.train_rows = self.train.rows.to(self.device) if in_memory else self.train.rows
+        self.train_module_idx = self.train.module_idx.to(self.device)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         """Embeddings of cache rows (contexts and module texts share the table)."""
         return self.table[rows]
+
+    def batch(self, host_idx: torch.Tensor, device_idx: torch.Tensor) -> tuple[PairSet, torch.Tensor]:
+        """A step's pairs and their module indices on the device, taken without copying anything to the device, so
+        the host queues step after step while the GPU works (an index copied per step waits for the GPU)."""
+        rows = self.train_rows[device_idx if self.train_rows.device == self.device else host_idx]
+        return PairSet(rows, self.train.module_idx[host_idx]), self.train_module_idx[device_idx]
 
 
 def train_heads(cache_dir: str | Path, out_dir: str | Path, config: Config, progress: bool = True) -> dict:
@@ -210,21 +225,22 @@ def train_epoch(run: Run, generator: torch.Generator, bar: tqdm) -> dict:
     # running sums stay on the device: a .item() per step would stall the GPU queue every step
     loss_sum = torch.zeros((), device=run.device)
     correct = torch.zeros((), device=run.device)
+    order = torch.randperm(n_train, generator=generator)
+    size = run.config.train.batch_size
     steps = windows(
-        torch.randperm(n_train, generator=generator).split(run.config.train.batch_size), run.config.train.grad_accum
+        list(zip(order.split(size), order.to(run.device).split(size), strict=True)), run.config.train.grad_accum
     )
     for window in steps:
-        counts = module_counts((run.train.module_idx[idx] for idx in window), n_modules)
-        for idx in window:
-            batch = run.train[idx]
+        counts = torch.bincount(torch.cat([run.train_module_idx[d] for _, d in window]), minlength=n_modules)
+        for host_idx, device_idx in window:
+            batch, module_idx = run.batch(host_idx, device_idx)
             with run.opt.autocast():
                 r_pos, r_neg = side_rewards(run.model, batch, run.lookup, run.lookup)
-                module_idx = batch.module_idx.to(run.device)
-                loss = preference_loss(r_pos, r_neg, module_idx, n_modules, heads.alpha, heads.margin, counts)
+                loss = preference_loss(r_pos, r_neg, module_idx, n_modules, heads.alpha, heads.margin, counts.float())
             run.opt.backward(loss)
             loss_sum += loss.detach()
             correct += wins(r_pos, r_neg).sum()
-            bar.update(len(idx))
+            bar.update(len(host_idx))
         run.opt.step()
     seconds = time.perf_counter() - start
     return {

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.atomic import recover
+from pipeline.bf16_adamw import BF16AdamW
 from pipeline.checkpoint import CONFIG_FILE
 from pipeline.errors import ModrmError
 
@@ -77,7 +78,8 @@ def module_counts(module_idx: Iterable[np.ndarray | torch.Tensor], n_modules: in
 
 
 class Optimization:
-    """AdamW, a warmup-then-linear schedule, autocast, the grad scaler (fp16 only) and gradient clipping."""
+    """AdamW, a warmup-then-linear schedule, autocast, the grad scaler (fp16 only) and gradient clipping. bf16
+    weights (stage 1's `weights_dtype = "bfloat16"`) take BF16AdamW, whose updates survive bf16's rounding."""
 
     def __init__(
         self,
@@ -89,16 +91,21 @@ class Optimization:
         warmup_ratio: float,
         max_grad_norm: float,
         fused: bool = False,
+        seed: int = 0,
     ):
-        # fused: one kernel for all parameters; worth it where the parameters are many small tensors (stage 0)
-        self.optimizer = torch.optim.AdamW(groups, betas=betas, fused=fused or None)
+        self.params = [p for g in groups for p in g["params"]]
+        if any(p.dtype == torch.bfloat16 for p in self.params):
+            self.optimizer = BF16AdamW(groups, betas=betas, seed=seed)
+        else:  # fused: one kernel for all parameters; worth it where they are many small tensors (stage 0)
+            self.optimizer = torch.optim.AdamW(groups, betas=betas, fused=fused or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_then_linear(total_steps, warmup_ratio)
         )
         self.device, self.dtype = device, autocast_dtype(dtype, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.max_grad_norm = max_grad_norm
-        self.params = [p for g in groups for p in g["params"]]
+        if self.dtype == torch.float16 and isinstance(self.optimizer, BF16AdamW):
+            raise ModrmError("bf16 weights train under bf16 autocast or none: set the dtype to bfloat16 or float32")
 
     def autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)

@@ -9,6 +9,7 @@ Marked `cuda` and skipped where torch sees no GPU; `make bench-gpu` runs them on
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ import torch
 from safetensors.torch import load_file
 from test_heads import make_cache, small_config
 from test_serve import running
+from tqdm.auto import tqdm
 
 import pipeline.finetune as ft
+import pipeline.train_heads as th
 from pipeline.data import load_pairs
 from pipeline.encoder import Encoder
 from pipeline.evaluate import evaluate
@@ -127,6 +130,26 @@ def test_stage0_trains_in_mixed_precision(tmp_path: Path, dtype: str, scaler_cal
     assert log[-1]["train_loss"] < log[0]["train_loss"] and all(np.isfinite(r["train_loss"]) for r in log)
     scaled = sum(s.scaled_steps for s in scaler_calls)
     assert scaled > 0 if dtype == "float16" else scaled == 0  # fp16 goes through the scaler, bf16 needs none
+
+
+def test_a_stage0_epoch_waits_for_the_gpu_per_epoch_not_per_step(tmp_path: Path) -> None:
+    """The host queues step after step: CUDA's sync debug mode counts the same synchronisations in an epoch of 4
+    steps as in one of 32 (the epoch's closing reads), so none is per step."""
+    config = small_config(epochs=1)
+    config.train.device = "cuda"
+    run = th.setup(make_cache(tmp_path / "cache"), config)
+    syncs = []
+    for batch_size in (32, 4, 32):  # the first epoch warms up (one-time initialisations may wait for the GPU)
+        run.config.train.batch_size = batch_size
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                th.train_epoch(run, torch.Generator().manual_seed(0), tqdm(disable=True))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert syncs[1] == syncs[2], syncs
 
 
 # ---------------------------------------------------------------------------------------------- stage 1

@@ -154,11 +154,19 @@ def test_partial_freezing_leaves_frozen_layers_identical(stage0, tmp_path):
     assert any(not torch.equal(base[k], after[k]) for k in trained)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch, dtype):
+PRECISIONS = {
+    "float32": {},
+    "float16": {"dtype": "float16", "epochs": 1, "max_steps": 4},
+    "bf16 weights": {"weights_dtype": "bfloat16", "epochs": 1, "max_steps": 4},
+}
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch, precision):
     """With dropout on (encoder and heads), so a wrong RNG restore would show; in fp16 the grad scaler's state
-    (its scale after the skipped steps) must come back too."""
-    dropout = {"encoder_dropout": 0.2, "dtype": dtype} | ({"epochs": 1, "max_steps": 4} if dtype == "float16" else {})
+    (its scale after the skipped steps) must come back too; with bf16 weights, BF16AdamW's bf16 moments and its
+    rounding noise."""
+    dropout = {"encoder_dropout": 0.2} | PRECISIONS[precision]
     heads = {"heads": {"dropout": 0.2}}
 
     def go(out: Path, resume: bool = False) -> dict:
@@ -177,7 +185,7 @@ def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch, dtype
     monkeypatch.setattr(ft, "save_snapshot", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         go(tmp_path / "resumed")
-    if dtype == "float16":  # steps were skipped before the kill: the scale to restore is not the initial one
+    if precision == "float16":  # steps were skipped before the kill: the scale to restore is not the initial one
         assert (
             json.loads((tmp_path / "resumed" / ft.SNAPSHOT_DIR / "state.json").read_text())["scaler"]["scale"] < 2**16
         )
@@ -192,6 +200,9 @@ def test_resume_equals_an_uninterrupted_run(stage0, tmp_path, monkeypatch, dtype
         json.loads((tmp_path / d / ft.SNAPSHOT_DIR / "state.json").read_text())["scaler"] for d in ("full", "resumed")
     ]
     assert scalers[0] == scalers[1]  # fp16: the same scale and growth count at the end
+    snapshot = load_file(str(tmp_path / "full" / ft.SNAPSHOT_DIR / "model.safetensors"))
+    encoder_dtypes = {v.dtype for k, v in snapshot.items() if k.startswith("encoder.")}
+    assert encoder_dtypes == {torch.bfloat16 if precision == "bf16 weights" else torch.float32}
 
 
 @pytest.mark.parametrize("crash_at", [1, 4, 9, 14, 22, 31])
