@@ -90,11 +90,13 @@ RL_FLAGS ?=
 bench-rl: install
 	$(BIN)/python bench/bench_rl.py $(RL_FLAGS)
 
-# The GPU check: the cuda tests and bench/bench_gpu.py, on a Python that has torch with CUDA and modrm
-# importable (a GPU machine's own: `pip install --no-deps --no-build-isolation -e .`; or GPU_PYTHON=.venv/bin/python).
+# The GPU check, one call of about 8 minutes: the cuda tests and bench/bench_gpu.py's default sections, on a Python
+# that has torch with CUDA and modrm importable (a GPU machine's own: `pip install --no-deps --no-build-isolation -e .`;
+# or GPU_PYTHON=.venv/bin/python). GPU_FLAGS="--only all" runs every section.
 GPU_PYTHON ?= python3
+GPU_FLAGS ?=
 bench-gpu:
-	$(GPU_PYTHON) bench/bench_gpu.py
+	$(GPU_PYTHON) bench/bench_gpu.py $(GPU_FLAGS)
 
 # One worker per core (one thread each), whole files per worker so module fixtures are built once.
 test: install

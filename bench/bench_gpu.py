@@ -1,23 +1,30 @@
-"""The GPU path, measured on one GPU (`make bench-gpu`): the cuda tests, fp16 Qwen3 embedding against
-sentence-transformers and the card's matmul ceiling, the fp16 overflow fallback, stage 0 on CUDA, stage 1 in
-bf16 at 2048-token contexts, and a GPU-trained checkpoint evaluated on the CPU.
+"""The GPU path, measured on one GPU (`make bench-gpu`): the cuda tests, fp16 Qwen3 embedding (padded, packed,
+compiled) against sentence-transformers and the card's matmul ceiling, stage 0 against its matmul ceiling, stage 1
+with fp32 and with bf16 weights, and `modrm serve` under 1, 8 and 32 clients with the LRU off and on.
 
 Nothing is downloaded: the encoder is a Qwen3 embedding model at the real 0.6B size with random weights, built
 on the fly (honest for speed and memory, meaningless for quality). Sections run in order; one that fails is
 recorded with its error and the rest still run. Results are written after every section to
 OUT/bench_gpu.json (default artifacts/bench), so a run cut short keeps what it measured; the table is printed
-last.
+last. The default sections (DEFAULT_SECTIONS) are sized for one call of about 8 minutes; `--only all` runs all.
 
-    embedding   texts of exactly 512 and 2048 tokens (as many as fit --seconds, at most 20,000), fp16:
-                modrm's Encoder.encode and SentenceTransformer.encode(batch_size=32) on the same texts, both
-                end to end (tokenization included); tokens/s, peak GPU memory, MFU = model FLOPs/s over the
-                card's measured fp16 matmul rate; fp16 vs fp32 cosine on a subset
-    fallback    the same model with one token planted to overflow fp16 (tests/random_qwen3.py): 1 text in
-                16 carries it; overflowed texts re-encoded in fp32, counted and timed against the clean set
+    embedding   texts of exactly 512 and 2048 tokens, and of 64 to 2048 (as many as --seconds of packed embedding
+                takes, at most 20,000), fp16: modrm's Encoder.encode padded (encoder.packing = off), packed (the
+                default on a GPU) and packed under `Encoder.compile`, and SentenceTransformer.encode(batch_size=32),
+                all end to end (tokenization included) on the same texts; tokens/s, peak GPU memory, MFU = model
+                FLOPs/s over the card's measured fp16 matmul rate; cosine to an fp32 padded reference on a subset
     stage 0     train_heads on CUDA, 1M pairs of dim 1024 (rows drawn from 262,144 cached vectors), batch 256
                 (the default) and 4096, against bare Linear layers of the heads' shapes on the same card
-    stage 1     forward + backward + AdamW of the 0.6B encoder and heads, bf16 autocast, 4 pairs per step,
-                2048-token contexts, gradient checkpointing off / on / on with only the top 4 layers trained
+    stage 1     forward + backward + optimizer step of the 0.6B encoder and heads, every layer trained, gradient
+                checkpointing on, bf16 autocast, 4 pairs per step, 2048-token contexts: fp32 weights padded (the
+                last release), fp32 weights packed, bf16 weights (BF16AdamW) packed
+    serve       bench_serve.py on the GPU: `modrm serve` (compiled, its default there) with the 0.6B encoder under
+                1, 8 and 32 clients, the LRU off and on, and batches of one under 32; each row on fresh
+                trajectories, with the tokens the server encoded (its batch log); the servers' logs are kept
+
+With --only:
+    fallback    the same model with one token planted to overflow fp16 (tests/random_qwen3.py): 1 text in
+                16 carries it; overflowed texts re-encoded in fp32, counted and timed against the clean set
     portability synth -> embed -> train-heads -> finetune on the GPU with a tiny Qwen3, then `modrm eval` of
                 both checkpoints in a process that sees no GPU, against the same eval on the GPU
     serve_profile  where a served trajectory's time goes, in process: the steps of a lone one and of 32 (host
@@ -26,11 +33,7 @@ last.
     stage0_scale   train_heads on --scale-pairs pairs (10M) at batch 4096 in a process of its own: pairs/s, RSS
     serve_compile  `Encoder.compile` (what --compile runs) against eager in process: the compile, a lone
                 trajectory, 256 at once
-    serve_compiled bench_serve.py on the GPU: `modrm serve --compile` with the 0.6B encoder under 1 and 32
-                clients, micro-batching and batches of one; the servers' logs are kept
-    serve       the same with --no-compile, under 1, 8 and 32 clients, micro-batches capped at 256 and 16
-
-All sections together take longer than one 10-minute call on a lent GPU: pick them with --only.
+    serve_eager    the serve rows with --no-compile, micro-batches capped at 256 and 16, and batches of one
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ TRIGGER = "~"
 EMBED_HEADERS = ("texts (tokens)", "n", "way", "tok/s", "MFU", "vs ST", "peak GiB", "cosine to fp32 min")
 STAGE1_KEYS = ("seconds_per_step", "pairs_per_s", "max_memory_allocated_gib", "gpu_mb_per_pair")
 DEVICE = "cuda"  # --device cpu --size tiny: a dry run of every section on a machine without a GPU
+# `make bench-gpu`: one call of about 8 minutes on a lent GPU; the other sections with --only
+DEFAULT_SECTIONS = ("card", "cuda_tests", "build", "embedding", "stage0", "stage1", "serve")
 
 
 # ---------------------------------------------------------------------------------------------- the card
@@ -389,14 +394,15 @@ def serve_compile(folder: Path, workdir: Path) -> dict:
     return compiled(serve_checkpoint(folder, workdir), DEVICE)
 
 
-SERVE_PLAN = [  # (mode, flags, client counts): eager, micro-batches capped at several sizes, and batches of one
+SERVE_PLAN = [  # the server's default on a GPU (compiled at start), the LRU off and on, and batches of one
+    ("compiled, micro-batching", ["--compile", "--max-batch", "256"], (1, 8, 32)),
+    ("compiled, micro-batching, LRU on", ["--compile", "--max-batch", "256", "--cache-size", "32768"], (1, 8, 32)),
+    ("compiled, batch of one", ["--compile", "--max-batch", "1"], (32,)),
+]
+EAGER_PLAN = [  # --no-compile: micro-batches capped at two sizes, and batches of one
     ("eager, micro-batching", ["--no-compile", "--max-batch", "256"], (1, 8, 32)),
     ("eager, micro-batching, max 16", ["--no-compile", "--max-batch", "16"], (32,)),
     ("eager, batch of one", ["--no-compile", "--max-batch", "1"], (1, 32)),
-]
-COMPILED_PLAN = [  # the server's default on a GPU: compiled at start (inductor's disk cache after the first)
-    ("compiled, micro-batching", ["--compile", "--max-batch", "256"], (1, 32)),
-    ("compiled, batch of one", ["--compile", "--max-batch", "1"], (32,)),
 ]
 
 
@@ -504,7 +510,7 @@ def report(r: dict) -> str:
             "GPU-trained checkpoints, test split, evaluated on the GPU and by `modrm eval` with no GPU visible:",
             table(["checkpoint", "pairs", "accuracy GPU", "accuracy CPU", "AUC GPU", "AUC CPU"], rows),
         ]
-    for name in ("serve", "serve_compiled"):
+    for name in ("serve", "serve_eager"):
         if isinstance(r.get(name), dict) and "error" not in r[name]:
             from bench_serve import report as serve_report
 
@@ -516,12 +522,14 @@ def report(r: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for bench_gpu.json")
-    parser.add_argument("--seconds", type=float, default=15.0, help="time per embedding measurement")
+    parser.add_argument("--seconds", type=float, default=4.0, help="time per embedding measurement")
     parser.add_argument("--stage0-pairs", type=int, default=1_000_000)
     parser.add_argument("--scale-pairs", type=int, default=10_000_000, help="pairs of the stage0_scale section")
     parser.add_argument("--skip", nargs="*", default=[], help="sections to leave out")
-    parser.add_argument("--only", nargs="*", default=None, help="run only these sections (build ones included)")
-    parser.add_argument("--serve-requests", type=int, default=384, help="requests per client count and mode")
+    parser.add_argument(
+        "--only", nargs="*", default=list(DEFAULT_SECTIONS), help="run only these sections (`all`: every one)"
+    )
+    parser.add_argument("--serve-requests", type=int, default=128, help="requests per client count and mode")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run (with --size tiny) where there is no GPU")
     parser.add_argument("--size", default="0.6b", choices=["0.6b", "tiny"], help="the random Qwen3's size")
     args = parser.parse_args()
@@ -539,7 +547,7 @@ def main() -> None:
     results: dict = {"benchmark": "bench_gpu", "machine": machine()}
 
     def section(name: str, fn: Callable[[], object]) -> None:
-        if name in args.skip or (args.only is not None and name not in args.only):
+        if name in args.skip or ("all" not in args.only and name not in args.only):
             return
         print(f"[{time.perf_counter() - started:5.0f}s] {name}", flush=True)
         try:
@@ -554,21 +562,26 @@ def main() -> None:
     section("cuda_tests", cuda_tests)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, overflow = tmp / "qwen3", tmp / "qwen3-overflow"
-        section("build", lambda: build_random_qwen3(model, size=args.size).name)
+
+        def model() -> Path:
+            """The random Qwen3, built by the first section that needs it."""
+            if not (tmp / "qwen3" / "config.json").exists():
+                build_random_qwen3(tmp / "qwen3", size=args.size)
+            return tmp / "qwen3"
+
+        section("build", lambda: model().name)
         peak = results.get("card", {}).get("matmul_fp16_tflops", float("nan"))
-        section("embedding", lambda: embedding(model, args.seconds, peak))
-        section("build_overflow", lambda: build_random_qwen3(overflow, size=args.size, overflow_trigger=TRIGGER).name)
-        section("fallback", lambda: fallback(overflow))
+        section("embedding", lambda: embedding(model(), args.seconds, peak))
+        overflow = tmp / "qwen3-overflow"
+        section("fallback", lambda: fallback(build_random_qwen3(overflow, size=args.size, overflow_trigger=TRIGGER)))
         section("stage0", lambda: stage0(tmp / "stage0", args.stage0_pairs))
-        real = args.size == "0.6b"
-        section("stage1", lambda: stage1(model, max(LENGTHS) if real else 256))
+        section("stage1", lambda: stage1(model(), max(LENGTHS) if args.size == "0.6b" else 256))
         section("portability", lambda: portability(tmp / "portability"))
-        section("serve_profile", lambda: serve_profile(model, tmp / "serve", args.out))
+        section("serve_profile", lambda: serve_profile(model(), tmp / "serve", args.out))
         section("stage0_scale", lambda: stage0_scale(tmp / "stage0-scale", args.scale_pairs))
-        section("serve_compile", lambda: serve_compile(model, tmp / "serve"))
-        section("serve_compiled", lambda: serve(model, tmp / "serve", args.serve_requests, args.out, COMPILED_PLAN))
-        section("serve", lambda: serve(model, tmp / "serve", args.serve_requests, args.out, SERVE_PLAN))
+        section("serve_compile", lambda: serve_compile(model(), tmp / "serve"))
+        section("serve", lambda: serve(model(), tmp / "serve", args.serve_requests, args.out, SERVE_PLAN))
+        section("serve_eager", lambda: serve(model(), tmp / "serve", args.serve_requests, args.out, EAGER_PLAN))
     print("\n" + report(results))
     print(f"\nbench_gpu: {time.perf_counter() - started:.0f}s in all; numbers in {args.out / 'bench_gpu.json'}")
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import EncoderConfig
 from pipeline.errors import ModrmError
-from pipeline.packing import ATTENTION, pack, pool_packed, supports_packing
+from pipeline.packing import ATTENTION, has_varlen_kernel, pack, pool_packed, supports_packing
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 LONG_CHARS_PER_TOKEN = 16  # a text longer than this many characters per token of room is tokenized from cuts
@@ -364,10 +364,11 @@ class Encoder(nn.Module):
             fingerprint,
             folder,
         )
-        # texts end to end, no padding, where the attention allows it; by default only on a GPU, whose FlashAttention
-        # varlen kernel makes it pay (on the CPU, attention text by text is 10% slower than one padded batch)
-        on_gpu = next(model.parameters()).device.type == "cuda"
-        self.packed = supports_packing(model) and (config.packing == "on" or (config.packing == "auto" and on_gpu))
+        # texts end to end, no padding, where the attention allows it; by default only on a GPU with FlashAttention's
+        # varlen kernel, which makes it pay (on the CPU, attention text by text is 10% slower than one padded batch)
+        device = next(model.parameters()).device
+        auto = config.packing == "auto" and device.type == "cuda" and has_varlen_kernel(device)
+        self.packed = supports_packing(model) and (config.packing == "on" or auto)
         if self.packed:
             model.set_attn_implementation(ATTENTION)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

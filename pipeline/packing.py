@@ -12,6 +12,7 @@ transformers' attention interface (BERT, Qwen3, Llama and most others) packs; th
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import numpy as np
@@ -34,15 +35,17 @@ def packed_attention(
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     max_length_q: int | None = None,
+    varlen_kernel: bool = False,
     **_: object,
 ) -> tuple[torch.Tensor, None]:
     """Attention over texts packed into batch row 0: query (1, heads, tokens, head_dim), key and value with as many
-    or fewer (grouped) heads. Returns (1, tokens, heads, head_dim), as transformers' other attentions do."""
+    or fewer (grouped) heads. Returns (1, tokens, heads, head_dim), as transformers' other attentions do. The
+    varlen kernel where the batch says the device has it and the dtype suits it; else sdpa text by text."""
     if cu_seq_lens_q is None:
         raise RuntimeError(f"attention {ATTENTION!r} needs cu_seq_lens_q: call the model with a packed batch")
     causal = bool(getattr(module, "is_causal", False))
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (tokens, heads, head_dim)
-    if q.is_cuda and q.dtype in FLASH_DTYPES:
+    if varlen_kernel and q.dtype in FLASH_DTYPES:
         out = torch.ops.aten._flash_attention_forward(
             q, k, v, cu_seq_lens_q, cu_seq_lens_q, max_length_q, max_length_q, dropout, causal, False, scale=scaling
         )[0]
@@ -57,6 +60,15 @@ def packed_attention(
         for start, end in itertools.pairwise(bounds)
     ]
     return torch.cat(pieces).unsqueeze(0), None
+
+
+@functools.cache
+def has_varlen_kernel(device: torch.device) -> bool:
+    """FlashAttention's kernels ship in torch's CUDA builds for Ampere (compute capability 8.0) and later. Decided
+    once per device when a batch is packed, and passed down with it, so compiled attention never asks."""
+    if device.type != "cuda" or not torch.backends.cuda.is_flash_attention_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def no_mask(*_: object, **__: object) -> None:
@@ -87,7 +99,8 @@ def pack(ids: list[list[int]], device: torch.device) -> dict[str, torch.Tensor |
         "cu_seq_lens_k": cu,
     }
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return batch | {"max_length_q": int(lengths.max()), "max_length_k": int(lengths.max())}
+    longest = int(lengths.max())
+    return batch | {"max_length_q": longest, "max_length_k": longest, "varlen_kernel": has_varlen_kernel(device)}
 
 
 def pool_packed(hidden: torch.Tensor, cu: torch.Tensor, mode: str) -> torch.Tensor:
