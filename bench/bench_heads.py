@@ -60,6 +60,7 @@ def make_cache(folder: Path, n_pairs: int, dim: int, seed: int = 0, max_rows: in
                 "pair_id": [f"p{i}" for i in range(n_pairs)],
                 "target_module": [DEFAULT_MODULES[i % len(DEFAULT_MODULES)] for i in range(n_pairs)],
                 "task": [f"task {i // 4}" for i in range(n_pairs)],
+                "group": [f"task {i // 4}" for i in range(n_pairs)],
                 "split": ["val" if i % 20 == 19 else "train" for i in range(n_pairs)],
                 "pos_ctx_row": rows[:, 0],
                 "pos_mod_row": rows[:, 1],
