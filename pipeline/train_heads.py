@@ -227,16 +227,17 @@ def train_epoch(run: Run, generator: torch.Generator, bar: tqdm) -> dict:
     correct = torch.zeros((), device=run.device)
     order = torch.randperm(n_train, generator=generator)
     size = run.config.train.batch_size
-    steps = windows(
-        list(zip(order.split(size), order.to(run.device).split(size), strict=True)), run.config.train.grad_accum
-    )
+    batches = list(zip(order.split(size), order.to(run.device).split(size), strict=True))  # one copy an epoch
+    steps = windows(batches, run.config.train.grad_accum)
     for window in steps:
-        counts = torch.bincount(torch.cat([run.train_module_idx[d] for _, d in window]), minlength=n_modules)
+        in_window = torch.cat([run.train_module_idx[d] for _, d in window])
+        ones = torch.ones(len(in_window), device=run.device)
+        counts = torch.zeros(n_modules, device=run.device).index_add_(0, in_window, ones)  # bincount would sync
         for host_idx, device_idx in window:
             batch, module_idx = run.batch(host_idx, device_idx)
             with run.opt.autocast():
                 r_pos, r_neg = side_rewards(run.model, batch, run.lookup, run.lookup)
-                loss = preference_loss(r_pos, r_neg, module_idx, n_modules, heads.alpha, heads.margin, counts.float())
+                loss = preference_loss(r_pos, r_neg, module_idx, n_modules, heads.alpha, heads.margin, counts)
             run.opt.backward(loss)
             loss_sum += loss.detach()
             correct += wins(r_pos, r_neg).sum()
