@@ -157,7 +157,7 @@ def test_partial_freezing_leaves_frozen_layers_identical(stage0, tmp_path):
 PRECISIONS = {
     "float32": {},
     "float16": {"dtype": "float16", "epochs": 1, "max_steps": 4},
-    "bf16 weights": {"weights_dtype": "bfloat16", "epochs": 1, "max_steps": 4},
+    "bf16 weights": {"weights_dtype": "bfloat16", "epochs": 1, "max_steps": 3},
 }
 
 
