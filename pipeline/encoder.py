@@ -525,8 +525,9 @@ class Encoder(nn.Module):
         the whole model where it names none): the 28 layers of Qwen3 share one graph, so compiling takes
         seconds, not minutes. 0.6B encoder on an H200: compiled in 26 s (the whole model: 92 s for its first
         shape, minutes for all), a lone trajectory 95 -> 34 ms, 256 at once 2.1x the trajectories/s of eager
-        (the whole model compiled: 55 ms, 1.56x). It is paid here, before any request: one lone text, a padded
-        batch and an unpadded one, the shapes a server meets. Scoring only: embeddings written to a cache stay
+        (the whole model compiled: 55 ms, 1.56x; figures of padded batches). It is paid here, before any request:
+        one lone text, a batch of two lengths and one of equal lengths, the shapes a server meets (packed, all three
+        are one row of some length). Scoring only: embeddings written to a cache stay
         eager, so a cache never holds the compiled model's slightly different rounding."""
         names = set(getattr(self.model, "_no_split_modules", None) or ())
         for block in [m for m in self.model.modules() if type(m).__name__ in names] or [self.model]:
