@@ -147,7 +147,8 @@ BATCH_LINE = re.compile(
 
 
 def encoded(log: Path, offset: int) -> dict:
-    """The server's batch lines written after `offset`: trajectories, texts and tokens encoded, texts from the LRU."""
+    """The server's batch lines written after `offset` (each is logged, and flushed, before its answers go out):
+    trajectories, texts and tokens encoded, texts from the LRU."""
     with log.open() as f:
         f.seek(offset)
         counts = np.array([list(map(int, m.groups())) for m in BATCH_LINE.finditer(f.read())]).reshape(-1, 4)
@@ -173,7 +174,6 @@ def serve_rates(checkpoint: Path, device: str, requests: int, workdir: Path, pla
                 fresh = bodies[len(rows) * requests : (len(rows) + 1) * requests]
                 offset = log.stat().st_size
                 row = {"mode": mode, "flags": flags, "start_seconds": ready, **load(port, fresh, clients)}
-                time.sleep(0.2)  # the last batch's line
                 row |= encoded(log, offset)
                 row["tokens_encoded_per_s"] = row["tokens_encoded"] / row["seconds"]
                 rows.append(row)

@@ -366,8 +366,7 @@ class Encoder(nn.Module):
         )
         # texts end to end, no padding, where the attention allows it; by default only on a GPU with FlashAttention's
         # varlen kernel, which makes it pay (on the CPU, attention text by text is 10% slower than one padded batch)
-        device = next(model.parameters()).device
-        auto = config.packing == "auto" and device.type == "cuda" and has_varlen_kernel(device)
+        auto = config.packing == "auto" and has_varlen_kernel(self.device)
         self.packed = supports_packing(model) and (config.packing == "on" or auto)
         if self.packed:
             model.set_attn_implementation(ATTENTION)

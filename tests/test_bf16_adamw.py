@@ -3,9 +3,12 @@ ones, so that updates far below bf16's resolution still add up, and a step that 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipeline.bf16_adamw import BF16AdamW, round_stochastic
+from pipeline.errors import ModrmError
+from pipeline.training import Optimization
 
 
 def test_fp32_parameters_step_as_torch_adamw() -> None:
@@ -64,3 +67,11 @@ def test_a_step_repeats_exactly_from_the_same_state() -> None:
         results.append(w.detach())
     assert torch.equal(results[0], results[1])
     assert not torch.equal(results[0], start)
+
+
+def test_bf16_weights_take_bf16_adamw_and_refuse_fp16_autocast() -> None:
+    weights = torch.zeros(4, dtype=torch.bfloat16, requires_grad=True)
+    opt = Optimization([{"params": [weights]}], 10, torch.device("cpu"), "bfloat16", (0.9, 0.999), 0.1, 1.0)
+    assert isinstance(opt.optimizer, BF16AdamW)
+    with pytest.raises(ModrmError, match="bf16 weights"):
+        Optimization([{"params": [weights]}], 10, torch.device("cpu"), "float16", (0.9, 0.999), 0.1, 1.0)
